@@ -1,0 +1,86 @@
+"""ClientApp: train the assigned window of layers on this node's partition.
+
+The node keeps its copy of the whole model, and the version of each segment it
+holds, in ``context.state``. The server sends only the segments the node lacks
+(``sync = "delta"``) or only the window (``sync = "window"``); the node replies
+with the trained window alone.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .config import kd_enabled
+from .data import partition_indices
+from .task import TASKS, build_model, segment_keys
+from .training import LocalWork, train_window
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("node-config needs partition-id and num-partitions "
+                         "(flower-supernode --node-config 'partition-id=0 num-partitions=N')")
+    return int(node["partition-id"]), int(node["num-partitions"])
+
+
+def _local_model(cfg: dict, context: Context, received: ArrayRecord):
+    """The node's model after applying what the server sent, and its segment versions."""
+    task = TASKS[cfg["task"]]
+    model = build_model(task, int(cfg["seed"]))
+    if "model" in context.state:
+        model.load_state_dict(context.state["model"].to_torch_state_dict())
+    held = dict(context.state["versions"]) if "versions" in context.state else {}
+    result = model.load_state_dict(received.to_torch_state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"server sent keys this model does not have: {result.unexpected_keys[:3]}")
+    names = list(segment_keys(model))
+    server_versions = dict(zip(names, cfg["segment-versions"]))
+    for name in cfg["segments-sent"]:
+        if name:
+            held[name] = server_versions[name]
+    if cfg["sync"] == "delta":
+        stale = [name for name in names if held.get(name) != server_versions[name]]
+        if stale:  # e.g. the node restarted and lost its state: fail the hop, get a full resync
+            raise RuntimeError(f"local copy is stale for segments {stale}; full sync needed")
+    return model, held, server_versions
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's stable rank (its partition id) for the chain order."""
+    partition_id, _ = _partition(context)
+    return Message(RecordDict({"info": MetricRecord({"rank": partition_id})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One Snake hop (or one FedAvg visit when the window is every segment)."""
+    cfg = dict(msg.content["config"])
+    partition_id, num_partitions = _partition(context)
+    model, held, server_versions = _local_model(cfg, context, msg.content["arrays"])
+
+    task = TASKS[cfg["task"]]
+    x_train, y_train, _, _ = task.load(cfg["data-dir"])
+    idx = partition_indices(y_train, cfg["partitioner"], num_partitions, partition_id,
+                            alpha=float(cfg["dirichlet-alpha"]),
+                            classes_per_partition=int(cfg["classes-per-partition"]),
+                            seed=int(cfg["seed"]))
+    window = list(cfg["window"])
+    work = LocalWork.from_config(cfg, kd=kd_enabled(cfg))
+    hop_seed = int(cfg["seed"]) * 100_003 + int(cfg["server-round"])
+    metrics = train_window(model, window, x_train[idx], y_train[idx], work, seed=hop_seed)
+
+    state = model.state_dict()
+    for name in window:  # the server bumps these versions when it merges our reply
+        held[name] = server_versions[name] + 1
+    context.state["model"] = ArrayRecord(state)
+    context.state["versions"] = ConfigRecord(held)
+
+    keys = [key for name, seg in segment_keys(model).items() if name in window for key in seg]
+    reply = ArrayRecord({key: state[key] for key in keys})
+    metrics["partition-id"] = float(partition_id)
+    return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,164 @@
+"""Run configuration: defaults, parsing and validation.
+
+Every knob of a run lives in ``DEFAULTS`` (kebab-case, as in Flower's run-config).
+``pyproject.toml``'s ``[tool.flwr.app.config]`` holds the same table so that
+``flwr run .`` sees the same defaults; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    # what to train
+    "task": "fashion-mnist",
+    "data-dir": "",
+    "partitioner": "dirichlet",
+    "dirichlet-alpha": 0.5,
+    "classes-per-partition": 2,
+    "seed": 42,
+    # the snake
+    "num-server-rounds": 64,
+    "window": 2,
+    "train-head": True,
+    "train-stem": False,
+    "sweep": "serpentine",
+    "order": "shuffle",
+    "sync": "delta",
+    # local work per hop (identical for every strategy)
+    "local-epochs": 1,
+    "local-steps": 0,
+    "batch-size": 32,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight-decay": 0.0,
+    "clip-norm": 1.0,
+    # knowledge distillation against the model as the node received it
+    "kd": "auto",
+    "kd-weight": 0.3,
+    "kd-temperature": 2.0,
+    # harness
+    "eval-every": 1,
+    "eval-batch-size": 1000,
+    "hop-timeout": 600.0,
+    "min-nodes": 1,
+    "out-dir": "results",
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "partitioner": ("iid", "dirichlet", "pathological"),
+    "sweep": ("serpentine", "forward"),
+    "order": ("fixed", "shuffle"),
+    "sync": ("delta", "window"),
+    "kd": ("auto", "on", "off"),
+}
+
+POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
+            "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout")
+NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm")
+
+
+class ConfigError(ValueError):
+    """A bad run-config value; the message is one line naming the key."""
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """Parse ``"k=v k2=v2"`` as Flower's ``--run-config`` does, but leniently.
+
+    Values are TOML (``3``, ``0.5``, ``true``, ``"text"``); a bare word that is not
+    valid TOML is taken as a string, so ``task=vgg11`` works without quotes.
+    """
+    out: dict[str, Any] = {}
+    for pair in (text or "").split():
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"run-config: expected key=value, got {pair!r}")
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw.strip("'\"")
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a flat experiment TOML file (the same keys as ``DEFAULTS``)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config: no such file {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config: {path} is not valid TOML ({err})") from None
+    return data
+
+
+def resolve(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Fuse ``DEFAULTS`` with each layer in turn, then validate the result."""
+    config = dict(DEFAULTS)
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in DEFAULTS:
+                raise ConfigError(f"{key}: unknown run-config key")
+            config[key] = _coerce(key, value)
+    validate(config)
+    return config
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default = DEFAULTS[key]
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if isinstance(default, int) and not (key == "window" and value == "auto"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def validate(config: Mapping[str, Any]) -> None:
+    """Check values that do not depend on the task (the task checks the window)."""
+    from .task import TASKS  # local import: task pulls in torch
+
+    if config["task"] not in TASKS:
+        raise ConfigError(f"task: unknown task {config['task']!r} (known: {', '.join(TASKS)})")
+    for key, allowed in CHOICES.items():
+        if config[key] not in allowed:
+            raise ConfigError(f"{key}: {config[key]!r} is not one of {', '.join(allowed)}")
+    if config["window"] == "auto":
+        raise ConfigError("window: 'auto' needs node capacities, which are not supported yet")
+    sweepable = len(TASKS[config["task"]].segment_names) - config["train-head"] - config["train-stem"]
+    if isinstance(config["window"], int) and config["window"] > sweepable:
+        raise ConfigError(f"window: {config['window']} exceeds the {sweepable} segments that task "
+                          f"{config['task']} can sweep (train-head/train-stem excluded)")
+    for key in POSITIVE:
+        if not config[key] > 0:
+            raise ConfigError(f"{key}: must be > 0, got {config[key]!r}")
+    for key in NON_NEGATIVE:
+        if config[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {config[key]!r}")
+    if config["dirichlet-alpha"] <= 0:
+        raise ConfigError(f"dirichlet-alpha: must be > 0, got {config['dirichlet-alpha']!r}")
+    if config["local-epochs"] == 0 and config["local-steps"] == 0:
+        raise ConfigError("local-epochs: one of local-epochs and local-steps must be > 0")
+    if not 0.0 <= config["kd-weight"] <= 1.0:
+        raise ConfigError(f"kd-weight: must be in [0, 1], got {config['kd-weight']!r}")
+
+
+def kd_enabled(config: Mapping[str, Any]) -> bool:
+    """``kd = "auto"`` distils only when the partitions are non-IID."""
+    if config["kd"] == "auto":
+        return config["partitioner"] != "iid"
+    return config["kd"] == "on"

@@ -1,0 +1,146 @@
+"""Byte metering: one Grid wrapper, used alike for every strategy.
+
+Each message's content is serialized exactly as Flower puts it on the wire
+(``recorddict_to_proto``) and its size counted, down (server -> node) on push and
+up (node -> server) on pull, per node and per round. The raw bytes of the tensors
+carried are counted beside it, so payload efficiency = counted / raw.
+Query messages (node discovery) are control traffic and are tallied apart, so
+that ``down``/``up`` are the model-carrying messages alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.common.serde import array_record_to_proto, recorddict_to_proto
+from flwr.serverapp import Grid
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Serialized size of a message's content."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+def array_bytes(content: RecordDict) -> int:
+    """Serialized size of the content's ArrayRecords alone."""
+    return sum(array_record_to_proto(r).ByteSize() for r in content.array_records.values())
+
+
+def raw_tensor_bytes(record: ArrayRecord) -> int:
+    """Bytes of the tensors themselves (elements x item size, no framing)."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in record.values())
+
+
+@dataclass
+class Tally:
+    """Counted bytes of one direction."""
+
+    bytes: int = 0
+    array_bytes: int = 0
+    raw_bytes: int = 0
+    messages: int = 0
+
+    def add(self, content: RecordDict | None) -> None:
+        self.messages += 1
+        if content is None:
+            return
+        self.bytes += content_bytes(content)
+        self.array_bytes += array_bytes(content)
+        self.raw_bytes += sum(raw_tensor_bytes(r) for r in content.array_records.values())
+
+
+@dataclass
+class RoundMeter:
+    """Down and up tallies of one round, in total and per node, plus control traffic."""
+
+    down: Tally = field(default_factory=Tally)
+    up: Tally = field(default_factory=Tally)
+    control: Tally = field(default_factory=Tally)
+    down_by_node: dict[int, Tally] = field(default_factory=lambda: defaultdict(Tally))
+    up_by_node: dict[int, Tally] = field(default_factory=lambda: defaultdict(Tally))
+
+
+class MeteredGrid(Grid):
+    """A ``Grid`` that forwards everything and counts message bytes.
+
+    ``close_round()`` ends the current round's tally and starts the next, so the
+    caller decides what a round is (Flower's ``evaluate_fn`` runs once per round).
+
+    Parameters
+    ----------
+    grid : Grid
+        The Grid Flower handed to the ServerApp.
+    poll_interval : float (default: 0.1)
+        Seconds between pulls in ``send_and_receive`` (Flower's HttpGrid waits 3 s).
+    """
+
+    def __init__(self, grid: Grid, poll_interval: float = 0.1) -> None:
+        self.grid = grid
+        self.poll_interval = poll_interval
+        self.rounds: list[RoundMeter] = []
+        self.current = RoundMeter()
+
+    def close_round(self) -> RoundMeter:
+        """Return the tally of the round that just ended and start a new one."""
+        done, self.current = self.current, RoundMeter()
+        self.rounds.append(done)
+        return done
+
+    # ---- Grid interface, forwarded ----------------------------------------
+    def set_run(self, run):  # noqa: ANN001, D102 - Grid's own signature
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201, D102
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201, D102
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201, D102
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Count each message's content down to its node, then push."""
+        messages = list(messages)
+        for msg in messages:
+            self._count(msg, self.current.down, self.current.down_by_node[msg.metadata.dst_node_id])
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull replies and count each one's content up from its node."""
+        replies = list(self.grid.pull_messages(message_ids))
+        for msg in replies:
+            self._count(msg, self.current.up, self.current.up_by_node[msg.metadata.src_node_id])
+        return replies
+
+    def _count(self, msg: Message, total: Tally, by_node: Tally) -> None:
+        content = msg.content if msg.has_content() else None
+        if msg.metadata.message_type == MessageType.QUERY:
+            self.current.control.add(content)
+            return
+        total.add(content)
+        by_node.add(content)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        """Push, then pull until every reply is in or ``timeout`` passes."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.time() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (deadline is not None and time.time() >= deadline):
+                break
+            time.sleep(self.poll_interval)
+        return replies

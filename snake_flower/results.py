@@ -1,0 +1,60 @@
+"""The results contract (design §6): one JSON file per run, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord
+from flwr.common.serde import array_record_to_proto
+
+LEDGER_KEYS = ("trainable-param-bytes", "frozen-param-bytes", "grad-bytes", "optimizer-bytes",
+               "activation-bytes", "total-bytes", "peak-rss-bytes")
+
+
+def model_sha256(arrays: ArrayRecord) -> str:
+    """Hash of the arrays' names, dtypes, shapes and values, in key order."""
+    digest = hashlib.sha256()
+    for key, array in arrays.items():
+        values = np.ascontiguousarray(array.numpy())
+        digest.update(f"{key}|{values.dtype}|{values.shape}|".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def model_bytes(arrays: ArrayRecord) -> int:
+    """Serialized size of the whole model, as FedAvg sends it to one node."""
+    return array_record_to_proto(arrays).ByteSize()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a result depends on."""
+    out = {"python": platform.python_version()}
+    for dist in ("flwr", "torch", "torchvision", "numpy", "flwr-datasets", "datasets", "ray"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def peak_ledger(ledgers: list[dict[str, float]]) -> dict[str, int]:
+    """The per-node ledger with the largest total, in the design's snake_case keys."""
+    top = max(ledgers, key=lambda led: led.get("total-bytes", 0.0), default={})
+    return {key.replace("-", "_"): int(top.get(key, 0.0)) for key in LEDGER_KEYS}
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,81 @@
+"""Tasks: a model cut into named segments, plus where its data comes from.
+
+A model is an ``nn.Sequential`` whose named children are the segments, so a
+``state_dict`` key's segment is the text before its first dot (``"conv2.0.weight"``
+belongs to ``"conv2"``). Buffers travel with their segment.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import data
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a run trains: model, segment order and data."""
+
+    name: str
+    segment_names: tuple[str, ...]
+    build: Callable[[], nn.Sequential]
+    load: Callable[[str], data.Split]
+    """``load(data_dir) -> (x_train, y_train, x_test, y_test)``."""
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+
+
+def small_cnn(in_channels: int = 1, width: int = 16, side: int = 28, classes: int = 10) -> nn.Sequential:
+    """Five segments: three conv blocks, a hidden dense layer and the head."""
+    feat = side // 8  # three 2x poolings
+    return nn.Sequential(OrderedDict(
+        conv1=_conv_block(in_channels, width),
+        conv2=_conv_block(width, 2 * width),
+        conv3=nn.Sequential(_conv_block(2 * width, 2 * width), nn.Flatten()),
+        fc1=nn.Sequential(nn.Linear(2 * width * feat * feat, 128), nn.ReLU()),
+        head=nn.Linear(128, classes),
+    ))
+
+
+def tiny_cnn() -> nn.Sequential:
+    """Same shape of model for 8x8 test images: five segments, ~2k parameters."""
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+        conv2=nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        conv3=nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()),
+        fc1=nn.Sequential(nn.Linear(32, 16), nn.ReLU()),
+        head=nn.Linear(16, 10),
+    ))
+
+
+SEGMENTS = ("conv1", "conv2", "conv3", "fc1", "head")
+
+TASKS: dict[str, Task] = {
+    "fashion-mnist": Task("fashion-mnist", SEGMENTS, small_cnn, data.load_fashion_mnist),
+    "synthetic": Task("synthetic", SEGMENTS, tiny_cnn, data.load_synthetic),
+}
+
+
+def build_model(task: Task, seed: int) -> nn.Sequential:
+    """Build the task's model with seeded initial weights (identical on every node)."""
+    torch.manual_seed(seed)
+    model = task.build()
+    if tuple(model._modules) != task.segment_names:
+        raise RuntimeError(f"task {task.name}: model children {tuple(model._modules)} "
+                           f"differ from its segments {task.segment_names}")
+    return model
+
+
+def segment_keys(model: nn.Module) -> dict[str, list[str]]:
+    """Map each segment to its ``state_dict`` keys, in model order."""
+    out: dict[str, list[str]] = {}
+    for key in model.state_dict():
+        out.setdefault(key.split(".", 1)[0], []).append(key)
+    return out

@@ -1,0 +1,171 @@
+"""Local training of a window of segments, and evaluation.
+
+The same ``train_window`` serves every strategy: Snake passes its window, FedAvg
+passes every segment. Segments outside the window are frozen (no gradient, not in
+the optimizer, eval mode for their buffers), so their values are left bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """Everything that defines one visit's local training (equal for all strategies)."""
+
+    epochs: int = 1
+    steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0  # 0 disables clipping
+    kd_weight: float = 0.0  # 0 disables distillation
+    kd_temperature: float = 2.0
+
+    @classmethod
+    def from_config(cls, config: dict, kd: bool) -> "LocalWork":
+        """Build from a run-config (kebab-case keys)."""
+        return cls(epochs=int(config["local-epochs"]), steps=int(config["local-steps"]),
+                   batch_size=int(config["batch-size"]), lr=float(config["lr"]),
+                   momentum=float(config["momentum"]), weight_decay=float(config["weight-decay"]),
+                   clip_norm=float(config["clip-norm"]),
+                   kd_weight=float(config["kd-weight"]) if kd else 0.0,
+                   kd_temperature=float(config["kd-temperature"]))
+
+
+def freeze_outside(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parameter]:
+    """Freeze every segment not in ``trainable``; return the trainable parameters."""
+    trainable = set(trainable)
+    params: list[nn.Parameter] = []
+    for name, segment in model.named_children():
+        on = name in trainable
+        segment.train(on)
+        for p in segment.parameters():
+            p.requires_grad_(on)
+            if on:
+                params.append(p)
+    return params
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                      weight: float, temperature: float) -> torch.Tensor:
+    """(1-λ)·CE + λ·T²·KL(softmax(t/T) ‖ softmax(s/T))."""
+    ce = F.cross_entropy(student, labels)
+    if weight == 0.0:
+        return ce
+    kl = F.kl_div(F.log_softmax(student / temperature, dim=-1),
+                  F.log_softmax(teacher / temperature, dim=-1), log_target=True,
+                  reduction="batchmean")
+    return (1.0 - weight) * ce + weight * temperature**2 * kl
+
+
+def _batches(n: int, work: LocalWork, gen: torch.Generator) -> Iterable[torch.Tensor]:
+    total = work.steps if work.steps > 0 else work.epochs * -(-n // work.batch_size)
+    done = 0
+    while done < total:
+        for idx in torch.randperm(n, generator=gen).split(work.batch_size):
+            if done == total:
+                return
+            yield idx
+            done += 1
+
+
+def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y: torch.Tensor,
+                 work: LocalWork, seed: int) -> dict[str, float]:
+    """Train the ``trainable`` segments in place; return training metrics."""
+    start = time.perf_counter()
+    teacher = None
+    if work.kd_weight > 0.0:
+        teacher = copy.deepcopy(model).eval()  # the model as this node received it
+    params = freeze_outside(model, trainable)
+    optimizer = torch.optim.SGD(params, lr=work.lr, momentum=work.momentum,
+                                weight_decay=work.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    total_loss, steps = 0.0, 0
+    meter = SavedActivations(params)
+    for idx in _batches(len(y), work, gen):
+        xb, yb = x[idx], y[idx]
+        with meter:
+            logits = model(xb)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(xb)
+            loss = distillation_loss(logits, target, yb, work.kd_weight, work.kd_temperature)
+        else:
+            loss = F.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if work.clip_norm > 0:
+            nn.utils.clip_grad_norm_(params, work.clip_norm)
+        optimizer.step()
+        total_loss += loss.item()
+        steps += 1
+    model.eval()
+    return {"train-loss": total_loss / max(steps, 1), "steps": float(steps),
+            "num-examples": float(len(y)), "train-seconds": time.perf_counter() - start,
+            **memory_ledger(model, params, optimizer, meter.peak)}
+
+
+class SavedActivations:
+    """Peak bytes autograd saves for backward in one forward pass (params excluded)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self._params = {p.data_ptr() for p in params}
+        self.peak, self._now = 0, 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.data_ptr() not in self._params:
+            self._now += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def __enter__(self) -> "SavedActivations":
+        self._now = 0
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+        self.peak = max(self.peak, self._now)
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_ledger(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                  activation_bytes: int) -> dict[str, float]:
+    """Design §5 ledger of one hop, in bytes (floats, as Flower metrics want)."""
+    trainable = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if id(p) not in trainable]
+    grads = [p.grad for p in params if p.grad is not None]
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    ledger = {"trainable-param-bytes": _nbytes(params), "frozen-param-bytes": _nbytes(frozen),
+              "grad-bytes": _nbytes(grads), "optimizer-bytes": _nbytes(state),
+              "activation-bytes": activation_bytes}
+    ledger["total-bytes"] = sum(ledger.values())
+    ledger["peak-rss-bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {k: float(v) for k, v in ledger.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Accuracy and mean cross-entropy over ``(x, y)``."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start:start + batch_size])
+        yb = y[start:start + batch_size]
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(-1) == yb).sum())
+    return {"accuracy": correct / max(len(y), 1), "loss": loss / max(len(y), 1)}

@@ -1,0 +1,8 @@
+"""Flower strategies for Snake Learning (imports only flwr, numpy and torch)."""
+
+from .schedule import SnakeSchedule, serpentine_schedule
+from .snake import SnakeStrategy
+from .window import check_window, merge_window, select, window_keys
+
+__all__ = ["SnakeSchedule", "SnakeStrategy", "check_window", "merge_window", "select",
+           "serpentine_schedule", "window_keys"]

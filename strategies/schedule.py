@@ -1,0 +1,90 @@
+"""Where the window is, and which node trains it, at each hop (pure, no Flower).
+
+Window position and node rotation advance independently. Left alone they can
+lock together: a serpentine over 4 positions has period 6, and with 6 (or 3, or
+2) nodes in fixed order a node would meet the same positions forever. The fixed
+order therefore shifts its starting node by one after every ``lcm(nodes, period)``
+hops; the shuffled order draws a fresh permutation of the nodes every cycle.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+SWEEPS = ("serpentine", "forward")
+ORDERS = ("fixed", "shuffle")
+
+
+def serpentine_schedule(num_positions: int, window: int, sweep: str = "serpentine") -> list[int]:
+    """Window start offsets over one period of the sweep.
+
+    ``serpentine`` goes first to last and back (``0 1 2 3 2 1`` for 4 positions of
+    width 1); ``forward`` restarts at the first position (``0 1 2 3``).
+    """
+    if sweep not in SWEEPS:
+        raise ValueError(f"sweep: {sweep!r} is not one of {', '.join(SWEEPS)}")
+    if not 1 <= window <= num_positions:
+        raise ValueError(f"window: {window} does not fit in {num_positions} segments")
+    last = num_positions - window
+    forward = list(range(last + 1))
+    if sweep == "forward" or last == 0:
+        return forward
+    return forward + list(range(last - 1, 0, -1))
+
+
+class SnakeSchedule:
+    """The window and the node of every hop (hops count from 0).
+
+    Parameters
+    ----------
+    segments : Sequence[str]
+        All segment names of the model, input to output.
+    window : int
+        Number of contiguous segments trained per hop (extras not counted).
+    sweep : str
+        ``"serpentine"`` or ``"forward"``.
+    order : str
+        ``"fixed"`` (the caller's stable node order, anti-aliased) or ``"shuffle"`` (new permutation
+        every cycle through the nodes, seeded).
+    train_head, train_stem : bool
+        Train the last (first) segment in every window; it then leaves the sweep.
+    seed : int
+        Seed of the shuffled order.
+    """
+
+    def __init__(self, segments: Sequence[str], window: int, *, sweep: str = "serpentine",
+                 order: str = "shuffle", train_head: bool = True, train_stem: bool = False,
+                 seed: int = 0) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"order: {order!r} is not one of {', '.join(ORDERS)}")
+        self.segments = list(segments)
+        self.stem = self.segments[:1] if train_stem else []
+        self.head = self.segments[-1:] if train_head else []
+        self.body = self.segments[len(self.stem):len(self.segments) - len(self.head)]
+        self.offsets = serpentine_schedule(len(self.body), window, sweep)
+        self.window, self.order, self.seed = window, order, seed
+
+    @property
+    def period(self) -> int:
+        """Hops after which the window position repeats."""
+        return len(self.offsets)
+
+    def window_at(self, hop: int) -> list[str]:
+        """Segments trained at ``hop``, in model order (extras included)."""
+        start = self.offsets[hop % self.period]
+        return self.stem + self.body[start:start + self.window] + self.head
+
+    def node_at(self, hop: int, ordered: Sequence[int]) -> int:
+        """The node that trains at ``hop``, among the known nodes in their stable order."""
+        if not ordered:
+            raise ValueError("no nodes to schedule")
+        count = len(ordered)
+        if self.order == "fixed":
+            shift = hop // math.lcm(count, self.period)
+            return ordered[(hop + shift) % count]
+        cycle, slot = divmod(hop, count)
+        permutation = list(range(count))
+        random.Random(f"{self.seed}:{cycle}:{count}").shuffle(permutation)
+        return ordered[permutation[slot]]

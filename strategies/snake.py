@@ -1,0 +1,185 @@
+"""Snake Learning as a Flower Message-API strategy.
+
+One server round is one hop: one node trains one window of segments on its own
+data and sends back that window alone. The strategy merges it into the full model
+and returns the full ``ArrayRecord``, because ``Strategy.start`` replaces the
+global model with whatever ``aggregate_train`` returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from .schedule import SnakeSchedule
+from .window import check_window, merge_window, select, window_keys
+
+SYNCS = ("delta", "window")
+
+
+class SnakeStrategy(Strategy):
+    """Sequential, layer-window training along a serpentine schedule.
+
+    Parameters
+    ----------
+    segments : Mapping[str, Sequence[str]]
+        Segment name -> its ``state_dict`` keys, input to output (from the caller).
+    window : int (default: 1)
+        Contiguous segments trained per hop, besides the head/stem extras.
+    sweep, order, train_head, train_stem, seed
+        See :class:`strategies.schedule.SnakeSchedule`.
+    sync : str (default: "delta")
+        ``"delta"`` sends every segment that changed since the node last synced
+        (the whole model on its first visit); ``"window"`` sends only the window
+        and the node trains against its own, possibly stale, copy of the rest.
+    min_nodes : int (default: 1)
+        Nodes that must be connected before a hop starts.
+    query_timeout : float (default: 60.0)
+        Seconds to wait for new nodes to report their rank.
+    arrayrecord_key, configrecord_key : str
+        Keys of the records in the messages, as in Flower's ``FedAvg``.
+    """
+
+    def __init__(self, segments: Mapping[str, Sequence[str]], window: int = 1, *,
+                 sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
+                 train_stem: bool = False, sync: str = "delta", min_nodes: int = 1, query_timeout: float = 60.0, seed: int = 0,
+                 arrayrecord_key: str = "arrays", configrecord_key: str = "config") -> None:
+        if sync not in SYNCS:
+            raise ValueError(f"sync: {sync!r} is not one of {', '.join(SYNCS)}")
+        self.segments = {name: list(keys) for name, keys in segments.items()}
+        self.schedule = SnakeSchedule(list(self.segments), window, sweep=sweep, order=order,
+                                      train_head=train_head, train_stem=train_stem, seed=seed)
+        self.sync, self.min_nodes, self.query_timeout = sync, min_nodes, query_timeout
+        self.arrayrecord_key, self.configrecord_key = arrayrecord_key, configrecord_key
+        self.versions = {name: 0 for name in self.segments}  # bumped on every merge
+        self.node_versions: dict[int, dict[str, int]] = {}  # what each node holds
+        self.provenance: dict[str, dict[str, int]] = {}
+        self.hops: list[dict[str, Any]] = []  # one row per round: node, window, outcome
+        self.failures: list[dict[str, Any]] = []
+        self.rejected_replies = 0
+        self.node_ranks: dict[int, float] = {}  # stable order of nodes, reported by them
+        self._arrays: ArrayRecord | None = None
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        s = self.schedule
+        log(INFO, "\t├── SnakeStrategy: %d segments, window %d (+head %s, +stem %s)",
+            len(self.segments), s.window, bool(s.head), bool(s.stem))
+        log(INFO, "\t└── %s sweep (period %d hops), %s order, %s sync",
+            "serpentine" if s.period > len(s.body) - s.window + 1 else "forward",
+            s.period, s.order, self.sync)
+
+    # ---- training ----------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Send the next node what it lacks and the window it must train."""
+        nodes = self._ordered_nodes(grid)
+        hop = server_round - 1
+        window = self.schedule.window_at(hop)
+        node = self.schedule.node_at(hop, nodes)
+        self._arrays = arrays
+        sent = self._segments_to_send(node, window)
+        cfg = ConfigRecord(dict(config))
+        cfg["server-round"] = server_round
+        cfg["window"] = window
+        cfg["sync"] = self.sync
+        cfg["segments-sent"] = sent or [""]  # ConfigRecord lists may not be empty
+        cfg["segment-versions"] = [self.versions[name] for name in self.segments]
+        payload = select(arrays, window_keys(self.segments, sent))
+        self.hops.append({"round": server_round, "node": node, "window": window,
+                          "segments_sent": sent, "status": "pending", "started": time.time()})
+        log(INFO, "hop %d: node %d trains %s (sent %d of %d segments)",
+            server_round, node, "+".join(window), len(sent), len(self.segments))
+        content = RecordDict({self.arrayrecord_key: payload, self.configrecord_key: cfg})
+        return [Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                        group_id=str(server_round))]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the single reply and merge its window into the full model."""
+        hop = self.hops[-1]
+        node, window = hop["node"], hop["window"]
+        replies = [m for m in replies if m.metadata.src_node_id == node]
+        if not replies:
+            return self._fail(hop, "no reply before the hop timeout")
+        reply = replies[0]
+        if reply.has_error():
+            return self._fail(hop, f"error reply: {reply.error.reason}")
+        content = reply.content
+        records = list(content.array_records.values())
+        metrics = next(iter(content.metric_records.values()), MetricRecord())
+        keys = window_keys(self.segments, window)
+        assert self._arrays is not None
+        reason = (check_window(records[0], self._arrays, keys) if len(records) == 1
+                  else f"expected one ArrayRecord, got {len(records)}")
+        if reason is not None:
+            self.rejected_replies += 1
+            return self._fail(hop, f"rejected reply: {reason}")
+        merged = merge_window(self._arrays, records[0])
+        for name in window:
+            self.versions[name] += 1
+            self.provenance[name] = {"node": node, "round": server_round,
+                                     "num-examples": int(metrics.get("num-examples", 0))}
+        held = self.node_versions.setdefault(node, {})
+        held.update({name: self.versions[name] for name in hop["segments_sent"]})
+        held.update({name: self.versions[name] for name in window})
+        hop["status"] = "merged"
+        return merged, metrics
+
+    # ---- evaluation is centralized (ServerApp's evaluate_fn) ---------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Snake evaluates centrally on the server; no node is asked."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Nothing to aggregate (see ``configure_evaluate``)."""
+        return None
+
+    # ---- helpers -----------------------------------------------------------
+    def _segments_to_send(self, node: int, window: list[str]) -> list[str]:
+        held = self.node_versions.get(node)
+        if held is None:  # first visit, or the node's copy is unknown after a failure
+            return list(self.segments)
+        if self.sync == "window":
+            return list(window)
+        return [name for name in self.segments if held.get(name) != self.versions[name]]
+
+    def _fail(self, hop: dict[str, Any], reason: str) -> tuple[None, None]:
+        # The node's copy is now unknown: its next visit resends the whole model.
+        self.node_versions.pop(hop["node"], None)
+        hop["status"], hop["reason"] = "failed", reason
+        self.failures.append({"round": hop["round"], "node": hop["node"], "reason": reason})
+        log(WARNING, "hop %d: node %d failed, global model unchanged: %s", hop["round"], hop["node"], reason)
+        return None, None
+
+    def _ordered_nodes(self, grid: Grid) -> list[int]:
+        """Connected nodes in a stable order that does not depend on their random ids.
+
+        Node ids are random per run, so sorting them would make the chain, and the
+        final model, differ between two runs with the same seed. Each new node is
+        asked once (a ``query`` message) for its ``rank`` (the app answers with its
+        partition id); a node that does not answer is ordered after the others.
+        """
+        while len(nodes := list(grid.get_node_ids())) < self.min_nodes:
+            log(INFO, "waiting for %d nodes (have %d)", self.min_nodes, len(nodes))
+            time.sleep(1.0)
+        new = [node for node in nodes if node not in self.node_ranks]
+        if new:
+            asks = [Message(RecordDict({self.configrecord_key: ConfigRecord({"ask": "rank"})}),
+                            dst_node_id=node, message_type=MessageType.QUERY) for node in new]
+            for reply in grid.send_and_receive(asks, timeout=self.query_timeout):
+                if not reply.has_error():
+                    for record in reply.content.metric_records.values():
+                        if "rank" in record:
+                            self.node_ranks[reply.metadata.src_node_id] = float(record["rank"])
+            for node in new:
+                self.node_ranks.setdefault(node, float("inf"))
+        return sorted(nodes, key=lambda node: (self.node_ranks[node], node))

@@ -1,0 +1,62 @@
+"""Checking a returned window and merging it into the global model (pure records).
+
+A reply is merged only if its keys are exactly the assigned window, every shape
+and dtype matches the global model, and every value is finite. ``check_window``
+returns the reason a reply is refused (or ``None``); ``merge_window`` never
+touches the input record, so a refused reply leaves the global model as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+
+def window_keys(segments: Mapping[str, Sequence[str]], window: Iterable[str]) -> list[str]:
+    """All ``state_dict`` keys of the window's segments, in model order."""
+    return [key for name in window for key in segments[name]]
+
+
+def select(arrays: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:
+    """A new record holding only ``keys`` (the Arrays are shared, not copied)."""
+    return ArrayRecord({key: arrays[key] for key in keys})
+
+
+def check_window(reply: ArrayRecord | None, reference: ArrayRecord, keys: Sequence[str]) -> str | None:
+    """Why ``reply`` may not be merged as window ``keys`` of ``reference``; ``None`` if it may."""
+    if reply is None:
+        return "reply carries no ArrayRecord"
+    expected, got = set(keys), set(reply.keys())
+    if got != expected:
+        extra, missing = sorted(got - expected), sorted(expected - got)
+        parts = ([f"extra keys {extra[:3]}"] if extra else []) + ([f"missing keys {missing[:3]}"] if missing else [])
+        return "; ".join(parts)
+    for key in keys:
+        mine, theirs = reference[key], reply[key]
+        if tuple(theirs.shape) != tuple(mine.shape):
+            return f"{key}: shape {tuple(theirs.shape)} != {tuple(mine.shape)}"
+        if theirs.dtype != mine.dtype:
+            return f"{key}: dtype {theirs.dtype} != {mine.dtype}"
+        try:
+            values = theirs.numpy()
+        except Exception as err:  # undecodable bytes are a malformed reply, not a crash
+            return f"{key}: undecodable array ({type(err).__name__})"
+        if values.shape != tuple(mine.shape) or str(values.dtype) != mine.dtype:
+            return f"{key}: payload does not match its declared shape or dtype"
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            return f"{key}: non-finite values"
+    return None
+
+
+def merge_window(arrays: ArrayRecord, window: ArrayRecord) -> ArrayRecord:
+    """A new full record: ``arrays`` with the window's keys replaced, key order kept."""
+    unknown = [key for key in window.keys() if key not in arrays]
+    if unknown:
+        raise KeyError(f"window keys not in the model: {unknown[:3]}")
+    return ArrayRecord({key: _copy(window[key]) if key in window else arrays[key] for key in arrays.keys()})
+
+
+def _copy(array: Array) -> Array:
+    return Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=bytes(array.data))

@@ -1,0 +1,72 @@
+"""Run-config defaults, parsing and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from snake_flower.config import DEFAULTS, ConfigError, parse_overrides, resolve
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_pyproject_holds_every_default():
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        table = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    assert table == DEFAULTS
+
+
+def test_overrides_parse_toml_values_and_bare_words():
+    assert parse_overrides('window=1 lr=0.01 train-head=false task=synthetic sync="window"') == {
+        "window": 1, "lr": 0.01, "train-head": False, "task": "synthetic", "sync": "window"}
+
+
+def test_resolve_coerces_and_keeps_defaults():
+    config = resolve({"lr": 1, "num-server-rounds": 3.0})
+    assert config["lr"] == 1.0 and isinstance(config["lr"], float)
+    assert config["num-server-rounds"] == 3 and config["window"] == DEFAULTS["window"]
+
+
+@pytest.mark.parametrize("override,key", [
+    ({"task": "imagenet"}, "task"),
+    ({"window": 5}, "window"),
+    ({"window": 0}, "window"),
+    ({"dirichlet-alpha": 0.0}, "dirichlet-alpha"),
+    ({"dirichlet-alpha": -1}, "dirichlet-alpha"),
+    ({"sweep": "sideways"}, "sweep"),
+    ({"lr": "fast"}, "lr"),
+    ({"train-head": "yes"}, "train-head"),
+    ({"no-such-key": 1}, "no-such-key"),
+    ({"kd-weight": 1.5}, "kd-weight"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        resolve(override)
+    message = str(err.value)
+    assert message.startswith(f"{key}:") and "\n" not in message
+
+
+def test_window_limit_counts_head_and_stem():
+    assert resolve({"window": 4})["window"] == 4
+    with pytest.raises(ConfigError, match="window"):
+        resolve({"window": 4, "train-stem": True})
+
+
+@pytest.mark.parametrize("args,key", [
+    (["--run-config", "task=imagenet"], "task"),
+    (["--run-config", "window=9"], "window"),
+    (["--run-config", "dirichlet-alpha=0"], "dirichlet-alpha"),
+    (["--num-supernodes", "0"], "num-supernodes"),
+    (["--config", "/nonexistent.toml"], "config"),
+])
+def test_cli_bad_config_fails_fast_with_one_line(args, key):
+    proc = subprocess.run([sys.executable, "-m", "snake_flower.cli", "run", *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"snake-flower: error: {key}")
+    assert "Traceback" not in proc.stderr + proc.stdout

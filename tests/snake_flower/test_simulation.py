@@ -1,0 +1,85 @@
+"""Integration: the real Ray simulation engine, through the CLI and through ``flwr run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
+       "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+       "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pids_matching(*needles: str) -> set[int]:
+    """PIDs whose command line contains every needle (read from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if all(n in cmd for n in needles):
+                found.add(int(entry.name))
+    return found
+
+
+def _simulate(out: Path, overrides: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "snake_flower.cli", "run", "--num-supernodes", "3",
+                           "--run-config", overrides, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "snake: accuracy" in proc.stdout
+    return json.loads((out / "snake.json").read_text())
+
+
+def test_ray_simulation_runs_hops_and_leaves_nothing_behind(tmp_path):
+    before = _pids_matching("ray")
+    overrides = "task=synthetic num-server-rounds=5 window=1 local-epochs=2"
+    first = _simulate(tmp_path / "a", overrides)
+    second = _simulate(tmp_path / "b", overrides)
+    time.sleep(2)
+    assert _pids_matching("ray") - before == set()
+
+    rows = first["rounds"]
+    assert [r["status"] for r in rows] == ["merged"] * 5
+    assert len({n for r in rows for n in r["nodes"]}) == 3
+    assert sorted({p for r in rows for p in r["partitions"]}) == [0, 1, 2]
+    assert all(r["bytes_up"] < first["final"]["model_bytes"] / 2 for r in rows)
+    assert first["final"]["model_sha256"] == second["final"]["model_sha256"]
+
+
+@pytest.mark.skipif(not (BIN / "flwr").exists(), reason="flwr CLI not installed")
+def test_flwr_run_uses_pyproject_config(tmp_path):
+    env = {**ENV, "FLWR_HOME": str(tmp_path / "flwr-home"),  # own SuperLink, own ports
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+    cmd = [str(BIN / "flwr"), "run", ".", "--stream",
+           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0",
+           "--run-config", f"task='synthetic' num-server-rounds=3 out-dir='{tmp_path / 'out'}'"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    finally:
+        # flwr run leaves its local SuperLink running: stop the one it started for us, by PID
+        for pid in _pids_matching("flower-superlink", str(tmp_path / "flwr-home")):
+            os.kill(pid, signal.SIGTERM)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads((tmp_path / "out" / "snake.json").read_text())
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
+    assert result["config"]["window"] == 2  # the pyproject default reached the ServerApp

@@ -1,0 +1,167 @@
+"""SnakeStrategy against an in-process Grid whose nodes add 1 to their window."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, MessageType, MetricRecord, RecordDict
+
+from strategies import SnakeStrategy
+
+SEGMENTS = {"s0": ["s0.w"], "s1": ["s1.w", "s1.b"], "s2": ["s2.w"], "head": ["head.w"]}
+
+
+def initial() -> ArrayRecord:
+    return ArrayRecord({k: Array(np.full((2, 2), i, np.float32))
+                        for i, k in enumerate(k for keys in SEGMENTS.values() for k in keys)})
+
+
+class AddOneNodes:
+    """Nodes that keep a model copy, apply what they get and add 1 to their window."""
+
+    def __init__(self, ranks: dict[int, int], tamper=None) -> None:
+        self.ranks, self.tamper = ranks, tamper
+        self.copies: dict[int, dict[str, np.ndarray]] = {}
+        self.received: list[tuple[int, list[str]]] = []
+
+    def __call__(self, msg):
+        node = msg.metadata.dst_node_id
+        if msg.metadata.message_type == MessageType.QUERY:
+            return RecordDict({"info": MetricRecord({"rank": self.ranks[node]})})
+        copy = self.copies.setdefault(node, {})
+        copy.update({k: v.numpy() for k, v in msg.content["arrays"].items()})
+        self.received.append((node, list(msg.content["arrays"].keys())))
+        keys = [k for name in msg.content["config"]["window"] for k in SEGMENTS[name]]
+        window = {k: copy[k] + 1.0 for k in keys}
+        copy.update(window)
+        arrays = ArrayRecord({k: Array(v) for k, v in window.items()})
+        reply = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10 + self.ranks[node]})})
+        return self.tamper(reply, node) if self.tamper else reply
+
+
+class Global:
+    """What ``Strategy.start`` holds as the global model after each round."""
+
+    def __init__(self) -> None:
+        self.arrays: ArrayRecord | None = None
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
+        self.arrays = arrays
+
+
+def run(loopback, nodes: AddOneNodes, rounds: int, **kwargs):
+    strategy = SnakeStrategy(SEGMENTS, kwargs.pop("window", 1), seed=0, **kwargs)
+    grid = loopback(list(nodes.ranks), nodes)
+    final = Global()
+    strategy.start(grid=grid, initial_arrays=initial(), num_rounds=rounds, timeout=5.0,
+                   evaluate_fn=final)
+    return strategy, final
+
+
+def values(arrays: ArrayRecord) -> dict[str, float]:
+    return {k: float(v.numpy()[0, 0]) for k, v in arrays.items()}
+
+
+def test_hops_merge_only_their_window(loopback):
+    nodes = AddOneNodes({901: 0, 17: 1, 555: 2})
+    strategy, result = run(loopback, nodes, rounds=6)
+    start = values(initial())
+    trained = {k: 0 for k in start}
+    for hop in strategy.hops:
+        assert hop["status"] == "merged"
+        for name in hop["window"]:
+            for key in SEGMENTS[name]:
+                trained[key] += 1
+    assert values(result.arrays) == {k: start[k] + trained[k] for k in start}
+    last = strategy.hops[-1]
+    assert strategy.provenance["head"] == {"node": last["node"], "round": 6,
+                                           "num-examples": 10 + nodes.ranks[last["node"]]}
+
+
+def test_chain_order_follows_reported_ranks_not_node_ids(loopback):
+    a, _ = run(loopback, AddOneNodes({901: 0, 17: 1, 555: 2}), rounds=9, order="fixed")
+    b, _ = run(loopback, AddOneNodes({3: 0, 2: 1, 1: 2}), rounds=9, order="fixed")
+    rank_a = {901: 0, 17: 1, 555: 2}
+    rank_b = {3: 0, 2: 1, 1: 2}
+    assert [rank_a[h["node"]] for h in a.hops] == [rank_b[h["node"]] for h in b.hops]
+    assert [rank_a[h["node"]] for h in a.hops][:3] == [0, 1, 2]
+
+
+def test_delta_sync_sends_only_what_changed(loopback):
+    nodes = AddOneNodes({1: 0, 2: 1})
+    strategy, _ = run(loopback, nodes, rounds=4, order="fixed", sync="delta")
+    sent = [set(h["segments_sent"]) for h in strategy.hops]
+    assert sent[0] == sent[1] == set(SEGMENTS)  # first visits: the whole model
+    # node 1 trained hop 1's window; since then only hop 2's window changed
+    assert sent[2] == set(strategy.hops[1]["window"])
+
+
+def test_window_sync_sends_only_the_window(loopback):
+    strategy, _ = run(loopback, AddOneNodes({1: 0, 2: 1}), rounds=4, order="fixed", sync="window")
+    for hop in strategy.hops[2:]:
+        assert hop["segments_sent"] == hop["window"]
+
+
+def _extra(reply, node):  # a layer the node was not given
+    outside = next(k for keys in SEGMENTS.values() for k in keys if k not in reply["arrays"])
+    reply["arrays"][outside] = Array(np.zeros((2, 2), np.float32))
+    return reply
+
+
+def _missing(reply, node):
+    arrays = reply["arrays"]
+    return RecordDict({"arrays": ArrayRecord({k: arrays[k] for k in list(arrays.keys())[1:]}),
+                       "metrics": reply["metrics"]})
+
+
+def _shape(reply, node):
+    key = list(reply["arrays"].keys())[0]
+    reply["arrays"][key] = Array(np.zeros((3, 3), np.float32))
+    return reply
+
+
+def _nan(reply, node):
+    key = list(reply["arrays"].keys())[0]
+    reply["arrays"][key] = Array(np.full((2, 2), np.nan, np.float32))
+    return reply
+
+
+@pytest.mark.parametrize("tamper", [_extra, _missing, _shape, _nan], ids=["extra", "missing", "shape", "nan"])
+def test_bad_reply_is_rejected_logged_counted_and_model_unchanged(loopback, caplog, tamper):
+    caplog.set_level(logging.WARNING, logger="flwr")
+    strategy, result = run(loopback, AddOneNodes({1: 0, 2: 1}, tamper=tamper), rounds=3,
+                           window=2)
+    assert strategy.rejected_replies == 3
+    assert [f["round"] for f in strategy.failures] == [1, 2, 3]
+    assert all("rejected reply" in f["reason"] for f in strategy.failures)
+    assert "rejected reply" in caplog.text
+    assert values(result.arrays) == values(initial())
+    assert strategy.provenance == {}
+
+
+def test_error_reply_costs_the_hop_and_forces_a_full_resync(loopback):
+    def fail_first(reply, node):
+        fail_first.calls += 1
+        return Error(code=1, reason="node crashed") if fail_first.calls == 1 else reply
+    fail_first.calls = 0
+    nodes = AddOneNodes({1: 0, 2: 1}, tamper=fail_first)
+    strategy, _ = run(loopback, nodes, rounds=4, order="fixed")
+    assert strategy.failures == [{"round": 1, "node": 1, "reason": "error reply: node crashed"}]
+    assert strategy.rejected_replies == 0
+    assert [h["status"] for h in strategy.hops] == ["failed", "merged", "merged", "merged"]
+    assert set(strategy.hops[2]["segments_sent"]) == set(SEGMENTS)  # node 1's copy is unknown
+
+
+def test_vanished_node_costs_only_its_hop(loopback):
+    nodes = AddOneNodes({1: 0, 2: 1}, tamper=lambda reply, node: None if node == 2 else reply)
+    strategy, result = run(loopback, nodes, rounds=4, order="fixed")
+    assert [h["status"] for h in strategy.hops] == ["merged", "failed", "merged", "failed"]
+    assert all(f["reason"] == "no reply before the hop timeout" for f in strategy.failures)
+    assert values(result.arrays) != values(initial())
+
+
+def test_unknown_sync_is_refused():
+    with pytest.raises(ValueError, match="sync"):
+        SnakeStrategy(SEGMENTS, 1, sync="full")
