@@ -72,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
     window = list(cfg["window"])
     work = LocalWork.from_config(cfg, kd=kd_enabled(cfg))
     hop_seed = int(cfg["seed"]) * 100_003 + int(cfg["server-round"])
-    metrics = train_window(model, window, x_train[idx], y_train[idx], work, seed=hop_seed)
+    metrics, ledger = train_window(model, window, x_train[idx], y_train[idx], work, seed=hop_seed)
 
     state = model.state_dict()
     for name in window:  # the server bumps these versions when it merges our reply
@@ -83,4 +83,5 @@ def train(msg: Message, context: Context) -> Message:
     keys = [key for name, seg in segment_keys(model).items() if name in window for key in seg]
     reply = ArrayRecord({key: state[key] for key in keys})
     metrics["partition-id"] = float(partition_id)
-    return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({"arrays": reply, "metrics": MetricRecord(metrics), "memory": MetricRecord(ledger)})
+    return Message(content, reply_to=msg)

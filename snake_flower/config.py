@@ -21,7 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "classes-per-partition": 2,
     "seed": 42,
     # the snake
-    "num-server-rounds": 64,
+    "num-server-rounds": 128,
     "window": 2,
     "train-head": True,
     "train-stem": False,
@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "sync": "delta",
     # local work per hop (identical for every strategy)
     "local-epochs": 1,
-    "local-steps": 0,
+    "local-steps": 100,
     "batch-size": 32,
     "lr": 0.05,
     "momentum": 0.9,
@@ -38,10 +38,10 @@ DEFAULTS: dict[str, Any] = {
     "clip-norm": 1.0,
     # knowledge distillation against the model as the node received it
     "kd": "auto",
-    "kd-weight": 0.3,
+    "kd-weight": 0.7,
     "kd-temperature": 2.0,
     # harness
-    "eval-every": 1,
+    "eval-every": 2,
     "eval-batch-size": 1000,
     "hop-timeout": 600.0,
     "min-nodes": 1,

@@ -20,7 +20,7 @@ from strategies import SnakeStrategy
 
 from . import results
 from .config import resolve
-from .metering import MeteredGrid
+from .metering import MeteredGrid, RoundMeter
 from .task import TASKS, build_model, segment_keys
 from .training import evaluate
 
@@ -64,13 +64,10 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
             _progress(rows[-1], config["num-server-rounds"])
         return MetricRecord(evaluated[server_round]) if server_round in evaluated else None
 
-    result = strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
-                            num_rounds=config["num-server-rounds"], timeout=config["hop-timeout"],
-                            train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
-    ledgers = [dict(m) for m in result.train_metrics_clientapp.values()]
-    for row in rows:  # partition ids, as the nodes reported them with their metrics
-        metrics = result.train_metrics_clientapp.get(row["round"], {})
-        row["partitions"] = [int(metrics["partition-id"])] if "partition-id" in metrics else []
+    strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
+                   num_rounds=config["num-server-rounds"], timeout=config["hop-timeout"],
+                   train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
+    ledgers = [hop["metrics"]["memory"] for hop in strategy.hops if "memory" in hop.get("metrics", {})]
     final_round = max(evaluated)
     payload = {
         "strategy": "snake", "task": config["task"], "config": dict(config),
@@ -88,9 +85,12 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def _round_row(server_round: int, hop: dict[str, Any], tally, metrics: dict[str, float] | None,
+def _round_row(server_round: int, hop: dict[str, Any], tally: RoundMeter, metrics: dict[str, float] | None,
                wall_s: float) -> dict[str, Any]:
-    return {"round": server_round, "nodes": [hop["node"]], "window": hop["window"],
+    reported = hop.get("metrics", {}).get("metrics", {})
+    return {"round": server_round, "nodes": [hop["node"]],
+            "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
+            "window": hop["window"],
             "segments_sent": hop["segments_sent"], "status": hop["status"],
             "bytes_down": tally.down.bytes, "bytes_up": tally.up.bytes,
             "bytes_control": tally.control.bytes,  # node discovery (query messages)

@@ -81,8 +81,8 @@ def _batches(n: int, work: LocalWork, gen: torch.Generator) -> Iterable[torch.Te
 
 
 def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y: torch.Tensor,
-                 work: LocalWork, seed: int) -> dict[str, float]:
-    """Train the ``trainable`` segments in place; return training metrics."""
+                 work: LocalWork, seed: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Train the ``trainable`` segments in place; return training metrics and memory ledger."""
     start = time.perf_counter()
     teacher = None
     if work.kd_weight > 0.0:
@@ -111,9 +111,9 @@ def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y:
         total_loss += loss.item()
         steps += 1
     model.eval()
-    return {"train-loss": total_loss / max(steps, 1), "steps": float(steps),
-            "num-examples": float(len(y)), "train-seconds": time.perf_counter() - start,
-            **memory_ledger(model, params, optimizer, meter.peak)}
+    metrics = {"train-loss": total_loss / max(steps, 1), "steps": float(steps),
+               "num-examples": float(len(y)), "train-seconds": time.perf_counter() - start}
+    return metrics, memory_ledger(model, params, optimizer, meter.peak)
 
 
 class SavedActivations:

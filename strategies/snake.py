@@ -114,7 +114,10 @@ class SnakeStrategy(Strategy):
             return self._fail(hop, f"error reply: {reply.error.reason}")
         content = reply.content
         records = list(content.array_records.values())
-        metrics = next(iter(content.metric_records.values()), MetricRecord())
+        # "metrics" goes back to Flower; every MetricRecord (e.g. a memory ledger) is kept
+        records_m = content.metric_records
+        metrics = records_m.get("metrics") or next(iter(records_m.values()), MetricRecord())
+        hop["metrics"] = {name: dict(record) for name, record in records_m.items()}
         keys = window_keys(self.segments, window)
         assert self._arrays is not None
         reason = (check_window(records[0], self._arrays, keys) if len(records) == 1

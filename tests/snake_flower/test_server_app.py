@@ -10,6 +10,7 @@ from flwr.common.serde import array_record_to_proto
 
 from snake_flower.config import resolve
 from snake_flower.metering import content_bytes
+from snake_flower.results import LEDGER_KEYS
 from snake_flower.server_app import run_snake
 from snake_flower.task import TASKS, build_model, segment_keys
 
@@ -52,15 +53,15 @@ def test_results_follow_the_contract(loopback, nodes, tmp_path):
 
 def test_each_upload_is_the_window_alone(loopback, nodes, tmp_path):
     result = _run(loopback, nodes, tmp_path, window=1)
-    metric_keys = ("train-loss", "steps", "num-examples", "train-seconds", "trainable-param-bytes",
-                   "frozen-param-bytes", "grad-bytes", "optimizer-bytes", "activation-bytes",
-                   "total-bytes", "peak-rss-bytes", "partition-id")
     # proto3 leaves zero doubles out, so stand-in values must be non-zero (size is fixed then)
-    metrics = MetricRecord({k: 1.0 for k in metric_keys})
+    metrics = MetricRecord({k: 1.0 for k in ("train-loss", "steps", "num-examples",
+                                              "train-seconds", "partition-id")})
+    memory = MetricRecord({k: 1.0 for k in LEDGER_KEYS})
     for row in result["rounds"]:
         window = _window_arrays(row["window"])
         assert row["array_bytes_up"] == array_record_to_proto(window).ByteSize()
-        assert row["bytes_up"] == content_bytes(RecordDict({"arrays": window, "metrics": metrics}))
+        assert row["bytes_up"] == content_bytes(RecordDict({"arrays": window, "metrics": metrics,
+                                                               "memory": memory}))
         assert row["bytes_up"] < result["final"]["model_bytes"] / 2
 
 

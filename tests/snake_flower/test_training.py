@@ -40,7 +40,7 @@ def test_full_window_learns_the_synthetic_task(data):
 
 def test_local_steps_override_epochs(data):
     x, y, _, _ = data
-    metrics = train_window(build_model(TASK, 0), ["head"], x, y, LocalWork(epochs=5, steps=7), seed=0)
+    metrics, _ = train_window(build_model(TASK, 0), ["head"], x, y, LocalWork(epochs=5, steps=7), seed=0)
     assert metrics["steps"] == 7 and metrics["num-examples"] == len(y)
 
 
@@ -77,7 +77,7 @@ def test_clipping_bounds_each_update(data):
 def test_ledger_counts_only_the_window_as_trainable(data):
     x, y, _, _ = data
     model = build_model(TASK, 0)
-    m = train_window(model, ["fc1"], x, y, LocalWork(steps=2), seed=0)
+    _, m = train_window(model, ["fc1"], x, y, LocalWork(steps=2), seed=0)
     fc1 = sum(p.numel() * 4 for p in model.fc1.parameters())
     total = sum(p.numel() * 4 for p in model.parameters())
     assert m["trainable-param-bytes"] == fc1 == m["grad-bytes"] == m["optimizer-bytes"]
