@@ -71,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     if not out.exists():
         print(f"snake-flower: error: the run ended without writing {out}", file=sys.stderr)
         return 1
-    final = json.loads(out.read_text())["final"]
+    from .plots import plot_accuracy
+
+    result = json.loads(out.read_text())
+    png = plot_accuracy({"snake": result}, out.with_suffix(".png"))
+    final = result["final"]
     print(f"snake: accuracy {final['accuracy']:.4f}, {final['bytes_total'] / 1e6:.2f} MB moved, "
-          f"{final['wall_s']:.0f} s -> {out}")
+          f"{final['wall_s']:.0f} s -> {out}, {png}")
     return 0
 
 

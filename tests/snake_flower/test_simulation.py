@@ -46,6 +46,7 @@ def _simulate(out: Path, overrides: str) -> dict:
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "snake: accuracy" in proc.stdout
+    assert (out / "snake.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return json.loads((out / "snake.json").read_text())
 
 
