@@ -21,6 +21,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-config", default="", help='overrides, e.g. "window=1 lr=0.01"')
     run.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
     run.add_argument("--out", help="output folder (default: run-config out-dir)")
+    compare = sub.add_parser("compare", help="run several strategies head to head, then report")
+    compare.add_argument("--config", help="experiment TOML file (run-config keys)")
+    compare.add_argument("--run-config", default="", help="overrides for every strategy")
+    compare.add_argument("--strategies", default="snake,fedavg", help="comma-separated (default snake,fedavg)")
+    compare.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
+    compare.add_argument("--out", required=True, help="output folder")
     return parser
 
 
@@ -58,26 +64,54 @@ def simulate(config: dict[str, Any], num_supernodes: int) -> None:
                    num_supernodes=num_supernodes, backend_config=backend)
 
 
+def _run_one(config: dict[str, Any], num_supernodes: int) -> dict[str, Any] | None:
+    """Simulate one strategy; return its results (``None`` if none were written)."""
+    name = config["strategy"]
+    out = Path(config["out-dir"]) / f"{name}.json"
+    out.unlink(missing_ok=True)  # never report a previous run's file as this one's
+    simulate(config, num_supernodes)
+    if not out.exists():
+        print(f"snake-flower: error: the {name} run ended without writing {out}", file=sys.stderr)
+        return None
+    result = json.loads(out.read_text())
+    final = result["final"]
+    print(f"{name}: accuracy {final['accuracy']:.4f}, {final['bytes_total'] / 1e6:.2f} MB moved, "
+          f"{final['wall_s']:.0f} s -> {out}", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``snake-flower`` console script."""
     args = _parser().parse_args(argv)
     try:
         config = resolve_run(args)
+        names = args.strategies.split(",") if args.command == "compare" else [config["strategy"]]
+        configs = [resolve(config, {"strategy": name}) for name in names]
     except (ConfigError, DataError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2
-    simulate(config, args.num_supernodes)
-    out = Path(config["out-dir"]) / "snake.json"
-    if not out.exists():
-        print(f"snake-flower: error: the run ended without writing {out}", file=sys.stderr)
-        return 1
     from .plots import plot_accuracy
 
-    result = json.loads(out.read_text())
-    png = plot_accuracy({"snake": result}, out.with_suffix(".png"))
-    final = result["final"]
-    print(f"snake: accuracy {final['accuracy']:.4f}, {final['bytes_total'] / 1e6:.2f} MB moved, "
-          f"{final['wall_s']:.0f} s -> {out}, {png}")
+    runs: dict[str, dict[str, Any]] = {}
+    for i, cfg in enumerate(configs, 1):
+        print(f"[{i}/{len(configs)}] {cfg['strategy']} on {cfg['task']}, {args.num_supernodes} nodes",
+              flush=True)
+        result = _run_one(cfg, args.num_supernodes)
+        if result is None:
+            return 1
+        runs[cfg["strategy"]] = result
+    if args.command == "run":
+        name = config["strategy"]
+        plot_accuracy({name: runs[name]}, Path(config["out-dir"]) / f"{name}.png")
+        return 0
+    from .compare import write_comparison
+
+    summary = write_comparison(config["out-dir"], runs, config["target-accuracy"])
+    for name, line in summary["runs"].items():
+        to_target = f"{line['bytes_to_target'] / 1e6:.2f} MB to target" if line["reached_target"] \
+            else "target not reached"
+        print(f"{name}: final {line['final_accuracy']:.4f}, {to_target}")
+    print(f"report: {Path(config['out-dir']) / 'report.md'}")
     return 0
 
 

@@ -82,6 +82,10 @@ def train(msg: Message, context: Context) -> Message:
 
     keys = [key for name, seg in segment_keys(model).items() if name in window for key in seg]
     reply = ArrayRecord({key: state[key] for key in keys})
-    metrics["partition-id"] = float(partition_id)
-    content = RecordDict({"arrays": reply, "metrics": MetricRecord(metrics), "memory": MetricRecord(ledger)})
-    return Message(content, reply_to=msg)
+    # One MetricRecord, as Flower's FedAvg requires of every reply: metrics and memory ledger.
+    metrics = MetricRecord({**metrics, **ledger, "partition-id": float(partition_id)})
+    return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+
+
+# Split learning's handlers register on the same ClientApp.
+from . import split_client  # noqa: E402,F401

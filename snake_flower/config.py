@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULTS: dict[str, Any] = {
-    # what to train
+    # what to train, and how
+    "strategy": "snake",
     "task": "fashion-mnist",
     "data-dir": "",
     "partitioner": "dirichlet",
@@ -41,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "kd-weight": 0.7,
     "kd-temperature": 2.0,
     # harness
+    "target-accuracy": 0.85,
     "eval-every": 2,
     "eval-batch-size": 1000,
     "hop-timeout": 600.0,
@@ -49,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "strategy": ("snake", "fedavg"),
     "partitioner": ("iid", "dirichlet", "pathological"),
     "sweep": ("serpentine", "forward"),
     "order": ("fixed", "shuffle"),
@@ -153,6 +156,8 @@ def validate(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"dirichlet-alpha: must be > 0, got {config['dirichlet-alpha']!r}")
     if config["local-epochs"] == 0 and config["local-steps"] == 0:
         raise ConfigError("local-epochs: one of local-epochs and local-steps must be > 0")
+    if not 0.0 < config["target-accuracy"] <= 1.0:
+        raise ConfigError(f"target-accuracy: must be in (0, 1], got {config['target-accuracy']!r}")
     if not 0.0 <= config["kd-weight"] <= 1.0:
         raise ConfigError(f"kd-weight: must be in [0, 1], got {config['kd-weight']!r}")
 

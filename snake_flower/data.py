@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,6 +103,15 @@ def partition_indices(labels: torch.Tensor, partitioner: str, num_partitions: in
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     return _partitions(tuple(labels.tolist()), partitioner, num_partitions, alpha,
                        classes_per_partition, seed)[partition_id]
+
+
+def partition_from_config(labels: torch.Tensor, config: Mapping[str, Any], num_partitions: int,
+                          partition_id: int) -> np.ndarray:
+    """``partition_indices`` with the partitioner settings of a run-config (kebab-case keys)."""
+    return partition_indices(labels, config["partitioner"], num_partitions, partition_id,
+                             alpha=float(config["dirichlet-alpha"]),
+                             classes_per_partition=int(config["classes-per-partition"]),
+                             seed=int(config["seed"]))
 
 
 @lru_cache(maxsize=4)

@@ -1,4 +1,4 @@
-"""Plots of a run: test accuracy against hops and against cumulative megabytes."""
+"""Plots of runs: test accuracy against node visits or megabytes; memory per node."""
 
 from __future__ import annotations
 
@@ -11,27 +11,51 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+XLABELS = {"visits": "node visits (Snake: one per hop; FedAvg: one per node per round)",
+           "megabytes": "cumulative MB moved (down + up)"}
+LEDGER_PARTS = ("trainable_param_bytes", "frozen_param_bytes", "grad_bytes", "optimizer_bytes",
+                "activation_bytes")
 
-def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path) -> Path:
-    """Two panels, one curve per run: accuracy vs round, accuracy vs cumulative MB."""
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for name, result in runs.items():
-        rows = result["rounds"]
-        moved = list(accumulate(r["bytes_down"] + r["bytes_up"] + r.get("bytes_control", 0) for r in rows))
-        points = [(r["round"], mb / 1e6, r["accuracy"]) for r, mb in zip(rows, moved)
-                  if r["accuracy"] is not None]
-        rounds, megabytes, accuracy = zip(*points) if points else ((), (), ())
-        by_round.plot(rounds, accuracy, label=name)
-        by_bytes.plot(megabytes, accuracy, label=name)
-    by_round.set(xlabel="round (one hop for Snake)", ylabel="test accuracy", ylim=(0, 1))
-    by_bytes.set(xlabel="cumulative MB moved (down + up)")
-    for ax in (by_round, by_bytes):
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    task = next(iter(runs.values()))["task"] if runs else ""
-    fig.suptitle(f"{task}: centralized test accuracy")
+
+def _curve(result: dict[str, Any], x: str) -> tuple[list[float], list[float]]:
+    rows = result["rounds"]
+    if x == "visits":
+        axis = list(accumulate(max(1, len(r.get("nodes", []))) for r in rows))
+    else:
+        axis = [b / 1e6 for b in accumulate(r["bytes_down"] + r["bytes_up"] + r.get("bytes_control", 0)
+                                            for r in rows)]
+    points = [(a, r["accuracy"]) for a, r in zip(axis, rows) if r["accuracy"] is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
     fig.tight_layout()
-    path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)
+
+
+def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path, x: str = "visits") -> Path:
+    """One curve per run: centralized test accuracy against ``x`` (visits or megabytes)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, result in runs.items():
+        ax.plot(*_curve(result, x), label=name, marker="." if len(result["rounds"]) < 40 else None)
+    task = next(iter(runs.values()))["task"] if runs else ""
+    ax.set(xlabel=XLABELS[x], ylabel="test accuracy", ylim=(0, 1), title=f"{task}: test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_memory(runs: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """Stacked bars: each strategy's peak per-node ledger, split by component."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = list(runs)
+    bottom = [0.0] * len(names)
+    for part in LEDGER_PARTS:
+        heights = [runs[n]["memory"].get(part, 0) / 1e6 for n in names]
+        ax.bar(names, heights, bottom=bottom, label=part.removesuffix("_bytes").replace("_", " "))
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set(ylabel="MB at the node's peak hop", title="memory per node (peak ledger)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

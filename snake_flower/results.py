@@ -50,6 +50,15 @@ def peak_ledger(ledgers: list[dict[str, float]]) -> dict[str, int]:
     return {key.replace("-", "_"): int(top.get(key, 0.0)) for key in LEDGER_KEYS}
 
 
+def ledgers_by_node(ledgers: list[dict[str, float]]) -> dict[str, dict[str, int]]:
+    """The peak ledger of each node, keyed by the partition id it reported."""
+    by_node: dict[str, list[dict[str, float]]] = {}
+    for ledger in ledgers:
+        if "partition-id" in ledger:
+            by_node.setdefault(str(int(ledger["partition-id"])), []).append(ledger)
+    return {node: peak_ledger(group) for node, group in sorted(by_node.items(), key=lambda kv: int(kv[0]))}
+
+
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` to ``path`` atomically (temp file, then rename)."""
     path = Path(path)

@@ -1,28 +1,28 @@
-"""ServerApp: run Snake Learning with centralized evaluation and byte metering.
+"""ServerApp: Snake (or a baseline) with centralized evaluation and byte metering.
 
 ``flwr run .`` loads ``app`` below (run-config from ``[tool.flwr.app.config]``);
-``snake-flower run`` builds the same app around an already resolved config.
+``snake-flower run`` and ``compare`` build the same app around a resolved config.
+The ``strategy`` key picks Snake or Flower's own FedAvg; both run the same
+ClientApp, the same local work and the same metering.
 """
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Mapping
-from logging import INFO
-from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore import log
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from strategies import SnakeStrategy
 
-from . import results
 from .config import resolve
 from .metering import MeteredGrid, RoundMeter
+from .recorder import RunRecorder
 from .task import TASKS, build_model, segment_keys
-from .training import evaluate
 
 
 def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
@@ -31,81 +31,76 @@ def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_snake(grid, resolve(config if config is not None else context.run_config))
+        run(grid, resolve(config if config is not None else context.run_config))
 
     return server_app
 
 
-def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
-    """Run the configured number of hops and write ``<out-dir>/snake.json``."""
+def run(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
+    """Run ``config["strategy"]`` and write ``<out-dir>/<strategy>.json``."""
+    return {"snake": run_snake, "fedavg": run_fedavg}[config["strategy"]](grid, config)
+
+
+def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int):
     task = TASKS[config["task"]]
     model = build_model(task, config["seed"])
-    segments = segment_keys(model)
     metered = MeteredGrid(grid)
-    strategy = SnakeStrategy(segments, config["window"], sweep=config["sweep"], order=config["order"],
-                             train_head=config["train-head"], train_stem=config["train-stem"],
-                             sync=config["sync"], min_nodes=config["min-nodes"], seed=config["seed"],
-                             query_timeout=min(60.0, config["hop-timeout"]))
     _, _, x_test, y_test = task.load(config["data-dir"])
-    rows: list[dict[str, Any]] = []
-    evaluated: dict[int, dict[str, float]] = {}
-    final = {"arrays": ArrayRecord()}  # Result.arrays stays empty if no hop ever merged
-    t0 = time.time()
+    recorder = RunRecorder(name, config, model, (x_test, y_test), metered, num_rounds)
+    return model, metered, recorder
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        final["arrays"] = arrays
-        last = server_round == config["num-server-rounds"]
-        if server_round == 0 or last or server_round % config["eval-every"] == 0:
-            model.load_state_dict(arrays.to_torch_state_dict())
-            evaluated[server_round] = evaluate(model, x_test, y_test, config["eval-batch-size"])
-        if server_round > 0:
-            rows.append(_round_row(server_round, strategy.hops[-1], metered.close_round(),
-                                   evaluated.get(server_round), time.time() - t0))
-            _progress(rows[-1], config["num-server-rounds"])
-        return MetricRecord(evaluated[server_round]) if server_round in evaluated else None
 
+def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
+    """One node trains one window per round (hop); only the window travels back."""
+    model, metered, recorder = _setup("snake", grid, config, config["num-server-rounds"])
+    strategy = SnakeStrategy(segment_keys(model), config["window"], sweep=config["sweep"],
+                             order=config["order"], train_head=config["train-head"],
+                             train_stem=config["train-stem"], sync=config["sync"],
+                             min_nodes=config["min-nodes"], seed=config["seed"],
+                             query_timeout=min(60.0, config["hop-timeout"]))
+
+    def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
+        hop = strategy.hops[-1]
+        reported = hop.get("metrics", {})
+        return {"nodes": [hop["node"]], "window": hop["window"],
+                "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
+                "segments_sent": hop["segments_sent"], "status": hop["status"],
+                "bytes_p2p": tally.up.array_bytes}  # P2P: the window goes once, node to next node
+
+    recorder.describe = describe
     strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
                    num_rounds=config["num-server-rounds"], timeout=config["hop-timeout"],
-                   train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
-    ledgers = [hop["metrics"]["memory"] for hop in strategy.hops if "memory" in hop.get("metrics", {})]
-    final_round = max(evaluated)
-    payload = {
-        "strategy": "snake", "task": config["task"], "config": dict(config),
-        "versions": results.versions(), "rounds": rows, "provenance": strategy.provenance,
-        "memory": results.peak_ledger(ledgers), "failures": strategy.failures,
-        "rejected_replies": strategy.rejected_replies, "initial": evaluated[0],
-        "final": {**evaluated[final_round], "round": final_round,
-                  "bytes_total": sum(r["bytes_down"] + r["bytes_up"] + r["bytes_control"] for r in rows),
-                  "wall_s": time.time() - t0, "model_bytes": results.model_bytes(final["arrays"]),
-                  "model_sha256": results.model_sha256(final["arrays"])},
-    }
-    path = results.write_json(Path(config["out-dir"]) / "snake.json", payload)
-    log(INFO, "snake: final accuracy %.4f after %d hops, %.2f MB moved; results in %s",
-        payload["final"]["accuracy"], len(rows), payload["final"]["bytes_total"] / 1e6, path)
-    return payload
+                   train_config=ConfigRecord(dict(config)), evaluate_fn=recorder.evaluate_fn)
+    ledgers = [h["metrics"] for h in strategy.hops if "total-bytes" in h.get("metrics", {})]
+    return recorder.write(ledgers, provenance=strategy.provenance, failures=strategy.failures,
+                          rejected_replies=strategy.rejected_replies)
 
 
-def _round_row(server_round: int, hop: dict[str, Any], tally: RoundMeter, metrics: dict[str, float] | None,
-               wall_s: float) -> dict[str, Any]:
-    reported = hop.get("metrics", {}).get("metrics", {})
-    return {"round": server_round, "nodes": [hop["node"]],
-            "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
-            "window": hop["window"],
-            "segments_sent": hop["segments_sent"], "status": hop["status"],
-            "bytes_down": tally.down.bytes, "bytes_up": tally.up.bytes,
-            "bytes_control": tally.control.bytes,  # node discovery (query messages)
-            "bytes_p2p": tally.up.array_bytes,  # P2P: the window goes once, node to next node
-            "array_bytes_up": tally.up.array_bytes, "raw_bytes_down": tally.down.raw_bytes,
-            "raw_bytes_up": tally.up.raw_bytes,
-            "accuracy": metrics["accuracy"] if metrics else None,
-            "loss": metrics["loss"] if metrics else None, "wall_s": round(wall_s, 3)}
+def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
+    """Flower's FedAvg: every node trains every segment; rounds = hops / nodes (equal visits)."""
+    nodes = max(len(list(grid.get_node_ids())), config["min-nodes"])
+    num_rounds = max(1, math.ceil(config["num-server-rounds"] / nodes))
+    model, metered, recorder = _setup("fedavg", grid, config, num_rounds)
+    segments = list(segment_keys(model))
+    ledgers: list[dict[str, float]] = []
 
+    def aggregate_metrics(records: list[RecordDict], weighting: str):
+        ledgers.extend(dict(r) for rd in records for r in rd.metric_records.values())
+        return aggregate_metricrecords(records, weighting)
 
-def _progress(row: dict[str, Any], total: int) -> None:
-    acc = "" if row["accuracy"] is None else f"acc {row['accuracy']:.4f}  "
-    log(INFO, "[hop %d/%d] %s%s  %s  down %.1f kB up %.1f kB  %.0fs", row["round"], total, acc,
-        "+".join(row["window"]), row["status"], row["bytes_down"] / 1e3, row["bytes_up"] / 1e3,
-        row["wall_s"])
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
+                      min_available_nodes=config["min-nodes"], train_metrics_aggr_fn=aggregate_metrics)
+    recorder.describe = lambda server_round, tally: {
+        "nodes": sorted(tally.up_by_node), "window": segments, "status": "merged",
+        "partitions": sorted(int(led["partition-id"]) for led in ledgers[-len(tally.up_by_node):])
+        if tally.up_by_node else []}
+    # The same ClientApp as Snake: the window is the whole model and nothing is stale.
+    train_config = ConfigRecord({**config, "window": segments, "sync": "window",
+                                 "segments-sent": segments, "segment-versions": [0] * len(segments)})
+    strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=num_rounds,
+                   timeout=config["hop-timeout"], train_config=train_config,
+                   evaluate_fn=recorder.evaluate_fn)
+    return recorder.write([led for led in ledgers if "total-bytes" in led])
 
 
 app = make_server_app()

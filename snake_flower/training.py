@@ -80,6 +80,15 @@ def _batches(n: int, work: LocalWork, gen: torch.Generator) -> Iterable[torch.Te
             done += 1
 
 
+def visit_batches(n: int, work: LocalWork, seed: int) -> list[torch.Tensor]:
+    """Index tensors of every batch of one visit, drawn exactly as ``train_window`` draws them.
+
+    Split learning needs batch ``t`` again one message later (the node recomputes its
+    forward pass), so it redraws the visit's batches from the same seed.
+    """
+    return list(_batches(n, work, torch.Generator().manual_seed(seed)))
+
+
 def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y: torch.Tensor,
                  work: LocalWork, seed: int) -> tuple[dict[str, float], dict[str, float]]:
     """Train the ``trainable`` segments in place; return training metrics and memory ledger."""

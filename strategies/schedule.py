@@ -85,6 +85,11 @@ class SnakeSchedule:
             shift = hop // math.lcm(count, self.period)
             return ordered[(hop + shift) % count]
         cycle, slot = divmod(hop, count)
-        permutation = list(range(count))
-        random.Random(f"{self.seed}:{cycle}:{count}").shuffle(permutation)
-        return ordered[permutation[slot]]
+        return ordered[node_permutation(cycle, count, self.seed)[slot]]
+
+
+def node_permutation(cycle: int, count: int, seed: int) -> list[int]:
+    """The shuffled order's permutation of ``count`` nodes for one cycle (seeded)."""
+    permutation = list(range(count))
+    random.Random(f"{seed}:{cycle}:{count}").shuffle(permutation)
+    return permutation

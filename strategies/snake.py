@@ -43,13 +43,18 @@ class SnakeStrategy(Strategy):
         Nodes that must be connected before a hop starts.
     query_timeout : float (default: 60.0)
         Seconds to wait for new nodes to report their rank.
+    report_keys : Sequence[str] (default: ("train-loss", "num-examples"))
+        Reply metrics handed back to Flower each round (it logs them); every metric
+        a node reports is kept in ``hops[i]["metrics"]``.
     arrayrecord_key, configrecord_key : str
         Keys of the records in the messages, as in Flower's ``FedAvg``.
     """
 
     def __init__(self, segments: Mapping[str, Sequence[str]], window: int = 1, *,
                  sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
-                 train_stem: bool = False, sync: str = "delta", min_nodes: int = 1, query_timeout: float = 60.0, seed: int = 0,
+                 train_stem: bool = False, sync: str = "delta", min_nodes: int = 1,
+                 query_timeout: float = 60.0, seed: int = 0,
+                 report_keys: Sequence[str] = ("train-loss", "num-examples"),
                  arrayrecord_key: str = "arrays", configrecord_key: str = "config") -> None:
         if sync not in SYNCS:
             raise ValueError(f"sync: {sync!r} is not one of {', '.join(SYNCS)}")
@@ -57,6 +62,7 @@ class SnakeStrategy(Strategy):
         self.schedule = SnakeSchedule(list(self.segments), window, sweep=sweep, order=order,
                                       train_head=train_head, train_stem=train_stem, seed=seed)
         self.sync, self.min_nodes, self.query_timeout = sync, min_nodes, query_timeout
+        self.report_keys = tuple(report_keys)
         self.arrayrecord_key, self.configrecord_key = arrayrecord_key, configrecord_key
         self.versions = {name: 0 for name in self.segments}  # bumped on every merge
         self.node_versions: dict[int, dict[str, int]] = {}  # what each node holds
@@ -114,10 +120,8 @@ class SnakeStrategy(Strategy):
             return self._fail(hop, f"error reply: {reply.error.reason}")
         content = reply.content
         records = list(content.array_records.values())
-        # "metrics" goes back to Flower; every MetricRecord (e.g. a memory ledger) is kept
-        records_m = content.metric_records
-        metrics = records_m.get("metrics") or next(iter(records_m.values()), MetricRecord())
-        hop["metrics"] = {name: dict(record) for name, record in records_m.items()}
+        reported = {k: v for record in content.metric_records.values() for k, v in record.items()}
+        hop["metrics"] = reported
         keys = window_keys(self.segments, window)
         assert self._arrays is not None
         reason = (check_window(records[0], self._arrays, keys) if len(records) == 1
@@ -129,12 +133,12 @@ class SnakeStrategy(Strategy):
         for name in window:
             self.versions[name] += 1
             self.provenance[name] = {"node": node, "round": server_round,
-                                     "num-examples": int(metrics.get("num-examples", 0))}
+                                     "num-examples": int(reported.get("num-examples", 0))}
         held = self.node_versions.setdefault(node, {})
         held.update({name: self.versions[name] for name in hop["segments_sent"]})
         held.update({name: self.versions[name] for name in window})
         hop["status"] = "merged"
-        return merged, metrics
+        return merged, MetricRecord({k: reported[k] for k in self.report_keys if k in reported})
 
     # ---- evaluation is centralized (ServerApp's evaluate_fn) ---------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

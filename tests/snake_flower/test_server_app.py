@@ -11,7 +11,7 @@ from flwr.common.serde import array_record_to_proto
 from snake_flower.config import resolve
 from snake_flower.metering import content_bytes
 from snake_flower.results import LEDGER_KEYS
-from snake_flower.server_app import run_snake
+from snake_flower.server_app import run
 from snake_flower.task import TASKS, build_model, segment_keys
 
 TOP_KEYS = {"strategy", "task", "config", "versions", "rounds", "provenance", "memory",
@@ -27,8 +27,8 @@ def _run(loopback, nodes, tmp_path, hops=6, tamper=None, **overrides):
                       "local-epochs": 1, **overrides})
     node = nodes(3)
     node.tamper = tamper
-    run_snake(loopback(list(node.contexts), node), config)
-    return json.loads((tmp_path / "snake.json").read_text())
+    run(loopback(list(node.contexts), node), config)
+    return json.loads((tmp_path / f"{config['strategy']}.json").read_text())
 
 
 def _window_arrays(window: list[str]) -> ArrayRecord:
@@ -54,14 +54,12 @@ def test_results_follow_the_contract(loopback, nodes, tmp_path):
 def test_each_upload_is_the_window_alone(loopback, nodes, tmp_path):
     result = _run(loopback, nodes, tmp_path, window=1)
     # proto3 leaves zero doubles out, so stand-in values must be non-zero (size is fixed then)
-    metrics = MetricRecord({k: 1.0 for k in ("train-loss", "steps", "num-examples",
-                                              "train-seconds", "partition-id")})
-    memory = MetricRecord({k: 1.0 for k in LEDGER_KEYS})
+    metrics = MetricRecord({k: 1.0 for k in ("train-loss", "steps", "num-examples", "train-seconds",
+                                              *LEDGER_KEYS, "partition-id")})
     for row in result["rounds"]:
         window = _window_arrays(row["window"])
         assert row["array_bytes_up"] == array_record_to_proto(window).ByteSize()
-        assert row["bytes_up"] == content_bytes(RecordDict({"arrays": window, "metrics": metrics,
-                                                               "memory": memory}))
+        assert row["bytes_up"] == content_bytes(RecordDict({"arrays": window, "metrics": metrics}))
         assert row["bytes_up"] < result["final"]["model_bytes"] / 2
 
 
@@ -102,3 +100,18 @@ def test_all_hops_failing_leaves_the_initial_model(loopback, nodes, tmp_path, ho
     initial = ArrayRecord(build_model(TASKS["synthetic"], 42).state_dict())
     assert result["final"]["model_sha256"] == model_sha256(initial)
     assert result["failures"][0]["reason"] == "no reply before the hop timeout"
+
+
+def test_fedavg_runs_the_same_client_on_the_whole_model(loopback, nodes, tmp_path):
+    snake = _run(loopback, nodes, tmp_path / "s", hops=6)
+    fedavg = _run(loopback, nodes, tmp_path / "f", hops=6, strategy="fedavg")
+    assert fedavg["initial"] == snake["initial"]  # same seeded initial weights
+    assert [r["round"] for r in fedavg["rounds"]] == [1, 2]  # 6 visits / 3 nodes
+    model = fedavg["final"]["model_bytes"]
+    for row in fedavg["rounds"]:
+        assert len(row["nodes"]) == 3 and sorted(row["partitions"]) == [0, 1, 2]
+        assert 3 * model < row["bytes_up"] < 3 * model * 1.05  # whole model, from every node
+    assert fedavg["memory"]["frozen_param_bytes"] == 0
+    assert fedavg["memory"]["trainable_param_bytes"] == snake["memory"]["trainable_param_bytes"] + \
+        snake["memory"]["frozen_param_bytes"]
+    assert set(fedavg["memory_by_node"]) == {"0", "1", "2"}

@@ -1,0 +1,76 @@
+"""Head to head: ``summary.json``, ``report.md`` and plots from the runs' JSON files."""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+from . import results
+from .plots import plot_accuracy, plot_memory
+
+
+def _moved(row: dict[str, Any]) -> int:
+    return row["bytes_down"] + row["bytes_up"] + row.get("bytes_control", 0)
+
+
+def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
+    """One strategy's line of ``summary.json``."""
+    rows = run["rounds"]
+    cumulative = list(accumulate(_moved(r) for r in rows))
+    visits = list(accumulate(max(1, len(r.get("nodes", []))) for r in rows))
+    reached = next((i for i, r in enumerate(rows) if r["accuracy"] is not None and r["accuracy"] >= target), None)
+    scores = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+    return {"final_accuracy": run["final"]["accuracy"], "best_accuracy": max(scores, default=None),
+            "reached_target": reached is not None,
+            "bytes_total": run["final"]["bytes_total"],
+            "bytes_to_target": cumulative[reached] if reached is not None else None,
+            "visits_to_target": visits[reached] if reached is not None else None,
+            "round_to_target": rows[reached]["round"] if reached is not None else None,
+            "node_peak_memory_bytes": run["memory"]["total_bytes"],
+            "wall_s": run["final"]["wall_s"], "rounds": len(rows), "node_visits": visits[-1] if visits else 0}
+
+
+def write_comparison(out: str | Path, runs: dict[str, dict[str, Any]], target: float) -> dict[str, Any]:
+    """Write ``summary.json``, ``report.md`` and the PNG plots into ``out``."""
+    out = Path(out)
+    summary = {"target_accuracy": target, "runs": {name: summarize(run, target) for name, run in runs.items()}}
+    results.write_json(out / "summary.json", summary)
+    plot_accuracy(runs, out / "accuracy_vs_round.png", x="visits")
+    plot_accuracy(runs, out / "accuracy_vs_mb.png", x="megabytes")
+    plot_memory(runs, out / "memory_per_node.png")
+    (out / "report.md").write_text(report(summary, runs))
+    return summary
+
+
+def _mb(value: int | None) -> str:
+    return "–" if value is None else f"{value / 1e6:.2f}"
+
+
+def report(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of the comparison, with plain statements of who reached the target."""
+    target = summary["target_accuracy"]
+    task = next(iter(runs.values()))["task"] if runs else ""
+    lines = [f"# {task}: {', '.join(runs)}", "",
+             f"Target accuracy: {target}. Bytes count every message's serialized content, both ways.", "",
+             "| strategy | final acc | best acc | reached target | visits to target | MB to target "
+             "| MB total | node peak memory (MB) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summary["runs"].items():
+        lines.append(f"| {name} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
+                     f"{'yes' if s['reached_target'] else 'no'} | {s['visits_to_target'] or '–'} | "
+                     f"{_mb(s['bytes_to_target'])} | {_mb(s['bytes_total'])} | "
+                     f"{s['node_peak_memory_bytes'] / 1e6:.2f} | {s['wall_s']:.0f} |")
+    lines.append("")
+    for name, s in summary["runs"].items():
+        if s["reached_target"]:
+            lines.append(f"- {name} reached {target} at round {s['round_to_target']} "
+                         f"({s['visits_to_target']} node visits, {_mb(s['bytes_to_target'])} MB).")
+        else:
+            lines.append(f"- {name} did **not** reach {target} (best {s['best_accuracy']:.4f}).")
+    reached = {n: s["bytes_to_target"] for n, s in summary["runs"].items() if s["reached_target"]}
+    if "snake" in reached and "fedavg" in reached:
+        lines.append(f"- Snake / FedAvg bytes to target: {reached['snake'] / reached['fedavg']:.2f}.")
+    lines += ["", "![accuracy vs node visits](accuracy_vs_round.png)",
+              "![accuracy vs MB](accuracy_vs_mb.png)", "![memory per node](memory_per_node.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Split learning on the node: the bottom of the model, one batch per message.
+
+A visit is a chain of ``train.split`` messages from the server, numbered by their
+config's ``split-batch`` t = 0 .. T (T = the visit's number of batches):
+
+- message 0 carries the bottom weights (relayed from the previous node through the
+  server); the node replies with the cut-layer activations and labels of batch 0;
+- message t, 0 < t < T, carries the gradients of the loss with respect to batch
+  t-1's activations. The node recomputes batch t-1's bottom forward with its current
+  weights (unchanged since it sent those activations), backpropagates the gradients,
+  clips, steps its optimizer, and replies with the activations and labels of batch t;
+- message T carries the last gradients; the node applies them and replies with its
+  trained bottom weights and its metrics (memory ledger included).
+
+Between messages ``context.state`` keeps the bottom weights, the optimizer's
+momentum and where the visit stands; the visit's last message clears them. Batches
+are redrawn from the visit's seed (``training.visit_batches``), so batch t-1 is found
+again. The recomputed forward pass is exact for the tasks' models (no dropout);
+BatchNorm running statistics would be updated twice per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
+from .client_app import _partition, app
+from .data import partition_from_config
+from .task import TASKS, build_model
+from .training import LocalWork, SavedActivations, memory_ledger, visit_batches
+
+STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT = "split-bottom", "split-momentum", "split-visit"
+
+
+@app.train("split")
+def train_split(msg: Message, context: Context) -> Message:
+    """One message of a split-learning visit (see the module docstring)."""
+    cfg = dict(msg.content["config"])
+    partition_id, num_partitions = _partition(context)
+    task = TASKS[cfg["task"]]
+    x_train, y_train, _, _ = task.load(cfg["data-dir"])
+    idx = partition_from_config(y_train, cfg, num_partitions, partition_id)
+    x, y = x_train[idx], y_train[idx]
+    work = replace(LocalWork.from_config(cfg, kd=False), steps=int(cfg["split-steps"]))
+    visit, batch = int(cfg["server-round"]), int(cfg["split-batch"])
+    # the Snake ClientApp's hop seed: at equal rounds both draw the same batches
+    batches = visit_batches(len(y), work, seed=int(cfg["seed"]) * 100_003 + visit)
+    if not 0 <= batch <= len(batches):
+        raise ValueError(f"split-batch {batch} is outside this visit's 0..{len(batches)}")
+
+    bottom = build_model(task, int(cfg["seed"]))[:int(cfg["split-cut"])].train()
+    progress = _resume(bottom, msg.content, context.state, visit, batch)
+    params = list(bottom.parameters())
+    optimizer = torch.optim.SGD(params, lr=work.lr, momentum=work.momentum,
+                                weight_decay=work.weight_decay)
+    meter = SavedActivations(params)
+    meter.peak = int(progress.get("activation-peak", 0))
+    if batch > 0:
+        _restore_momentum(bottom, optimizer, context.state[STATE_MOMENTUM])
+        grads = torch.from_numpy(msg.content["gradients"]["activations"].numpy().copy())
+        _apply_gradients(bottom, optimizer, x[batches[batch - 1]], grads, work.clip_norm, meter)
+
+    counts = {"batch": batch, "batches": len(batches), "partition-id": partition_id}
+    if batch == len(batches):  # the visit's last message: hand back the trained bottom
+        ledger = memory_ledger(bottom, params, optimizer, meter.peak)
+        for key in (STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT):
+            context.state.pop(key, None)
+        metrics = {**counts, **ledger, "steps": batch, "num-examples": len(y),
+                   "train-seconds": time.time() - float(progress.get("started", time.time()))}
+        return Message(RecordDict({"arrays": ArrayRecord(bottom.state_dict()),
+                                   "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    context.state[STATE_BOTTOM] = ArrayRecord(bottom.state_dict())
+    context.state[STATE_MOMENTUM] = _momentum(bottom, optimizer)
+    context.state[STATE_VISIT] = ConfigRecord({
+        "round": visit, "batch": batch, "activation-peak": meter.peak,
+        "started": float(progress.get("started", time.time()))})
+    rows = batches[batch]
+    with torch.no_grad():
+        activations = bottom(x[rows])
+    content = RecordDict({"activations": ArrayRecord({"activations": activations.contiguous()}),
+                          "labels": ArrayRecord({"labels": y[rows].contiguous()}),
+                          "metrics": MetricRecord(counts)})
+    return Message(content, reply_to=msg)
+
+
+def _resume(bottom: nn.Module, content: RecordDict, state: RecordDict, visit: int,
+            batch: int) -> dict:
+    """Load the bottom weights: from the message on batch 0, else from the visit's state."""
+    if batch == 0:
+        if "arrays" not in content:
+            raise ValueError("the first message of a split visit must carry the bottom weights")
+        bottom.load_state_dict(content["arrays"].to_torch_state_dict())  # strict: exactly the bottom
+        return {}
+    progress = dict(state[STATE_VISIT]) if STATE_VISIT in state else {}
+    if (progress.get("round"), progress.get("batch")) != (visit, batch - 1):
+        raise RuntimeError(f"split visit {visit}: got batch {batch}, but this node's state is at "
+                           f"round {progress.get('round')} batch {progress.get('batch')}")
+    if "gradients" not in content:
+        raise ValueError(f"split batch {batch}: message carries no gradients for batch {batch - 1}")
+    bottom.load_state_dict(state[STATE_BOTTOM].to_torch_state_dict())
+    return progress
+
+
+def _apply_gradients(bottom: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor,
+                     grads: torch.Tensor, clip_norm: float, meter: SavedActivations) -> None:
+    """Recompute the bottom forward of ``xb``, backpropagate ``grads``, clip and step."""
+    with meter:
+        activations = bottom(xb)
+    if activations.shape != grads.shape:
+        raise ValueError(f"gradients of shape {tuple(grads.shape)} for activations of shape "
+                         f"{tuple(activations.shape)}")
+    optimizer.zero_grad(set_to_none=True)
+    activations.backward(grads)
+    if clip_norm > 0:
+        nn.utils.clip_grad_norm_(list(bottom.parameters()), clip_norm)
+    optimizer.step()
+
+
+def _momentum(bottom: nn.Module, optimizer: torch.optim.Optimizer) -> ArrayRecord:
+    buffers = {name: optimizer.state[p]["momentum_buffer"] for name, p in bottom.named_parameters()
+               if torch.is_tensor(optimizer.state.get(p, {}).get("momentum_buffer"))}
+    return ArrayRecord(buffers) if buffers else ArrayRecord()
+
+
+def _restore_momentum(bottom: nn.Module, optimizer: torch.optim.Optimizer, saved: ArrayRecord) -> None:
+    buffers = saved.to_torch_state_dict() if len(saved) else {}
+    for name, p in bottom.named_parameters():
+        if name in buffers:
+            optimizer.state[p]["momentum_buffer"] = buffers[name].clone()
