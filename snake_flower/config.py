@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "sweep": "serpentine",
     "order": "shuffle",
     "sync": "delta",
+    # split learning (baseline): the node keeps segments[:cut], the server the rest
+    "cut": 2,
     # local work per hop (identical for every strategy)
     "local-epochs": 1,
     "local-steps": 100,
@@ -45,13 +47,14 @@ DEFAULTS: dict[str, Any] = {
     "target-accuracy": 0.85,
     "eval-every": 2,
     "eval-batch-size": 1000,
+    "eval-samples": 0,
     "hop-timeout": 600.0,
     "min-nodes": 1,
     "out-dir": "results",
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "strategy": ("snake", "fedavg"),
+    "strategy": ("snake", "fedavg", "split"),
     "partitioner": ("iid", "dirichlet", "pathological"),
     "sweep": ("serpentine", "forward"),
     "order": ("fixed", "shuffle"),
@@ -61,7 +64,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
             "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout")
-NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm")
+NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
+                "eval-samples")
 
 
 class ConfigError(ValueError):
@@ -143,6 +147,8 @@ def validate(config: Mapping[str, Any]) -> None:
     if config["window"] == "auto":
         raise ConfigError("window: 'auto' needs node capacities, which are not supported yet")
     sweepable = len(TASKS[config["task"]].segment_names) - config["train-head"] - config["train-stem"]
+    if not 1 <= config["cut"] < len(TASKS[config["task"]].segment_names):
+        raise ConfigError(f"cut: must leave at least one segment on each side, got {config['cut']}")
     if isinstance(config["window"], int) and config["window"] > sweepable:
         raise ConfigError(f"window: {config['window']} exceeds the {sweepable} segments that task "
                           f"{config['task']} can sweep (train-head/train-stem excluded)")

@@ -85,6 +85,28 @@ def _load_fashion_mnist_from_hub() -> Split:
 
 
 @lru_cache(maxsize=1)
+def load_cifar_shaped(data_dir: str = "") -> Split:
+    """CIFAR-10 from ``data-dir`` (torchvision's layout); else Fashion-MNIST as 3x32x32.
+
+    No registry serves CIFAR-10, so by default VGG-11 trains on Fashion-MNIST padded to
+    32x32 and repeated to three channels: the same code path as CIFAR-10.
+    """
+    if data_dir and (Path(data_dir) / "cifar-10-batches-py").is_dir():
+        from torchvision.datasets import CIFAR10
+
+        parts = [CIFAR10(data_dir, train=train, download=False) for train in (True, False)]
+        mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+        std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+        xs = [(torch.from_numpy(p.data).permute(0, 3, 1, 2).float() / 255.0 - mean) / std for p in parts]
+        ys = [torch.tensor(p.targets) for p in parts]
+        return xs[0], ys[0], xs[1], ys[1]
+    x_train, y_train, x_test, y_test = load_fashion_mnist(data_dir)
+    pad = torch.nn.functional.pad
+    return (pad(x_train, (2, 2, 2, 2)).repeat(1, 3, 1, 1), y_train,
+            pad(x_test, (2, 2, 2, 2)).repeat(1, 3, 1, 1), y_test)
+
+
+@lru_cache(maxsize=1)
 def load_synthetic(data_dir: str = "") -> Split:
     """Ten noisy 8x8 prototypes: a small, learnable data set generated in memory."""
     del data_dir

@@ -8,6 +8,7 @@ ClientApp, the same local work and the same metering.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -17,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from strategies import SnakeStrategy
+from strategies import SnakeStrategy, SplitStrategy
 
 from .config import resolve
 from .metering import MeteredGrid, RoundMeter
@@ -38,14 +39,17 @@ def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
 
 def run(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """Run ``config["strategy"]`` and write ``<out-dir>/<strategy>.json``."""
-    return {"snake": run_snake, "fedavg": run_fedavg}[config["strategy"]](grid, config)
+    runners = {"snake": run_snake, "fedavg": run_fedavg, "split": run_split}
+    return runners[config["strategy"]](grid, config)
 
 
-def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int):
+def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll: float = 0.1):
     task = TASKS[config["task"]]
     model = build_model(task, config["seed"])
-    metered = MeteredGrid(grid)
+    metered = MeteredGrid(grid, poll_interval=poll)
     _, _, x_test, y_test = task.load(config["data-dir"])
+    if config["eval-samples"]:  # the first N test examples, the same for every strategy
+        x_test, y_test = x_test[:config["eval-samples"]], y_test[:config["eval-samples"]]
     recorder = RunRecorder(name, config, model, (x_test, y_test), metered, num_rounds)
     return model, metered, recorder
 
@@ -101,6 +105,34 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                    timeout=config["hop-timeout"], train_config=train_config,
                    evaluate_fn=recorder.evaluate_fn)
     return recorder.write([led for led in ledgers if "total-bytes" in led])
+
+
+def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
+    """Relay split learning: per batch, activations up and gradients down; bottoms relayed."""
+    # One round trip per batch: poll the Grid often, or waiting dominates the run.
+    model, metered, recorder = _setup("split", grid, config, config["num-server-rounds"], poll=0.005)
+    names = list(segment_keys(model))
+    top = copy.deepcopy(model[config["cut"]:])  # the server's part, same seeded weights
+    strategy = SplitStrategy(segment_keys(model), config["cut"], top, config["local-steps"],
+                             lr=config["lr"], momentum=config["momentum"],
+                             weight_decay=config["weight-decay"], clip_norm=config["clip-norm"],
+                             order=config["order"], seed=config["seed"], min_nodes=config["min-nodes"],
+                             query_timeout=min(60.0, config["hop-timeout"]),
+                             message_timeout=config["hop-timeout"])
+
+    def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
+        visit = strategy.visits[-1]
+        reported = visit.get("metrics", {})
+        return {"nodes": [visit["node"]], "window": names[:config["cut"]], "status": visit["status"],
+                "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
+                "steps": visit["steps"]}
+
+    recorder.describe = describe
+    strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
+                   num_rounds=config["num-server-rounds"], timeout=config["hop-timeout"],
+                   train_config=ConfigRecord(dict(config)), evaluate_fn=recorder.evaluate_fn)
+    ledgers = [v["metrics"] for v in strategy.visits if "total-bytes" in v.get("metrics", {})]
+    return recorder.write(ledgers, failures=strategy.failures, cut=config["cut"])
 
 
 app = make_server_app()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -89,7 +90,7 @@ def train_split(msg: Message, context: Context) -> Message:
 
 
 def _resume(bottom: nn.Module, content: RecordDict, state: RecordDict, visit: int,
-            batch: int) -> dict:
+            batch: int) -> dict[str, Any]:
     """Load the bottom weights: from the message on batch 0, else from the visit's state."""
     if batch == 0:
         if "arrays" not in content:

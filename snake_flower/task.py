@@ -55,11 +55,31 @@ def tiny_cnn() -> nn.Sequential:
     ))
 
 
+def vgg11_cifar(classes: int = 10) -> nn.Sequential:
+    """torchvision's VGG-11 in its CIFAR form (9.2M parameters), cut at its five poolings.
+
+    ``avgpool`` and the three-layer classifier give way to one ``Linear(512, classes)``,
+    as in FL papers on CIFAR-10; the convolutions are torchvision's own modules.
+    """
+    from torchvision.models import vgg11
+
+    features = list(vgg11(weights=None, num_classes=classes).features)
+    pools = [i for i, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)]
+    starts = [0] + [p + 1 for p in pools[:-1]]
+    blocks = [nn.Sequential(*features[a:b + 1]) for a, b in zip(starts, pools)]
+    return nn.Sequential(OrderedDict(
+        **{f"block{i}": block for i, block in enumerate(blocks, 1)},
+        head=nn.Sequential(nn.Flatten(), nn.Linear(512, classes)),
+    ))
+
+
 SEGMENTS = ("conv1", "conv2", "conv3", "fc1", "head")
+VGG_SEGMENTS = ("block1", "block2", "block3", "block4", "block5", "head")
 
 TASKS: dict[str, Task] = {
     "fashion-mnist": Task("fashion-mnist", SEGMENTS, small_cnn, data.load_fashion_mnist),
     "synthetic": Task("synthetic", SEGMENTS, tiny_cnn, data.load_synthetic),
+    "vgg11": Task("vgg11", VGG_SEGMENTS, vgg11_cifar, data.load_cifar_shaped),
 }
 
 

@@ -2,7 +2,8 @@
 
 from .schedule import SnakeSchedule, serpentine_schedule
 from .snake import SnakeStrategy
+from .split import SplitStrategy
 from .window import check_window, merge_window, select, window_keys
 
-__all__ = ["SnakeSchedule", "SnakeStrategy", "check_window", "merge_window", "select",
+__all__ = ["SnakeSchedule", "SnakeStrategy", "SplitStrategy", "check_window", "merge_window", "select",
            "serpentine_schedule", "window_keys"]

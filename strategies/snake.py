@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from .nodes import ordered_nodes
 from .schedule import SnakeSchedule
 from .window import check_window, merge_window, select, window_keys
 
@@ -168,25 +169,6 @@ class SnakeStrategy(Strategy):
         return None, None
 
     def _ordered_nodes(self, grid: Grid) -> list[int]:
-        """Connected nodes in a stable order that does not depend on their random ids.
-
-        Node ids are random per run, so sorting them would make the chain, and the
-        final model, differ between two runs with the same seed. Each new node is
-        asked once (a ``query`` message) for its ``rank`` (the app answers with its
-        partition id); a node that does not answer is ordered after the others.
-        """
-        while len(nodes := list(grid.get_node_ids())) < self.min_nodes:
-            log(INFO, "waiting for %d nodes (have %d)", self.min_nodes, len(nodes))
-            time.sleep(1.0)
-        new = [node for node in nodes if node not in self.node_ranks]
-        if new:
-            asks = [Message(RecordDict({self.configrecord_key: ConfigRecord({"ask": "rank"})}),
-                            dst_node_id=node, message_type=MessageType.QUERY) for node in new]
-            for reply in grid.send_and_receive(asks, timeout=self.query_timeout):
-                if not reply.has_error():
-                    for record in reply.content.metric_records.values():
-                        if "rank" in record:
-                            self.node_ranks[reply.metadata.src_node_id] = float(record["rank"])
-            for node in new:
-                self.node_ranks.setdefault(node, float("inf"))
-        return sorted(nodes, key=lambda node: (self.node_ranks[node], node))
+        """Connected nodes in a stable order (see :func:`strategies.nodes.ordered_nodes`)."""
+        return ordered_nodes(grid, self.node_ranks, min_nodes=self.min_nodes,
+                             query_timeout=self.query_timeout, configrecord_key=self.configrecord_key)

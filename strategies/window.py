@@ -60,3 +60,22 @@ def merge_window(arrays: ArrayRecord, window: ArrayRecord) -> ArrayRecord:
 
 def _copy(array: Array) -> Array:
     return Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=bytes(array.data))
+
+
+def relative_drift(current: ArrayRecord, held: ArrayRecord, keys: Iterable[str]) -> float:
+    """‖current − held‖ / ‖held‖ over ``keys`` (floating arrays only; 0 if nothing to compare).
+
+    The delta sync's tolerance: a frozen segment whose node copy has drifted less than
+    this from the global one is not worth sending again.
+    """
+    diff = norm = 0.0
+    for key in keys:
+        old = held[key].numpy()
+        if old.dtype.kind != "f":
+            continue
+        new = current[key].numpy().astype(np.float64)
+        diff += float(np.sum((new - old) ** 2))
+        norm += float(np.sum(old.astype(np.float64) ** 2))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return (diff / norm) ** 0.5

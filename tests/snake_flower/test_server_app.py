@@ -115,3 +115,13 @@ def test_fedavg_runs_the_same_client_on_the_whole_model(loopback, nodes, tmp_pat
     assert fedavg["memory"]["trainable_param_bytes"] == snake["memory"]["trainable_param_bytes"] + \
         snake["memory"]["frozen_param_bytes"]
     assert set(fedavg["memory_by_node"]) == {"0", "1", "2"}
+
+
+def test_split_learning_through_the_server_app(loopback, nodes, tmp_path):
+    split = _run(loopback, nodes, tmp_path, hops=3, strategy="split", cut=2, **{"local-steps": 3})
+    assert [r["status"] for r in split["rounds"]] == ["merged"] * 3
+    assert all(r["window"] == ["conv1", "conv2"] and r["steps"] == 3 for r in split["rounds"])
+    assert sorted(p for r in split["rounds"] for p in r["partitions"]) == [0, 1, 2]
+    # per batch: activations and labels up, gradients down, plus the relayed bottom both ways
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in split["rounds"])
+    assert split["cut"] == 2 and split["memory"]["frozen_param_bytes"] == 0

@@ -61,3 +61,15 @@ def test_lying_array_header_is_refused(model):
     fake = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=b"not an array")
     reply = ArrayRecord({"b.weight": fake, "b.steps": model["b.steps"]})
     assert "b.weight" in check_window(reply, model, ["b.weight", "b.steps"])
+
+
+def test_relative_drift(model):
+    from strategies.window import relative_drift
+
+    moved = ArrayRecord({**{k: model[k] for k in model.keys()},
+                         "b.weight": Array(model["b.weight"].numpy() * 1.1)})
+    assert relative_drift(model, model, ["a.weight", "b.weight"]) == 0.0
+    assert abs(relative_drift(moved, model, ["b.weight"]) - 0.1) < 1e-6
+    both = relative_drift(moved, model, ["a.weight", "b.weight"])
+    assert 0.0 < both < 0.1
+    assert relative_drift(moved, model, ["b.steps"]) == 0.0  # integers are not compared
