@@ -40,6 +40,8 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
     config["out-dir"] = str(Path(config["out-dir"]).resolve())
     if args.num_supernodes < 1:
         raise ConfigError(f"num-supernodes: must be >= 1, got {args.num_supernodes}")
+    if not any("min-nodes" in layer for layer in layers):
+        config["min-nodes"] = args.num_supernodes  # simulation: start once every node is up
     if config["min-nodes"] > args.num_supernodes:
         raise ConfigError(f"min-nodes: {config['min-nodes']} exceeds --num-supernodes {args.num_supernodes}")
     from .task import TASKS

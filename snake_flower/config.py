@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "sweep": "serpentine",
     "order": "shuffle",
     "sync": "delta",
+    "sync-tolerance": 0.0,
     # split learning (baseline): the node keeps segments[:cut], the server the rest
     "cut": 2,
     # local work per hop (identical for every strategy)
@@ -65,7 +66,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
             "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
-                "eval-samples")
+                "eval-samples", "sync-tolerance")
 
 
 class ConfigError(ValueError):

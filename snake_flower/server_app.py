@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,12 +55,19 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
     return model, metered, recorder
 
 
+def _wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    while len(nodes := list(grid.get_node_ids())) < count:
+        time.sleep(0.5)
+    return nodes
+
+
 def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """One node trains one window per round (hop); only the window travels back."""
     model, metered, recorder = _setup("snake", grid, config, config["num-server-rounds"])
     strategy = SnakeStrategy(segment_keys(model), config["window"], sweep=config["sweep"],
                              order=config["order"], train_head=config["train-head"],
                              train_stem=config["train-stem"], sync=config["sync"],
+                             sync_tolerance=config["sync-tolerance"],
                              min_nodes=config["min-nodes"], seed=config["seed"],
                              query_timeout=min(60.0, config["hop-timeout"]))
 
@@ -82,7 +90,7 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
 
 def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """Flower's FedAvg: every node trains every segment; rounds = hops / nodes (equal visits)."""
-    nodes = max(len(list(grid.get_node_ids())), config["min-nodes"])
+    nodes = len(_wait_for_nodes(grid, config["min-nodes"]))
     num_rounds = max(1, math.ceil(config["num-server-rounds"] / nodes))
     model, metered, recorder = _setup("fedavg", grid, config, num_rounds)
     segments = list(segment_keys(model))

@@ -20,7 +20,7 @@ from flwr.supercore import log
 
 from .nodes import ordered_nodes
 from .schedule import SnakeSchedule
-from .window import check_window, merge_window, select, window_keys
+from .window import check_window, merge_window, relative_drift, select, window_keys
 
 SYNCS = ("delta", "window")
 
@@ -40,6 +40,10 @@ class SnakeStrategy(Strategy):
         ``"delta"`` sends every segment that changed since the node last synced
         (the whole model on its first visit); ``"window"`` sends only the window
         and the node trains against its own, possibly stale, copy of the rest.
+    sync_tolerance : float (default: 0.0)
+        With delta sync, a frozen (non-window) segment is resent only if the global
+        copy has drifted from the node's by more than this relative L2 norm; the
+        window is always sent current. 0 resends every changed segment.
     min_nodes : int (default: 1)
         Nodes that must be connected before a hop starts.
     query_timeout : float (default: 60.0)
@@ -53,7 +57,8 @@ class SnakeStrategy(Strategy):
 
     def __init__(self, segments: Mapping[str, Sequence[str]], window: int = 1, *,
                  sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
-                 train_stem: bool = False, sync: str = "delta", min_nodes: int = 1,
+                 train_stem: bool = False, sync: str = "delta", sync_tolerance: float = 0.0,
+                 min_nodes: int = 1,
                  query_timeout: float = 60.0, seed: int = 0,
                  report_keys: Sequence[str] = ("train-loss", "num-examples"),
                  arrayrecord_key: str = "arrays", configrecord_key: str = "config") -> None:
@@ -62,11 +67,15 @@ class SnakeStrategy(Strategy):
         self.segments = {name: list(keys) for name, keys in segments.items()}
         self.schedule = SnakeSchedule(list(self.segments), window, sweep=sweep, order=order,
                                       train_head=train_head, train_stem=train_stem, seed=seed)
-        self.sync, self.min_nodes, self.query_timeout = sync, min_nodes, query_timeout
+        if sync_tolerance < 0:
+            raise ValueError(f"sync_tolerance: must be >= 0, got {sync_tolerance}")
+        self.sync, self.sync_tolerance = sync, sync_tolerance
+        self.min_nodes, self.query_timeout = min_nodes, query_timeout
         self.report_keys = tuple(report_keys)
         self.arrayrecord_key, self.configrecord_key = arrayrecord_key, configrecord_key
         self.versions = {name: 0 for name in self.segments}  # bumped on every merge
         self.node_versions: dict[int, dict[str, int]] = {}  # what each node holds
+        self.node_arrays: dict[int, dict[str, ArrayRecord]] = {}  # ... and its values (tolerance > 0)
         self.provenance: dict[str, dict[str, int]] = {}
         self.hops: list[dict[str, Any]] = []  # one row per round: node, window, outcome
         self.failures: list[dict[str, Any]] = []
@@ -98,7 +107,10 @@ class SnakeStrategy(Strategy):
         cfg["window"] = window
         cfg["sync"] = self.sync
         cfg["segments-sent"] = sent or [""]  # ConfigRecord lists may not be empty
-        cfg["segment-versions"] = [self.versions[name] for name in self.segments]
+        # the versions the node must hold once it applied this message (skipped ones stay)
+        held = self.node_versions.get(node, {})
+        cfg["segment-versions"] = [self.versions[name] if name in sent or name not in held else held[name]
+                                   for name in self.segments]
         payload = select(arrays, window_keys(self.segments, sent))
         self.hops.append({"round": server_round, "node": node, "window": window,
                           "segments_sent": sent, "status": "pending", "started": time.time()})
@@ -138,6 +150,10 @@ class SnakeStrategy(Strategy):
         held = self.node_versions.setdefault(node, {})
         held.update({name: self.versions[name] for name in hop["segments_sent"]})
         held.update({name: self.versions[name] for name in window})
+        if self.sync_tolerance > 0:  # remember the values too, to measure their drift later
+            copies = self.node_arrays.setdefault(node, {})
+            for name in set(hop["segments_sent"]) | set(window):
+                copies[name] = select(merged, self.segments[name])
         hop["status"] = "merged"
         return merged, MetricRecord({k: reported[k] for k in self.report_keys if k in reported})
 
@@ -158,11 +174,17 @@ class SnakeStrategy(Strategy):
             return list(self.segments)
         if self.sync == "window":
             return list(window)
-        return [name for name in self.segments if held.get(name) != self.versions[name]]
+        stale = [name for name in self.segments if held.get(name) != self.versions[name]]
+        if self.sync_tolerance > 0 and self._arrays is not None:
+            copies = self.node_arrays.get(node, {})
+            stale = [name for name in stale if name in window or name not in copies
+                     or relative_drift(self._arrays, copies[name], self.segments[name]) > self.sync_tolerance]
+        return stale
 
     def _fail(self, hop: dict[str, Any], reason: str) -> tuple[None, None]:
         # The node's copy is now unknown: its next visit resends the whole model.
         self.node_versions.pop(hop["node"], None)
+        self.node_arrays.pop(hop["node"], None)
         hop["status"], hop["reason"] = "failed", reason
         self.failures.append({"round": hop["round"], "node": hop["node"], "reason": reason})
         log(WARNING, "hop %d: node %d failed, global model unchanged: %s", hop["round"], hop["node"], reason)

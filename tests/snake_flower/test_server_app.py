@@ -125,3 +125,10 @@ def test_split_learning_through_the_server_app(loopback, nodes, tmp_path):
     # per batch: activations and labels up, gradients down, plus the relayed bottom both ways
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in split["rounds"])
     assert split["cut"] == 2 and split["memory"]["frozen_param_bytes"] == 0
+
+
+def test_sync_tolerance_sends_less_and_the_clients_agree(loopback, nodes, tmp_path):
+    strict = _run(loopback, nodes, tmp_path / "strict", hops=9)
+    lax = _run(loopback, nodes, tmp_path / "lax", hops=9, **{"sync-tolerance": 0.5})
+    assert [r["status"] for r in lax["rounds"]] == ["merged"] * 9  # no node saw a stale copy
+    assert sum(r["bytes_down"] for r in lax["rounds"]) < sum(r["bytes_down"] for r in strict["rounds"])

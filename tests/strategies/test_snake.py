@@ -165,3 +165,24 @@ def test_vanished_node_costs_only_its_hop(loopback):
 def test_unknown_sync_is_refused():
     with pytest.raises(ValueError, match="sync"):
         SnakeStrategy(SEGMENTS, 1, sync="full")
+
+
+def test_sync_tolerance_skips_barely_changed_frozen_segments(loopback):
+    # AddOneNodes moves each trained segment by +1: s0 (value 0 -> 1) drifts by more than
+    # any tolerance; large values barely move relative to their size.
+    nodes = AddOneNodes({1: 0, 2: 1})
+    strict, _ = run(loopback, nodes, rounds=6, order="fixed", sync="delta")
+    lax, final = run(loopback, AddOneNodes({1: 0, 2: 1}), rounds=6, order="fixed", sync="delta",
+                     sync_tolerance=0.5)
+    for a, b in zip(strict.hops, lax.hops):
+        assert set(b["segments_sent"]) <= set(a["segments_sent"])
+        # a stale window is always refreshed: the node must train the current one
+        assert set(b["window"]) & set(a["segments_sent"]) <= set(b["segments_sent"])
+    assert sum(map(len, (h["segments_sent"] for h in lax.hops))) < \
+        sum(map(len, (h["segments_sent"] for h in strict.hops)))
+    assert all(h["status"] == "merged" for h in lax.hops)
+
+
+def test_negative_tolerance_is_refused():
+    with pytest.raises(ValueError, match="sync_tolerance"):
+        SnakeStrategy(SEGMENTS, 1, sync_tolerance=-0.1)
