@@ -77,6 +77,7 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         return {"nodes": [hop["node"]], "window": hop["window"],
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
                 "segments_sent": hop["segments_sent"], "status": hop["status"],
+                "hop_s": round(hop.get("seconds", 0.0), 4),
                 "bytes_p2p": tally.up.array_bytes}  # P2P: the window goes once, node to next node
 
     recorder.describe = describe

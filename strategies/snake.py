@@ -124,6 +124,7 @@ class SnakeStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the single reply and merge its window into the full model."""
         hop = self.hops[-1]
+        hop["seconds"] = time.time() - hop["started"]  # send to reply, as the server sees it
         node, window = hop["node"], hop["window"]
         replies = [m for m in replies if m.metadata.src_node_id == node]
         if not replies:
