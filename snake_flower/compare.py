@@ -21,6 +21,8 @@ def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
     visits = list(accumulate(max(1, len(r.get("nodes", []))) for r in rows))
     reached = next((i for i, r in enumerate(rows) if r["accuracy"] is not None and r["accuracy"] >= target), None)
     scores = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+    raw = sum(r.get("raw_bytes_down", 0) + r.get("raw_bytes_up", 0) for r in rows)
+    counted = sum(r["bytes_down"] + r["bytes_up"] for r in rows)
     return {"final_accuracy": run["final"]["accuracy"], "best_accuracy": max(scores, default=None),
             "reached_target": reached is not None,
             "bytes_total": run["final"]["bytes_total"],
@@ -28,7 +30,9 @@ def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
             "visits_to_target": visits[reached] if reached is not None else None,
             "round_to_target": rows[reached]["round"] if reached is not None else None,
             "node_peak_memory_bytes": run["memory"]["total_bytes"],
-            "wall_s": run["final"]["wall_s"], "rounds": len(rows), "node_visits": visits[-1] if visits else 0}
+            "wall_s": run["final"]["wall_s"], "rounds": len(rows), "node_visits": visits[-1] if visits else 0,
+            # counted bytes / raw bytes of the tensors carried (framing, configs, metrics)
+            "payload_efficiency": counted / raw if raw else None}
 
 
 def write_comparison(out: str | Path, runs: dict[str, dict[str, Any]], target: float) -> dict[str, Any]:

@@ -1,0 +1,35 @@
+"""The comparison: summary lines, report and plots from results files."""
+
+from __future__ import annotations
+
+import json
+
+from snake_flower.compare import summarize, write_comparison
+
+
+def _run(name: str, accuracies: list[float | None], nodes: int, moved: int) -> dict:
+    rows = [{"round": i + 1, "nodes": list(range(nodes)), "bytes_down": moved // 2, "bytes_up": moved // 2,
+             "bytes_control": 0, "raw_bytes_down": moved // 2 - 10, "raw_bytes_up": moved // 2 - 10,
+             "accuracy": acc, "loss": None if acc is None else 1 - acc} for i, acc in enumerate(accuracies)]
+    return {"strategy": name, "task": "synthetic", "rounds": rows,
+            "final": {"accuracy": accuracies[-1], "bytes_total": moved * len(rows), "wall_s": 1.0},
+            "memory": {"total_bytes": 100, "trainable_param_bytes": 40, "frozen_param_bytes": 60}}
+
+
+def test_bytes_and_visits_to_target():
+    line = summarize(_run("snake", [0.5, None, 0.86, 0.84], nodes=1, moved=1000), target=0.85)
+    assert line["reached_target"] and line["bytes_to_target"] == 3000 and line["visits_to_target"] == 3
+    assert line["round_to_target"] == 3 and line["best_accuracy"] == 0.86
+    assert line["payload_efficiency"] == 1000 / 980
+    never = summarize(_run("fedavg", [0.5, 0.6], nodes=4, moved=4000), target=0.85)
+    assert not never["reached_target"] and never["bytes_to_target"] is None and never["node_visits"] == 8
+
+
+def test_report_says_who_reached_the_target(tmp_path):
+    runs = {"snake": _run("snake", [0.5, 0.9], 1, 1000), "fedavg": _run("fedavg", [0.4, 0.7], 4, 4000)}
+    summary = write_comparison(tmp_path, runs, target=0.85)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    report = (tmp_path / "report.md").read_text()
+    assert "snake reached 0.85 at round 2" in report and "fedavg did **not** reach 0.85" in report
+    for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "memory_per_node.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
