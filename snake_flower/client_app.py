@@ -12,9 +12,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from .config import kd_enabled
-from .data import partition_indices
+from .data import partition_from_config
 from .task import TASKS, build_model, segment_keys
-from .training import LocalWork, train_window
+from .training import LocalWork, train_window, visit_seed
 
 app = ClientApp()
 
@@ -65,14 +65,11 @@ def train(msg: Message, context: Context) -> Message:
 
     task = TASKS[cfg["task"]]
     x_train, y_train, _, _ = task.load(cfg["data-dir"])
-    idx = partition_indices(y_train, cfg["partitioner"], num_partitions, partition_id,
-                            alpha=float(cfg["dirichlet-alpha"]),
-                            classes_per_partition=int(cfg["classes-per-partition"]),
-                            seed=int(cfg["seed"]))
+    idx = partition_from_config(y_train, cfg, num_partitions, partition_id)
     window = list(cfg["window"])
     work = LocalWork.from_config(cfg, kd=kd_enabled(cfg))
-    hop_seed = int(cfg["seed"]) * 100_003 + int(cfg["server-round"])
-    metrics, ledger = train_window(model, window, x_train[idx], y_train[idx], work, seed=hop_seed)
+    metrics, ledger = train_window(model, window, x_train[idx], y_train[idx], work,
+                                   seed=visit_seed(cfg["seed"], cfg["server-round"]))
 
     state = model.state_dict()
     for name in window:  # the server bumps these versions when it merges our reply

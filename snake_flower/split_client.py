@@ -32,7 +32,7 @@ from torch import nn
 from .client_app import _partition, app
 from .data import partition_from_config
 from .task import TASKS, build_model
-from .training import LocalWork, SavedActivations, memory_ledger, visit_batches
+from .training import LocalWork, SavedActivations, memory_ledger, visit_batches, visit_seed
 
 STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT = "split-bottom", "split-momentum", "split-visit"
 
@@ -49,7 +49,7 @@ def train_split(msg: Message, context: Context) -> Message:
     work = replace(LocalWork.from_config(cfg, kd=False), steps=int(cfg["split-steps"]))
     visit, batch = int(cfg["server-round"]), int(cfg["split-batch"])
     # the Snake ClientApp's hop seed: at equal rounds both draw the same batches
-    batches = visit_batches(len(y), work, seed=int(cfg["seed"]) * 100_003 + visit)
+    batches = visit_batches(len(y), work, seed=visit_seed(cfg["seed"], visit))
     if not 0 <= batch <= len(batches):
         raise ValueError(f"split-batch {batch} is outside this visit's 0..{len(batches)}")
 

@@ -80,6 +80,11 @@ def _batches(n: int, work: LocalWork, gen: torch.Generator) -> Iterable[torch.Te
             done += 1
 
 
+def visit_seed(seed: int, server_round: int) -> int:
+    """The batch-order seed of one visit: equal rounds draw equal batches in every strategy."""
+    return int(seed) * 100_003 + int(server_round)
+
+
 def visit_batches(n: int, work: LocalWork, seed: int) -> list[torch.Tensor]:
     """Index tensors of every batch of one visit, drawn exactly as ``train_window`` draws them.
 
