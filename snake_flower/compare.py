@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -10,15 +9,11 @@ from . import results
 from .plots import plot_accuracy, plot_memory
 
 
-def _moved(row: dict[str, Any]) -> int:
-    return row["bytes_down"] + row["bytes_up"] + row.get("bytes_control", 0)
-
-
 def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
     """One strategy's line of ``summary.json``."""
     rows = run["rounds"]
-    cumulative = list(accumulate(_moved(r) for r in rows))
-    visits = list(accumulate(max(1, len(r.get("nodes", []))) for r in rows))
+    cumulative = results.cumulative_bytes(rows)
+    visits = results.cumulative_visits(rows)
     reached = next((i for i, r in enumerate(rows) if r["accuracy"] is not None and r["accuracy"] >= target), None)
     scores = [r["accuracy"] for r in rows if r["accuracy"] is not None]
     raw = sum(r.get("raw_bytes_down", 0) + r.get("raw_bytes_up", 0) for r in rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .results import cumulative_bytes, cumulative_visits  # noqa: E402
 
 XLABELS = {"visits": "node visits (Snake: one per hop; FedAvg: one per node per round)",
            "megabytes": "cumulative MB moved (down + up)"}
@@ -20,10 +21,9 @@ LEDGER_PARTS = ("trainable_param_bytes", "frozen_param_bytes", "grad_bytes", "op
 def _curve(result: dict[str, Any], x: str) -> tuple[list[float], list[float]]:
     rows = result["rounds"]
     if x == "visits":
-        axis = list(accumulate(max(1, len(r.get("nodes", []))) for r in rows))
+        axis: list[float] = list(cumulative_visits(rows))
     else:
-        axis = [b / 1e6 for b in accumulate(r["bytes_down"] + r["bytes_up"] + r.get("bytes_control", 0)
-                                            for r in rows)]
+        axis = [b / 1e6 for b in cumulative_bytes(rows)]
     points = [(a, r["accuracy"]) for a, r in zip(axis, rows) if r["accuracy"] is not None]
     return [p[0] for p in points], [p[1] for p in points]
 

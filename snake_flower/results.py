@@ -7,6 +7,7 @@ import json
 import os
 import platform
 from importlib import metadata
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,16 @@ def ledgers_by_node(ledgers: list[dict[str, float]]) -> dict[str, dict[str, int]
         if "partition-id" in ledger:
             by_node.setdefault(str(int(ledger["partition-id"])), []).append(ledger)
     return {node: peak_ledger(group) for node, group in sorted(by_node.items(), key=lambda kv: int(kv[0]))}
+
+
+def cumulative_bytes(rows: list[dict[str, Any]]) -> list[int]:
+    """Bytes moved up to and including each round (down + up + control)."""
+    return list(accumulate(r["bytes_down"] + r["bytes_up"] + r.get("bytes_control", 0) for r in rows))
+
+
+def cumulative_visits(rows: list[dict[str, Any]]) -> list[int]:
+    """Node visits up to and including each round (a Snake hop is one, a FedAvg round N)."""
+    return list(accumulate(max(1, len(r.get("nodes", []))) for r in rows))
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:

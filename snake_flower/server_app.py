@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from strategies import SnakeStrategy, SplitStrategy
+from strategies.nodes import wait_for_nodes
 
 from .config import resolve
 from .metering import MeteredGrid, RoundMeter
@@ -55,12 +55,6 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
     return model, metered, recorder
 
 
-def _wait_for_nodes(grid: Grid, count: int) -> list[int]:
-    while len(nodes := list(grid.get_node_ids())) < count:
-        time.sleep(0.5)
-    return nodes
-
-
 def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """One node trains one window per round (hop); only the window travels back."""
     model, metered, recorder = _setup("snake", grid, config, config["num-server-rounds"])
@@ -91,7 +85,7 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
 
 def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """Flower's FedAvg: every node trains every segment; rounds = hops / nodes (equal visits)."""
-    nodes = len(_wait_for_nodes(grid, config["min-nodes"]))
+    nodes = len(wait_for_nodes(grid, config["min-nodes"]))
     num_rounds = max(1, math.ceil(config["num-server-rounds"] / nodes))
     model, metered, recorder = _setup("fedavg", grid, config, num_rounds)
     segments = list(segment_keys(model))

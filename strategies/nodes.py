@@ -18,6 +18,14 @@ from flwr.supercore import log
 from .schedule import ORDERS, node_permutation
 
 
+def wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    """The connected nodes, once there are at least ``count`` (polling every second)."""
+    while len(nodes := list(grid.get_node_ids())) < count:
+        log(INFO, "waiting for %d nodes (have %d)", count, len(nodes))
+        time.sleep(1.0)
+    return nodes
+
+
 def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: int = 1,
                   query_timeout: float = 60.0, configrecord_key: str = "config") -> list[int]:
     """Connected nodes sorted by their reported rank (ties and silent nodes by id).
@@ -36,9 +44,7 @@ def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: i
     configrecord_key : str (default: "config")
         Key of the ``ConfigRecord`` in the query message.
     """
-    while len(nodes := list(grid.get_node_ids())) < min_nodes:
-        log(INFO, "waiting for %d nodes (have %d)", min_nodes, len(nodes))
-        time.sleep(1.0)
+    nodes = wait_for_nodes(grid, min_nodes)
     new = [node for node in nodes if node not in ranks]
     if new:
         asks = [Message(RecordDict({configrecord_key: ConfigRecord({"ask": "rank"})}),
