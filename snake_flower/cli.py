@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--strategies", default="snake,fedavg", help="comma-separated (default snake,fedavg)")
     compare.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
     compare.add_argument("--out", required=True, help="output folder")
+    compare.add_argument("--jobs", type=int, default=1,
+                         help="strategies run at once, each in its own process (default 1: in turn)")
     return parser
 
 
@@ -38,6 +40,8 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
         layers.append({"out-dir": args.out})
     config = resolve(*layers)
     config["out-dir"] = str(Path(config["out-dir"]).resolve())
+    if getattr(args, "jobs", 1) < 1:
+        raise ConfigError(f"jobs: must be >= 1, got {args.jobs}")
     if args.num_supernodes < 1:
         raise ConfigError(f"num-supernodes: must be >= 1, got {args.num_supernodes}")
     if not any("min-nodes" in layer for layer in layers):
@@ -57,7 +61,10 @@ def simulate(config: dict[str, Any], num_supernodes: int) -> None:
     from flwr.simulation import run_simulation
 
     from .client_app import app as client_app
+    from .dispatch import quick_pickup
     from .server_app import make_server_app
+
+    quick_pickup()  # split learning waits on every batch's round trip (see dispatch.py)
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, num_supernodes)),
@@ -82,6 +89,32 @@ def _run_one(config: dict[str, Any], num_supernodes: int) -> dict[str, Any] | No
     return result
 
 
+def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``compare --jobs N``: the strategies' runs as child processes, N at a time."""
+    from .jobs import child_command, run_side_by_side
+
+    out = Path(configs[0]["out-dir"])
+    runs: dict[str, dict[str, Any]] = {}
+    names = [cfg["strategy"] for cfg in configs]
+    for start in range(0, len(names), args.jobs):
+        batch = names[start:start + args.jobs]
+        for name in batch:
+            (out / f"{name}.json").unlink(missing_ok=True)  # never report a previous run's file
+        commands = {name: child_command(args.config, args.run_config, name, args.num_supernodes, str(out))
+                    for name in batch}
+        for name, code in run_side_by_side(commands, out).items():
+            path = out / f"{name}.json"
+            if code != 0 or not path.exists():
+                print(f"snake-flower: error: the {name} run failed (exit {code}); see {out / name}.log",
+                      file=sys.stderr)
+                continue
+            runs[name] = json.loads(path.read_text())
+            final = runs[name]["final"]
+            print(f"{name}: accuracy {final['accuracy']:.4f}, {final['bytes_total'] / 1e6:.2f} MB moved, "
+                  f"{final['wall_s']:.0f} s -> {path}", flush=True)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``snake-flower`` console script."""
     args = _parser().parse_args(argv)
@@ -94,14 +127,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .plots import plot_accuracy
 
-    runs: dict[str, dict[str, Any]] = {}
-    for i, cfg in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] {cfg['strategy']} on {cfg['task']}, {args.num_supernodes} nodes",
-              flush=True)
-        result = _run_one(cfg, args.num_supernodes)
-        if result is None:
-            return 1
-        runs[cfg["strategy"]] = result
+    if args.command == "compare" and args.jobs > 1:
+        runs = _run_side_by_side(args, configs)
+    else:
+        runs = {}
+        for i, cfg in enumerate(configs, 1):
+            print(f"[{i}/{len(configs)}] {cfg['strategy']} on {cfg['task']}, {args.num_supernodes} nodes",
+                  flush=True)
+            result = _run_one(cfg, args.num_supernodes)
+            if result is None:
+                return 1
+            runs[cfg["strategy"]] = result
+    if len(runs) < len(configs):
+        return 1
     if args.command == "run":
         name = config["strategy"]
         plot_accuracy({name: runs[name]}, Path(config["out-dir"]) / f"{name}.png")

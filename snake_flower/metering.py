@@ -76,8 +76,13 @@ class MeteredGrid(Grid):
     grid : Grid
         The Grid Flower handed to the ServerApp.
     poll_interval : float (default: 0.1)
-        Seconds between pulls in ``send_and_receive`` (Flower's HttpGrid waits 3 s).
+        Longest wait between pulls in ``send_and_receive``. Pulls start at
+        ``FIRST_POLL`` seconds and back off by doubling up to this, so a quick reply
+        is seen within milliseconds (Flower's Grids wait a fixed 0.1 s in simulation
+        and 3 s in deployment), while a long hop polls no more often than this.
     """
+
+    FIRST_POLL = 0.002
 
     def __init__(self, grid: Grid, poll_interval: float = 0.1) -> None:
         self.grid = grid
@@ -136,11 +141,13 @@ class MeteredGrid(Grid):
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.time() + timeout
         replies: list[Message] = []
+        wait = min(self.FIRST_POLL, self.poll_interval)
         while pending:
             got = list(self.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (deadline is not None and time.time() >= deadline):
                 break
-            time.sleep(self.poll_interval)
+            time.sleep(wait)
+            wait = min(2 * wait, self.poll_interval)
         return replies

@@ -2,7 +2,7 @@
 
 Every strategy is recorded alike. Flower calls ``evaluate_fn`` once per round with
 the current global model, so that is where a round ends: the model is evaluated
-(every ``eval-every`` rounds and on the last), the Grid's byte tally for the round
+(every ``eval-every`` node visits and on the last round), the Grid's byte tally for the round
 is closed, and the strategy-specific ``describe(round)`` adds who trained what.
 """
 
@@ -30,9 +30,10 @@ class RunRecorder:
     """Rows, evaluation and the final JSON of one run of one strategy."""
 
     def __init__(self, name: str, config: dict[str, Any], model: nn.Module,
-                 test: tuple[torch.Tensor, torch.Tensor], meter: MeteredGrid, num_rounds: int) -> None:
+                 test: tuple[torch.Tensor, torch.Tensor], meter: MeteredGrid, num_rounds: int,
+                 visits_per_round: int = 1) -> None:
         self.name, self.config, self.model, self.test, self.meter = name, config, model, test, meter
-        self.num_rounds = num_rounds
+        self.num_rounds, self.visits_per_round = num_rounds, visits_per_round
         self.describe: Describe = lambda server_round, tally: {}
         self.rows: list[dict[str, Any]] = []
         self.evaluated: dict[int, dict[str, float]] = {}
@@ -43,7 +44,7 @@ class RunRecorder:
         """Flower's centralized-evaluation hook; also closes the round's record."""
         self.arrays = arrays
         last = server_round == self.num_rounds
-        if server_round == 0 or last or server_round % self.config["eval-every"] == 0:
+        if server_round == 0 or last or self._eval_due(server_round):
             self.model.load_state_dict(arrays.to_torch_state_dict())
             self.evaluated[server_round] = evaluate(self.model, *self.test, self.config["eval-batch-size"])
         if server_round > 0:
@@ -83,6 +84,15 @@ class RunRecorder:
         log(INFO, "%s: final accuracy %.4f after %d rounds, %.2f MB moved; results in %s", self.name,
             payload["final"]["accuracy"], len(self.rows), moved / 1e6, path)
         return payload
+
+    def _eval_due(self, server_round: int) -> bool:
+        """Did this round's node visits pass a multiple of ``eval-every``?
+
+        Counting visits, not rounds, evaluates every strategy as often per unit of
+        work: a FedAvg round of 8 visits is evaluated even when ``eval-every`` is 2.
+        """
+        every, per_round = self.config["eval-every"], self.visits_per_round
+        return server_round * per_round // every > (server_round - 1) * per_round // every
 
     def _progress(self, row: dict[str, Any]) -> None:
         acc = "" if row["accuracy"] is None else f"acc {row['accuracy']:.4f}  "

@@ -44,14 +44,15 @@ def run(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     return runners[config["strategy"]](grid, config)
 
 
-def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll: float = 0.1):
+def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll: float = 0.1,
+           visits_per_round: int = 1):
     task = TASKS[config["task"]]
     model = build_model(task, config["seed"])
     metered = MeteredGrid(grid, poll_interval=poll)
     _, _, x_test, y_test = task.load(config["data-dir"])
     if config["eval-samples"]:  # the first N test examples, the same for every strategy
         x_test, y_test = x_test[:config["eval-samples"]], y_test[:config["eval-samples"]]
-    recorder = RunRecorder(name, config, model, (x_test, y_test), metered, num_rounds)
+    recorder = RunRecorder(name, config, model, (x_test, y_test), metered, num_rounds, visits_per_round)
     return model, metered, recorder
 
 
@@ -87,7 +88,7 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """Flower's FedAvg: every node trains every segment; rounds = hops / nodes (equal visits)."""
     nodes = len(wait_for_nodes(grid, config["min-nodes"]))
     num_rounds = max(1, math.ceil(config["num-server-rounds"] / nodes))
-    model, metered, recorder = _setup("fedavg", grid, config, num_rounds)
+    model, metered, recorder = _setup("fedavg", grid, config, num_rounds, visits_per_round=nodes)
     segments = list(segment_keys(model))
     ledgers: list[dict[str, float]] = []
 

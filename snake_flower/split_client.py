@@ -44,8 +44,8 @@ def train_split(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _partition(context)
     task = TASKS[cfg["task"]]
     x_train, y_train, _, _ = task.load(cfg["data-dir"])
-    idx = partition_from_config(y_train, cfg, num_partitions, partition_id)
-    x, y = x_train[idx], y_train[idx]
+    idx = torch.as_tensor(partition_from_config(y_train, cfg, num_partitions, partition_id))
+    y = y_train[idx]  # one batch of images is gathered per message, never the whole partition
     work = replace(LocalWork.from_config(cfg, kd=False), steps=int(cfg["split-steps"]))
     visit, batch = int(cfg["server-round"]), int(cfg["split-batch"])
     # the Snake ClientApp's hop seed: at equal rounds both draw the same batches
@@ -63,7 +63,7 @@ def train_split(msg: Message, context: Context) -> Message:
     if batch > 0:
         _restore_momentum(bottom, optimizer, context.state[STATE_MOMENTUM])
         grads = torch.from_numpy(msg.content["gradients"]["activations"].numpy().copy())
-        _apply_gradients(bottom, optimizer, x[batches[batch - 1]], grads, work.clip_norm, meter)
+        _apply_gradients(bottom, optimizer, x_train[idx[batches[batch - 1]]], grads, work.clip_norm, meter)
 
     counts = {"batch": batch, "batches": len(batches), "partition-id": partition_id}
     if batch == len(batches):  # the visit's last message: hand back the trained bottom
@@ -82,7 +82,7 @@ def train_split(msg: Message, context: Context) -> Message:
         "started": float(progress.get("started", time.time()))})
     rows = batches[batch]
     with torch.no_grad():
-        activations = bottom(x[rows])
+        activations = bottom(x_train[idx[rows]])
     content = RecordDict({"activations": ArrayRecord({"activations": activations.contiguous()}),
                           "labels": ArrayRecord({"labels": y[rows].contiguous()}),
                           "metrics": MetricRecord(counts)})

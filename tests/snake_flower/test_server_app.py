@@ -117,6 +117,15 @@ def test_fedavg_runs_the_same_client_on_the_whole_model(loopback, nodes, tmp_pat
     assert set(fedavg["memory_by_node"]) == {"0", "1", "2"}
 
 
+def test_evaluation_cadence_counts_node_visits(loopback, nodes, tmp_path):
+    # eval-every = 4 visits: Snake hops 4 and 8 (and the last, 9); FedAvg's rounds of 3
+    # visits pass 4 and 8 in rounds 2 and 3 (visits 6 and 9), never in round 1.
+    snake = _run(loopback, nodes, tmp_path / "s", hops=9, **{"eval-every": 4})
+    fedavg = _run(loopback, nodes, tmp_path / "f", hops=9, strategy="fedavg", **{"eval-every": 4})
+    assert [r["round"] for r in snake["rounds"] if r["accuracy"] is not None] == [4, 8, 9]
+    assert [r["round"] for r in fedavg["rounds"] if r["accuracy"] is not None] == [2, 3]
+
+
 def test_split_learning_through_the_server_app(loopback, nodes, tmp_path):
     split = _run(loopback, nodes, tmp_path, hops=3, strategy="split", cut=2, **{"local-steps": 3})
     assert [r["status"] for r in split["rounds"]] == ["merged"] * 3

@@ -29,6 +29,22 @@ def test_same_seed_same_initial_weights():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_built_models_are_independent_seeded_copies():
+    task = TASKS["fashion-mnist"]
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_model(task, 5)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
+    b = build_model(task, 5)
+    with torch.no_grad():
+        next(a.parameters()).add_(1.0)  # training one copy leaves the next build as seeded
+    assert not torch.equal(next(a.parameters()), next(b.parameters()))
+    assert torch.equal(next(build_model(task, 5).parameters()), next(b.parameters()))
+    c = build_model(task, 6)
+    assert not torch.equal(next(c.parameters()), next(b.parameters()))
+
+
 def test_fashion_mnist_becomes_cifar_shaped(monkeypatch):
     fake = (torch.zeros(4, 1, 28, 28), torch.arange(4), torch.ones(2, 1, 28, 28), torch.arange(2))
     monkeypatch.setattr(data, "load_fashion_mnist", lambda data_dir="": fake)

@@ -1,0 +1,66 @@
+"""``compare --jobs``: child command lines, progress read from logs, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import pytest
+
+from snake_flower.cli import main
+from snake_flower.jobs import child_command, latest_progress, run_side_by_side
+
+
+def test_child_command_is_the_users_run_with_the_strategy_added():
+    command = child_command("exp.toml", "lr=0.01 window=1", "split", 8, "/tmp/out")
+    assert command[:4] == [sys.executable, "-m", "snake_flower.cli", "run"]
+    assert command[command.index("--run-config") + 1] == "lr=0.01 window=1 strategy=split"
+    assert command[command.index("--config") + 1] == "exp.toml"
+    assert command[command.index("--num-supernodes") + 1] == "8"
+    assert "--config" not in child_command(None, "", "snake", 2, "o")
+
+
+def test_latest_progress_reads_the_last_mark(tmp_path):
+    log = tmp_path / "snake.log"
+    assert latest_progress(log) == "starting"
+    log.write_text("INFO: [snake 1/128] acc 0.3000  conv1+conv2  merged\nnoise\n"
+                   "INFO: [snake 2/128] conv2+conv3  merged  down 1.0 kB\n")
+    assert latest_progress(log) == "2/128"
+    log.write_text(log.read_text() + "INFO: [snake 4/128] acc 0.8123  conv3  merged\n")
+    assert latest_progress(log) == "4/128 acc 0.8123"
+
+
+def test_side_by_side_returns_each_exit_code_and_keeps_each_log(tmp_path, capsys):
+    ok = [sys.executable, "-c", "print('[ok 1/1] acc 0.5000')"]
+    bad = [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
+    codes = run_side_by_side({"ok": ok, "bad": bad}, tmp_path, every=0.0)
+    assert codes == {"ok": 0, "bad": 3}
+    assert "[ok 1/1] acc 0.5000" in (tmp_path / "ok.log").read_text()
+    assert "boom" in (tmp_path / "bad.log").read_text()
+    shown = capsys.readouterr().out
+    assert "ok done" in shown and "bad failed (exit 3)" in shown
+
+
+def test_jobs_below_one_is_a_config_error(tmp_path, capsys):
+    code = main(["compare", "--run-config", "task=synthetic", "--jobs", "0", "--out", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "snake-flower: error: jobs: must be >= 1, got 0"
+    assert not any(tmp_path.iterdir())
+
+
+def test_sigterm_interrupts_every_child_even_with_sigint_ignored(tmp_path):
+    child = [sys.executable, "-c", "import time\ntry:\n    print('ready', flush=True); time.sleep(60)\n"
+             "except KeyboardInterrupt:\n    print('interrupted', flush=True)"]
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `nohup ... &`
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_side_by_side({"a": child, "b": child}, tmp_path, every=60.0)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, ignored)
+    for name in ("a", "b"):  # both were started, then stopped through their own SIGINT handling
+        assert (tmp_path / f"{name}.log").read_text().split() == ["ready", "interrupted"]
