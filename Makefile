@@ -30,8 +30,10 @@ data:
 
 setup: $(STAMP) data
 
+# The head-to-head comparison on the default task (README "Quick start").
 run: setup
-	$(VENV)/bin/snake-flower run --out results/default
+	$(VENV)/bin/snake-flower compare --config experiments/fashion-mnist-noniid.toml \
+	  --strategies snake,fedavg,split --jobs 3 --out results/noniid
 
 test: setup
 	$(PY) -m pytest

@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="run several strategies head to head, then report")
     compare.add_argument("--config", help="experiment TOML file (run-config keys)")
     compare.add_argument("--run-config", default="", help="overrides for every strategy")
-    compare.add_argument("--strategies", default="snake,fedavg", help="comma-separated (default snake,fedavg)")
+    compare.add_argument("--strategies", default="snake,fedavg,split",
+                         help="comma-separated (default snake,fedavg,split)")
     compare.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--jobs", type=int, default=1,
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .compare import write_comparison
 
-    summary = write_comparison(config["out-dir"], runs, config["target-accuracy"])
+    summary = write_comparison(config["out-dir"], runs, config["target-accuracy"],
+                               side_by_side=args.command == "compare" and args.jobs > 1)
     for name, line in summary["runs"].items():
         to_target = f"{line['bytes_to_target'] / 1e6:.2f} MB to target" if line["reached_target"] \
             else "target not reached"

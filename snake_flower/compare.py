@@ -30,10 +30,16 @@ def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
             "payload_efficiency": counted / raw if raw else None}
 
 
-def write_comparison(out: str | Path, runs: dict[str, dict[str, Any]], target: float) -> dict[str, Any]:
-    """Write ``summary.json``, ``report.md`` and the PNG plots into ``out``."""
+def write_comparison(out: str | Path, runs: dict[str, dict[str, Any]], target: float,
+                     side_by_side: bool = False) -> dict[str, Any]:
+    """Write ``summary.json``, ``report.md`` and the PNG plots into ``out``.
+
+    ``side_by_side``: the runs shared the machine (``compare --jobs``), so their wall
+    times include waiting for the CPU.
+    """
     out = Path(out)
-    summary = {"target_accuracy": target, "runs": {name: summarize(run, target) for name, run in runs.items()}}
+    summary = {"target_accuracy": target, "side_by_side": side_by_side,
+               "runs": {name: summarize(run, target) for name, run in runs.items()}}
     results.write_json(out / "summary.json", summary)
     plot_accuracy(runs, out / "accuracy_vs_round.png", x="visits")
     plot_accuracy(runs, out / "accuracy_vs_mb.png", x="megabytes")
@@ -70,6 +76,9 @@ def report(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
     reached = {n: s["bytes_to_target"] for n, s in summary["runs"].items() if s["reached_target"]}
     if "snake" in reached and "fedavg" in reached:
         lines.append(f"- Snake / FedAvg bytes to target: {reached['snake'] / reached['fedavg']:.2f}.")
+    if summary.get("side_by_side"):
+        lines.append("- The runs were made side by side (`--jobs`), so each wall time includes waiting "
+                     "for the CPU; compare wall times only between runs made one at a time.")
     lines += ["", "![accuracy vs node visits](accuracy_vs_round.png)",
               "![accuracy vs MB](accuracy_vs_mb.png)", "![memory per node](memory_per_node.png)", ""]
     return "\n".join(lines)

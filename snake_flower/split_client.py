@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -43,9 +44,8 @@ def train_split(msg: Message, context: Context) -> Message:
     cfg = dict(msg.content["config"])
     partition_id, num_partitions = _partition(context)
     task = TASKS[cfg["task"]]
-    x_train, y_train, _, _ = task.load(cfg["data-dir"])
-    idx = torch.as_tensor(partition_from_config(y_train, cfg, num_partitions, partition_id))
-    y = y_train[idx]  # one batch of images is gathered per message, never the whole partition
+    x_train, idx, y = _node_data(task.name, cfg["data-dir"], _partition_key(cfg), num_partitions,
+                                 partition_id)
     work = replace(LocalWork.from_config(cfg, kd=False), steps=int(cfg["split-steps"]))
     visit, batch = int(cfg["server-round"]), int(cfg["split-batch"])
     # the Snake ClientApp's hop seed: at equal rounds both draw the same batches
@@ -87,6 +87,26 @@ def train_split(msg: Message, context: Context) -> Message:
                           "labels": ArrayRecord({"labels": y[rows].contiguous()}),
                           "metrics": MetricRecord(counts)})
     return Message(content, reply_to=msg)
+
+
+PARTITION_KEYS = ("partitioner", "dirichlet-alpha", "classes-per-partition", "seed")
+
+
+def _partition_key(cfg: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple((key, cfg[key]) for key in PARTITION_KEYS)
+
+
+@lru_cache(maxsize=4)
+def _node_data(task_name: str, data_dir: str, partition: tuple[tuple[str, Any], ...],
+               num_partitions: int, partition_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training images, this node's indices into them and its labels, once per process.
+
+    Split learning handles ~100 messages per visit; finding the partition again on each
+    (hashing 60,000 labels) cost more than the batch's forward pass.
+    """
+    x_train, y_train, _, _ = TASKS[task_name].load(data_dir)
+    idx = torch.as_tensor(partition_from_config(y_train, dict(partition), num_partitions, partition_id))
+    return x_train, idx, y_train[idx]  # batches are gathered per message, never the whole partition
 
 
 def _resume(bottom: nn.Module, content: RecordDict, state: RecordDict, visit: int,

@@ -33,3 +33,6 @@ def test_report_says_who_reached_the_target(tmp_path):
     assert "snake reached 0.85 at round 2" in report and "fedavg did **not** reach 0.85" in report
     for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "memory_per_node.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert "side by side" not in report
+    write_comparison(tmp_path, runs, target=0.85, side_by_side=True)
+    assert "side by side (`--jobs`)" in (tmp_path / "report.md").read_text()

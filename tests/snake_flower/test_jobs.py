@@ -64,3 +64,12 @@ def test_sigterm_interrupts_every_child_even_with_sigint_ignored(tmp_path):
         signal.signal(signal.SIGINT, ignored)
     for name in ("a", "b"):  # both were started, then stopped through their own SIGINT handling
         assert (tmp_path / f"{name}.log").read_text().split() == ["ready", "interrupted"]
+
+
+def test_split_learning_keeps_its_priority_and_the_others_yield(tmp_path):
+    show = [sys.executable, "-c", "import os; print('nice', os.nice(0))"]
+    assert run_side_by_side({"split": show, "snake": show, "fedavg": show}, tmp_path, every=60.0) == \
+        {"split": 0, "snake": 0, "fedavg": 0}
+    own = os.nice(0)
+    nice = {name: int((tmp_path / f"{name}.log").read_text().split()[1]) for name in ("split", "snake", "fedavg")}
+    assert nice == {"split": own, "snake": min(19, own + 10), "fedavg": min(19, own + 10)}
