@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "order": "shuffle",
     "sync": "delta",
     "sync-tolerance": 0.0,
+    "max-update-norm": 0.0,
     # split learning (baseline): the node keeps segments[:cut], the server the rest
     "cut": 2,
     # local work per hop (identical for every strategy)
@@ -66,7 +67,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
             "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
-                "eval-samples", "sync-tolerance")
+                "eval-samples", "sync-tolerance", "max-update-norm")
 
 
 class ConfigError(ValueError):

@@ -21,10 +21,12 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from strategies import SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
 
+from . import results
 from .config import resolve
 from .metering import MeteredGrid, RoundMeter
 from .recorder import RunRecorder
 from .task import TASKS, build_model, segment_keys
+from .training import SavedActivations, memory_ledger
 
 
 def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
@@ -63,6 +65,7 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                              order=config["order"], train_head=config["train-head"],
                              train_stem=config["train-stem"], sync=config["sync"],
                              sync_tolerance=config["sync-tolerance"],
+                             max_update_norm=config["max-update-norm"],
                              min_nodes=config["min-nodes"], seed=config["seed"],
                              query_timeout=min(60.0, config["hop-timeout"]))
 
@@ -122,7 +125,7 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                              weight_decay=config["weight-decay"], clip_norm=config["clip-norm"],
                              order=config["order"], seed=config["seed"], min_nodes=config["min-nodes"],
                              query_timeout=min(60.0, config["hop-timeout"]),
-                             message_timeout=config["hop-timeout"])
+                             message_timeout=config["hop-timeout"], activation_meter=SavedActivations)
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
         visit = strategy.visits[-1]
@@ -136,7 +139,12 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                    num_rounds=config["num-server-rounds"], timeout=config["hop-timeout"],
                    train_config=ConfigRecord(dict(config)), evaluate_fn=recorder.evaluate_fn)
     ledgers = [v["metrics"] for v in strategy.visits if "total-bytes" in v.get("metrics", {})]
-    return recorder.write(ledgers, failures=strategy.failures, cut=config["cut"])
+    server = []  # the server side of split learning: the top, trained in this process
+    if strategy.server_optimizer is not None:
+        server = [memory_ledger(top, list(top.parameters()), strategy.server_optimizer,
+                                strategy.server_activation_peak)]
+    return recorder.write(ledgers, failures=strategy.failures, cut=config["cut"],
+                          memory_server=results.peak_ledger(server))
 
 
 app = make_server_app()

@@ -20,7 +20,7 @@ from flwr.supercore import log
 
 from .nodes import ordered_nodes
 from .schedule import SnakeSchedule
-from .window import check_window, merge_window, relative_drift, select, window_keys
+from .window import check_window, merge_window, relative_drift, select, update_norm, window_keys
 
 SYNCS = ("delta", "window")
 
@@ -46,6 +46,9 @@ class SnakeStrategy(Strategy):
         window is always sent current. 0 resends every changed segment.
     min_nodes : int (default: 1)
         Nodes that must be connected before a hop starts.
+    max_update_norm : float (default: 0.0)
+        Reject a reply whose window differs from the one sent by more than this L2
+        norm (a node pushing the model far in one hop); 0 sets no limit.
     query_timeout : float (default: 60.0)
         Seconds to wait for new nodes to report their rank.
     report_keys : Sequence[str] (default: ("train-loss", "num-examples"))
@@ -58,7 +61,7 @@ class SnakeStrategy(Strategy):
     def __init__(self, segments: Mapping[str, Sequence[str]], window: int = 1, *,
                  sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
                  train_stem: bool = False, sync: str = "delta", sync_tolerance: float = 0.0,
-                 min_nodes: int = 1,
+                 min_nodes: int = 1, max_update_norm: float = 0.0,
                  query_timeout: float = 60.0, seed: int = 0,
                  report_keys: Sequence[str] = ("train-loss", "num-examples"),
                  arrayrecord_key: str = "arrays", configrecord_key: str = "config") -> None:
@@ -70,6 +73,9 @@ class SnakeStrategy(Strategy):
         if sync_tolerance < 0:
             raise ValueError(f"sync_tolerance: must be >= 0, got {sync_tolerance}")
         self.sync, self.sync_tolerance = sync, sync_tolerance
+        if max_update_norm < 0:
+            raise ValueError(f"max_update_norm: must be >= 0 (0 = no limit), got {max_update_norm}")
+        self.max_update_norm = max_update_norm
         self.min_nodes, self.query_timeout = min_nodes, query_timeout
         self.report_keys = tuple(report_keys)
         self.arrayrecord_key, self.configrecord_key = arrayrecord_key, configrecord_key
@@ -140,6 +146,10 @@ class SnakeStrategy(Strategy):
         assert self._arrays is not None
         reason = (check_window(records[0], self._arrays, keys) if len(records) == 1
                   else f"expected one ArrayRecord, got {len(records)}")
+        if reason is None and self.max_update_norm > 0:
+            norm = update_norm(records[0], self._arrays, keys)
+            if norm > self.max_update_norm:
+                reason = f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}"
         if reason is not None:
             self.rejected_replies += 1
             return self._fail(hop, f"rejected reply: {reason}")

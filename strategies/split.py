@@ -27,7 +27,8 @@ round visits the next node.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from logging import INFO, WARNING
 from typing import Any
 
@@ -90,6 +91,7 @@ class SplitStrategy(Strategy):
                  lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0,
                  clip_norm: float = 1.0, order: str = "shuffle", seed: int = 0, min_nodes: int = 1,
                  query_timeout: float = 60.0, message_timeout: float = 600.0,
+                 activation_meter: Callable[[list[nn.Parameter]], Any] | None = None,
                  arrayrecord_key: str = "arrays", configrecord_key: str = "config") -> None:
         self.segments = {name: list(keys) for name, keys in segments.items()}
         names = list(self.segments)
@@ -113,6 +115,11 @@ class SplitStrategy(Strategy):
         self.visits: list[dict[str, Any]] = []  # one row per round: node, steps, outcome
         self.failures: list[dict[str, Any]] = []
         self._result: tuple[ArrayRecord | None, MetricRecord | None] = (None, None)
+        # the server side's memory: a context manager with ``.peak`` around each top
+        # step (the caller's saved-activations meter), and the last visit's optimizer
+        self.activation_meter = activation_meter
+        self.server_activation_peak = 0
+        self.server_optimizer: torch.optim.Optimizer | None = None
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -172,6 +179,8 @@ class SplitStrategy(Strategy):
         params = list(self.top.parameters())
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay)
+        self.server_optimizer = optimizer
+        meter = self.activation_meter(params) if self.activation_meter else None
         self.top.train()
         total: int | None = self.steps or None
         grads: torch.Tensor | None = None
@@ -192,7 +201,7 @@ class SplitStrategy(Strategy):
                 if batch == total:
                     return self._trained_bottom(reply, bottom, batch), _metrics(reply)
                 activations, labels = _batch(reply, batch)
-                grads, loss = self._top_step(activations, labels, optimizer, params, batch)
+                grads, loss = self._top_step(activations, labels, optimizer, params, batch, meter)
                 loss_sum, batch = loss_sum + loss, batch + 1
                 visit["steps"] = batch
         finally:
@@ -219,14 +228,17 @@ class SplitStrategy(Strategy):
         return replies[0]
 
     def _top_step(self, activations: torch.Tensor, labels: torch.Tensor,
-                  optimizer: torch.optim.Optimizer, params: list[nn.Parameter], batch: int
-                  ) -> tuple[torch.Tensor, float]:
+                  optimizer: torch.optim.Optimizer, params: list[nn.Parameter], batch: int,
+                  meter: Any = None) -> tuple[torch.Tensor, float]:
         """Top forward, loss, backward and SGD step; return the activations' gradients."""
         activations.requires_grad_(True)
         try:
-            loss = F.cross_entropy(self.top(activations), labels)
+            with meter if meter is not None else nullcontext():
+                loss = F.cross_entropy(self.top(activations), labels)
         except (RuntimeError, ValueError, IndexError) as err:  # wrong shape, label out of range
             raise VisitFailed(f"batch {batch}: rejected activations ({type(err).__name__}: {err})") from None
+        if meter is not None:
+            self.server_activation_peak = max(self.server_activation_peak, meter.peak)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_norm > 0:

@@ -50,6 +50,16 @@ def check_window(reply: ArrayRecord | None, reference: ArrayRecord, keys: Sequen
     return None
 
 
+def update_norm(reply: ArrayRecord, reference: ArrayRecord, keys: Iterable[str]) -> float:
+    """L2 norm of ``reply - reference`` over the floating arrays of ``keys`` (checked replies only)."""
+    total = 0.0
+    for key in keys:
+        new = reply[key].numpy()
+        if new.dtype.kind == "f":
+            total += float(np.sum((new.astype(np.float64) - reference[key].numpy()) ** 2))
+    return total ** 0.5
+
+
 def merge_window(arrays: ArrayRecord, window: ArrayRecord) -> ArrayRecord:
     """A new full record: ``arrays`` with the window's keys replaced, key order kept."""
     unknown = [key for key in window.keys() if key not in arrays]

@@ -134,6 +134,13 @@ def test_split_learning_through_the_server_app(loopback, nodes, tmp_path):
     # per batch: activations and labels up, gradients down, plus the relayed bottom both ways
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in split["rounds"])
     assert split["cut"] == 2 and split["memory"]["frozen_param_bytes"] == 0
+    # the server's side, reported apart: the top (conv3, fc1, head), its gradients and momentum
+    model = build_model(TASKS["synthetic"], 42)
+    top_bytes = sum(p.numel() * 4 for p in model[2:].parameters())
+    server = split["memory_server"]
+    assert server["trainable_param_bytes"] == server["grad_bytes"] == server["optimizer_bytes"] == top_bytes
+    assert server["activation_bytes"] > 0 and server["frozen_param_bytes"] == 0
+    assert split["memory"]["trainable_param_bytes"] == sum(p.numel() * 4 for p in model[:2].parameters())
 
 
 def test_sync_tolerance_sends_less_and_the_clients_agree(loopback, nodes, tmp_path):

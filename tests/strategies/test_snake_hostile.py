@@ -1,0 +1,122 @@
+"""Hostile replies, generated: every one is rejected, counted, and the global model is unchanged."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from snake_flower.results import model_sha256
+from strategies import SnakeStrategy
+
+SEGMENTS = {"s0": ["s0.w"], "s1": ["s1.w", "s1.b"], "s2": ["s2.w"], "head": ["head.w"]}
+ALL_KEYS = [k for keys in SEGMENTS.values() for k in keys]
+MAX_NORM = 10.0
+
+
+def initial() -> ArrayRecord:
+    return ArrayRecord({k: Array(np.full((2, 2), i, np.float32)) for i, k in enumerate(ALL_KEYS)})
+
+
+def one_hop(loopback, hop: int):
+    """A strategy that has just sent hop ``hop``: (strategy, its message, the window keys)."""
+    strategy = SnakeStrategy(SEGMENTS, 1, seed=0, max_update_norm=MAX_NORM)
+    grid = loopback([11, 12], lambda msg: RecordDict({"info": MetricRecord({"rank": msg.metadata.dst_node_id})}))
+    (msg,) = strategy.configure_train(hop, initial(), ConfigRecord({}), grid)
+    keys = [k for name in strategy.hops[-1]["window"] for k in SEGMENTS[name]]
+    return strategy, msg, keys
+
+
+def honest(keys: list[str]) -> dict[str, Array]:
+    start = initial()
+    return {k: Array(start[k].numpy() + 0.5) for k in keys}
+
+
+def _npy(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return buffer.getvalue()
+
+
+# each mutation: (data, window arrays, window keys) -> arrays, or raises nothing; all are hostile
+@st.composite
+def mutations(draw):
+    kind = draw(st.sampled_from(["extra", "missing", "shape", "dtype", "nonfinite", "oversized",
+                                 "garbage", "norm", "lying-shape"]))
+    key_index = draw(st.integers(0, 10))
+    return kind, key_index, draw(st.data())
+
+
+def mutate(arrays: dict[str, Array], keys: list[str], kind: str, key_index: int, data) -> dict[str, Array]:
+    arrays = dict(arrays)
+    key = keys[key_index % len(keys)]
+    base = initial()[key].numpy() + 0.5  # the honest value (arrays[key] may be garbage already)
+    if kind == "extra":  # a layer the node was not given, or a key the model does not have
+        outside = [k for k in ALL_KEYS if k not in keys]
+        name = data.draw(st.one_of(st.sampled_from(outside), st.text(min_size=1, max_size=12)
+                                   .filter(lambda t: t not in keys)))
+        arrays[name] = Array(np.ones((2, 2), np.float32))
+    elif kind == "missing":
+        arrays.pop(key, None)
+        if not arrays:  # a reply with no window at all
+            arrays = {}
+    elif kind == "shape":
+        shape = data.draw(st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
+                          .filter(lambda s: s != (2, 2)))
+        arrays[key] = Array(np.ones(shape, np.float32))
+    elif kind == "dtype":
+        dtype = data.draw(st.sampled_from([np.float64, np.float16, np.int32, np.int64, np.uint8]))
+        arrays[key] = Array(base.astype(dtype))
+    elif kind == "nonfinite":
+        bad = base.copy()
+        bad.flat[data.draw(st.integers(0, 3))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        arrays[key] = Array(bad)
+    elif kind == "oversized":  # declares (2, 2) but carries more
+        big = np.ones((data.draw(st.integers(5, 4096)),), np.float32)
+        arrays[key] = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=_npy(big))
+    elif kind == "lying-shape":  # declares (2, 2), carries another shape of the same size
+        arrays[key] = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray",
+                            data=_npy(np.ones((4,), np.float32)))
+    elif kind == "garbage":
+        junk = data.draw(st.binary(min_size=0, max_size=64))
+        arrays[key] = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=junk)
+    elif kind == "norm":  # finite, right shape, but pushed far in one hop
+        scale = data.draw(st.floats(MAX_NORM, 1e30, allow_nan=False))
+        arrays[key] = Array((base + scale).astype(np.float32))
+    return arrays
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hop=st.integers(1, 12), steps=st.lists(mutations(), min_size=1, max_size=3),
+       extra_record=st.booleans())
+def test_generated_hostile_replies_are_all_rejected(loopback, hop, steps, extra_record):
+    strategy, msg, keys = one_hop(loopback, hop)
+    before = model_sha256(strategy._arrays)
+    arrays = honest(keys)
+    for kind, key_index, data in steps:
+        arrays = mutate(arrays, keys, kind, key_index, data)
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 1})})
+    if extra_record:  # a second ArrayRecord smuggled beside the window
+        content["more"] = ArrayRecord({"s0.w": Array(np.zeros((2, 2), np.float32))})
+    reply = Message(content, reply_to=msg)
+    assert reply.metadata.src_node_id == msg.metadata.dst_node_id
+    merged, _ = strategy.aggregate_train(hop, [reply])
+    assert merged is None
+    assert strategy.rejected_replies == 1 and strategy.hops[-1]["status"] == "failed"
+    assert strategy.failures[-1]["reason"].startswith("rejected reply: ")
+    assert model_sha256(strategy._arrays) == before == model_sha256(initial())
+    assert all(v == 0 for v in strategy.versions.values())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hop=st.integers(1, 12))
+def test_the_honest_reply_is_merged(loopback, hop):
+    """The control: the same harness accepts an honest window, so rejection is not a given."""
+    strategy, msg, keys = one_hop(loopback, hop)
+    reply = Message(RecordDict({"arrays": ArrayRecord(honest(keys)), "metrics": MetricRecord({})}), reply_to=msg)
+    merged, _ = strategy.aggregate_train(hop, [reply])
+    assert merged is not None and strategy.rejected_replies == 0
+    assert {k for k in ALL_KEYS if not np.array_equal(merged[k].numpy(), initial()[k].numpy())} == set(keys)
