@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_toml, parse_overrides, resolve
+from .config import CHOICES, ConfigError, load_toml, parse_overrides, resolve
 from .data import DataError
 
 
@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--jobs", type=int, default=1,
                          help="strategies run at once, each in its own process (default 1: in turn)")
+    report = sub.add_parser("report", help="rebuild summary.json, report.md and plots from a compare folder")
+    report.add_argument("out", help="a folder holding <strategy>.json files of one comparison")
+    report.add_argument("--target-accuracy", type=float, help="default: the runs' own target-accuracy")
     return parser
 
 
@@ -76,17 +79,27 @@ def simulate(config: dict[str, Any], num_supernodes: int) -> None:
 
 def _run_one(config: dict[str, Any], num_supernodes: int) -> dict[str, Any] | None:
     """Simulate one strategy; return its results (``None`` if none were written)."""
-    name = config["strategy"]
-    out = Path(config["out-dir"]) / f"{name}.json"
-    out.unlink(missing_ok=True)  # never report a previous run's file as this one's
+    _results_path(config).unlink(missing_ok=True)  # never report a previous run's file as this one's
     simulate(config, num_supernodes)
-    if not out.exists():
-        print(f"snake-flower: error: the {name} run ended without writing {out}", file=sys.stderr)
+    return _load_results(config)
+
+
+def _results_path(config: dict[str, Any]) -> Path:
+    return Path(config["out-dir"]) / f"{config['strategy']}.json"
+
+
+def _load_results(config: dict[str, Any], code: int = 0) -> dict[str, Any] | None:
+    """A finished run's results, with its one-line summary; ``None`` (and why) if it failed."""
+    path, name = _results_path(config), config["strategy"]
+    if code != 0 or not path.exists():
+        where = f"see {path.with_suffix('.log')}" if code != 0 else f"it wrote no {path}"
+        print(f"snake-flower: error: the {name} run failed (exit {code}); {where}", file=sys.stderr)
         return None
-    result = json.loads(out.read_text())
+    result = json.loads(path.read_text())
     final = result["final"]
+    failed = len(result.get("failures", []))
     print(f"{name}: accuracy {final['accuracy']:.4f}, {final['bytes_total'] / 1e6:.2f} MB moved, "
-          f"{final['wall_s']:.0f} s -> {out}", flush=True)
+          f"{final['wall_s']:.0f} s{f', {failed} FAILED rounds' if failed else ''} -> {path}", flush=True)
     return result
 
 
@@ -95,33 +108,46 @@ def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -
     from .jobs import child_command, run_side_by_side
 
     out = Path(configs[0]["out-dir"])
-    runs: dict[str, dict[str, Any]] = {}
-    names = [cfg["strategy"] for cfg in configs]
-    for start in range(0, len(names), args.jobs):
-        batch = names[start:start + args.jobs]
-        for name in batch:
-            (out / f"{name}.json").unlink(missing_ok=True)  # never report a previous run's file
-        commands = {name: child_command(args.config, args.run_config, name, args.num_supernodes, str(out))
-                    for name in batch}
-        for name, code in run_side_by_side(commands, out).items():
-            path = out / f"{name}.json"
-            if code != 0 or not path.exists():
-                print(f"snake-flower: error: the {name} run failed (exit {code}); see {out / name}.log",
-                      file=sys.stderr)
-                continue
-            runs[name] = json.loads(path.read_text())
-            final = runs[name]["final"]
-            print(f"{name}: accuracy {final['accuracy']:.4f}, {final['bytes_total'] / 1e6:.2f} MB moved, "
-                  f"{final['wall_s']:.0f} s -> {path}", flush=True)
-    return runs
+    for cfg in configs:
+        _results_path(cfg).unlink(missing_ok=True)
+    commands = {cfg["strategy"]: child_command(args.config, args.run_config, cfg["strategy"],
+                                               args.num_supernodes, str(out)) for cfg in configs}
+    codes = run_side_by_side(commands, out, jobs=args.jobs)
+    runs = {cfg["strategy"]: _load_results(cfg, codes[cfg["strategy"]]) for cfg in configs}
+    return {name: run for name, run in runs.items() if run is not None}
+
+
+def _report(args: argparse.Namespace) -> int:
+    """``snake-flower report DIR``: the comparison's outputs again, from its saved runs."""
+    from .compare import write_comparison
+
+    out = Path(args.out)
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))
+            if p.name != "summary.json"}
+    runs = {name: run for name, run in runs.items() if isinstance(run, dict) and "rounds" in run}
+    if not runs:
+        print(f"snake-flower: error: no run results (<strategy>.json) in {out}", file=sys.stderr)
+        return 2
+    known = CHOICES["strategy"]  # snake, fedavg, split: the order of a default comparison
+    runs = dict(sorted(runs.items(), key=lambda kv: known.index(kv[0]) if kv[0] in known else len(known)))
+    previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    target = args.target_accuracy if args.target_accuracy is not None else \
+        next(iter(runs.values()))["config"]["target-accuracy"]
+    write_comparison(out, runs, target, side_by_side=bool(previous.get("side_by_side", False)))
+    print(f"report: {out / 'report.md'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``snake-flower`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "report":
+        return _report(args)
     try:
         config = resolve_run(args)
         names = args.strategies.split(",") if args.command == "compare" else [config["strategy"]]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"strategies: each may appear once, got {args.strategies}")
         configs = [resolve(config, {"strategy": name}) for name in names]
     except (ConfigError, DataError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)

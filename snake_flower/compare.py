@@ -26,6 +26,7 @@ def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
             "round_to_target": rows[reached]["round"] if reached is not None else None,
             "node_peak_memory_bytes": run["memory"]["total_bytes"],
             "wall_s": run["final"]["wall_s"], "rounds": len(rows), "node_visits": visits[-1] if visits else 0,
+            "failed_rounds": sum(1 for r in rows if r.get("status") == "failed"),
             # counted bytes / raw bytes of the tensors carried (framing, configs, metrics)
             "payload_efficiency": counted / raw if raw else None}
 
@@ -73,6 +74,9 @@ def report(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
                          f"({s['visits_to_target']} node visits, {_mb(s['bytes_to_target'])} MB).")
         else:
             lines.append(f"- {name} did **not** reach {target} (best {s['best_accuracy']:.4f}).")
+        if s.get("failed_rounds"):
+            lines.append(f"- **{name}: {s['failed_rounds']} of {s['rounds']} rounds failed** "
+                         f"(reasons under `failures` in {name}.json); its figures are not those of a clean run.")
     reached = {n: s["bytes_to_target"] for n, s in summary["runs"].items() if s["reached_target"]}
     if "snake" in reached and "fedavg" in reached:
         lines.append(f"- Snake / FedAvg bytes to target: {reached['snake'] / reached['fedavg']:.2f}.")

@@ -4,10 +4,11 @@ Flower 1.41's simulation engine moves messages from the LinkState to the ClientA
 workers in a loop that sleeps a fixed 0.1 s between sweeps
 (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``). One hop of
 Snake or one FedAvg round loses at most 0.1 s to it, but split learning makes one
-round trip per mini-batch, so that sleep alone costs it 12,800 x 0.1 s = 21 min in
-the default comparison, about 70 % of its wall time. ``quick_pickup()`` swaps in the
-same loop with an adaptive sleep: 1 ms after a sweep that found a message, doubling
-to at most 20 ms while the state stays empty.
+round trip per mini-batch (12,800 in the default comparison), each waiting for the
+next sweep. ``quick_pickup()`` swaps in the same loop with an adaptive sleep: 1 ms
+after a sweep that found a message, doubling to at most 20 ms while the state stays
+empty. ``experiments/bench_pickup.py`` measured a split-learning visit of 100 round
+trips at 6.97 s instead of 10.16 s (about 7 minutes saved over the comparison).
 
 Only wall time changes: the same messages reach the same ClientApp in the same
 order, so bytes, accuracy and ``model_sha256`` are unchanged (the determinism test

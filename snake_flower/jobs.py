@@ -1,16 +1,15 @@
 """Run a comparison's strategies side by side, each in its own process and Ray simulation.
 
-Split learning makes one round trip per mini-batch, and Flower's simulation engine
-picks up messages every 0.1 s, so a split run waits far more than it computes. Run
-beside Snake and FedAvg it finishes in about the time it takes alone. Each child is
-the same ``snake-flower run`` a user would type for that strategy (same config file,
-same overrides plus ``strategy=...``), so a parallel comparison is the sequential one
-with the waiting overlapped. Each child's output goes to ``<out>/<strategy>.log``.
+Split learning makes one round trip per mini-batch, so it spends most of its time
+waiting on messages, not computing; Snake and FedAvg are bound by compute. Running
+them at once overlaps that waiting with their work. Each child is the same
+``snake-flower run`` a user would type for that strategy (same config file, same
+overrides plus ``strategy=...``), so a parallel comparison is the sequential one with
+the waiting overlapped. Each child's output goes to ``<out>/<strategy>.log``.
 
-Split learning is bound by latency (each batch waits for its round trip), Snake and
-FedAvg by throughput. So the throughput-bound runs are started with a ``nice``
-increment (``LATENCY_BOUND`` keeps normal priority): when the two cores are
-contended, the split run gets them first and the others take what it leaves.
+Scheduling: at most ``jobs`` children run at once, latency-bound strategies
+(``LATENCY_BOUND``) start first and keep normal priority; the others get a ``nice``
+increment, so that when the cores are contended the split run gets them first.
 Wall times of runs made side by side include waiting for the CPU; the report says so.
 """
 
@@ -27,6 +26,7 @@ from pathlib import Path
 
 LATENCY_BOUND = ("split",)
 NICE = 10
+GRACE_S = 30.0  # after SIGINT, before SIGTERM (Flower's ServerApp thread may outlive SIGINT)
 PROGRESS = re.compile(r"\[(\w+) (\d+)/(\d+)\]\s*(acc [0-9.]+)?")
 
 
@@ -41,7 +41,7 @@ def child_command(config_file: str | None, overrides: str, strategy: str, num_su
 def latest_progress(log: Path) -> str:
     """The last progress mark (``name r/N acc x``) in a child's log, or ``starting``."""
     try:
-        text = log.read_text(errors="replace")[-20000:]
+        text = log.read_text(errors="replace")
     except FileNotFoundError:
         return "starting"
     marks = PROGRESS.findall(text)
@@ -51,45 +51,73 @@ def latest_progress(log: Path) -> str:
     return f"{done}/{total}" + (f" {acc}" if acc else "")
 
 
-def run_side_by_side(commands: dict[str, Sequence[str]], out: Path, every: float = 30.0) -> dict[str, int]:
-    """Start every command, show one progress line per ``every`` seconds, wait for all.
+def run_side_by_side(commands: dict[str, Sequence[str]], out: Path, jobs: int | None = None,
+                     every: float = 30.0) -> dict[str, int]:
+    """Run the commands, at most ``jobs`` at once; show a progress line every ``every`` s.
 
-    Returns each strategy's exit code. On Ctrl-C or SIGTERM the children get SIGINT
-    (so that each shuts its Ray cluster down) and are waited for; only processes
-    started here are signalled, by PID. Children get SIGINT's default handling back
-    even when this process was started with it ignored (``nohup ... &``).
+    Returns each strategy's exit code. On Ctrl-C or SIGTERM every running child gets
+    SIGINT (so that it can shut its Ray cluster down), then SIGTERM for its whole
+    process group after ``GRACE_S`` seconds, then SIGKILL; further signals are held
+    off meanwhile, and the interrupt is raised again once every child has ended.
+    Each child runs in its own session, so a terminal's Ctrl-C reaches it only
+    through this process. Only processes started here are signalled.
     """
     out.mkdir(parents=True, exist_ok=True)
     logs = {name: out / f"{name}.log" for name in commands}
+    waiting = sorted(commands, key=lambda name: name not in LATENCY_BOUND)  # stable: split first
+    slots = len(commands) if jobs is None else max(1, jobs)
     children: dict[str, subprocess.Popen] = {}
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        for name, command in commands.items():
-            with logs[name].open("w") as fh:
-                nice = 0 if name in LATENCY_BOUND else NICE
-                children[name] = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT,
-                                                  preexec_fn=lambda nice=nice: _prepare_child(nice))
-            print(f"started {name} (pid {children[name].pid}{f', nice +{nice}' if nice else ''}), "
-                  f"log {logs[name]}", flush=True)
         t0 = last = time.time()
         finished: set[str] = set()
-        while len(finished) < len(children):
+        while waiting or len(finished) < len(children):
+            while waiting and len(children) - len(finished) < slots:
+                _start(waiting.pop(0), commands, logs, children)
             time.sleep(1.0)
             ended = {name for name, child in children.items() if child.poll() is not None}
             if ended - finished or time.time() - last >= every:  # a child ended, or it is time
-                line = "  ".join(f"{name} {_state(child, logs[name])}" for name, child in children.items())
+                line = "  ".join(f"{name} {_state(children.get(name), logs[name])}" for name in commands)
                 print(f"[{time.time() - t0:5.0f} s] {line}", flush=True)
                 finished, last = ended, time.time()
     except KeyboardInterrupt:
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-        for child in children.values():
-            child.wait()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not abandon children
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _stop(children)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return {name: child.returncode for name, child in children.items()}
+    return {name: children[name].returncode for name in commands}
+
+
+def _start(name: str, commands: dict[str, Sequence[str]], logs: dict[str, Path],
+           children: dict[str, subprocess.Popen]) -> None:
+    nice = 0 if name in LATENCY_BOUND else NICE
+    with logs[name].open("w") as fh:
+        children[name] = subprocess.Popen(commands[name], stdout=fh, stderr=subprocess.STDOUT,
+                                          start_new_session=True,
+                                          preexec_fn=lambda: _prepare_child(nice))
+    print(f"started {name} (pid {children[name].pid}{f', nice +{nice}' if nice else ''}), "
+          f"log {logs[name]}", flush=True)
+
+
+def _stop(children: dict[str, subprocess.Popen]) -> None:
+    """SIGINT, then SIGTERM to the process group after a grace period, then SIGKILL."""
+    running = [child for child in children.values() if child.poll() is None]
+    for child in running:
+        child.send_signal(signal.SIGINT)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.time() + GRACE_S
+        while any(child.poll() is None for child in running) and time.time() < deadline:
+            time.sleep(0.5)
+        for child in running:
+            if child.poll() is None:
+                try:  # the child's own session: its Ray processes go with it
+                    os.killpg(child.pid, sig)
+                except ProcessLookupError:
+                    pass
+    for child in running:
+        child.wait()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -103,7 +131,9 @@ def _prepare_child(nice: int) -> None:
         os.nice(nice)
 
 
-def _state(child: subprocess.Popen, log: Path) -> str:
+def _state(child: subprocess.Popen | None, log: Path) -> str:
+    if child is None:
+        return "waiting"
     code = child.poll()
     if code is None:
         return latest_progress(log)

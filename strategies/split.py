@@ -83,6 +83,11 @@ class SplitStrategy(Strategy):
         Seconds to wait for new nodes to report their rank.
     message_timeout : float (default: 600.0)
         Seconds to wait for the node's reply to each message of a visit.
+    activation_meter : Callable[[list[nn.Parameter]], ContextManager] | None (default: None)
+        Given the top's parameters, a context manager with a ``.peak`` attribute (bytes
+        autograd saved in the forward passes it wrapped); the top's forward passes run
+        inside it and ``server_activation_peak`` keeps the largest. ``server_optimizer``
+        is the optimizer of the last completed visit, for the server side's ledger.
     arrayrecord_key, configrecord_key : str
         Keys of the weights and config records in the messages, as in Flower's ``FedAvg``.
     """
@@ -179,7 +184,6 @@ class SplitStrategy(Strategy):
         params = list(self.top.parameters())
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay)
-        self.server_optimizer = optimizer
         meter = self.activation_meter(params) if self.activation_meter else None
         self.top.train()
         total: int | None = self.steps or None
@@ -199,7 +203,9 @@ class SplitStrategy(Strategy):
                 if batches != total:
                     raise VisitFailed(f"batch {batch}: node counts {batches} batches, expected {total}")
                 if batch == total:
-                    return self._trained_bottom(reply, bottom, batch), _metrics(reply)
+                    trained = self._trained_bottom(reply, bottom, batch)
+                    self.server_optimizer = optimizer  # the server's state after a whole visit
+                    return trained, _metrics(reply)
                 activations, labels = _batch(reply, batch)
                 grads, loss = self._top_step(activations, labels, optimizer, params, batch, meter)
                 loss_sum, batch = loss_sum + loss, batch + 1

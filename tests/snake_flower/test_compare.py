@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from snake_flower.cli import main
 from snake_flower.compare import summarize, write_comparison
 
 
@@ -33,6 +34,27 @@ def test_report_says_who_reached_the_target(tmp_path):
     assert "snake reached 0.85 at round 2" in report and "fedavg did **not** reach 0.85" in report
     for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "memory_per_node.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
-    assert "side by side" not in report
+    assert "side by side" not in report and "failed" not in report
+    runs["snake"]["rounds"][0]["status"] = "failed"
+    assert summarize(runs["snake"], 0.85)["failed_rounds"] == 1
+    write_comparison(tmp_path, runs, target=0.85)
+    assert "**snake: 1 of 2 rounds failed**" in (tmp_path / "report.md").read_text()
     write_comparison(tmp_path, runs, target=0.85, side_by_side=True)
     assert "side by side (`--jobs`)" in (tmp_path / "report.md").read_text()
+
+
+def test_report_command_rebuilds_the_outputs_from_saved_runs(tmp_path, capsys):
+    runs = {"fedavg": _run("fedavg", [0.4, 0.9], 4, 4000), "snake": _run("snake", [0.5, 0.9], 1, 1000)}
+    for name, run in runs.items():
+        run["config"] = {"target-accuracy": 0.85}
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    assert main(["report", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["runs"]) == ["snake", "fedavg"] and summary["target_accuracy"] == 0.85
+    assert "snake reached 0.85 at round 2" in (tmp_path / "report.md").read_text()
+    assert main(["report", str(tmp_path), "--target-accuracy", "0.95"]) == 0
+    assert "snake did **not** reach 0.95" in (tmp_path / "report.md").read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    assert capsys.readouterr().err.strip() == f"snake-flower: error: no run results (<strategy>.json) in {empty}"

@@ -6,9 +6,11 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import pytest
 
+from snake_flower import jobs
 from snake_flower.cli import main
 from snake_flower.jobs import child_command, latest_progress, run_side_by_side
 
@@ -53,17 +55,57 @@ def test_jobs_below_one_is_a_config_error(tmp_path, capsys):
 def test_sigterm_interrupts_every_child_even_with_sigint_ignored(tmp_path):
     child = [sys.executable, "-c", "import time\ntry:\n    print('ready', flush=True); time.sleep(60)\n"
              "except KeyboardInterrupt:\n    print('interrupted', flush=True)"]
+
+    def signal_once_both_are_ready():
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(
+                (tmp_path / f"{n}.log").exists() and "ready" in (tmp_path / f"{n}.log").read_text()
+                for n in ("a", "b")):
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `nohup ... &`
-    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
+    threading.Thread(target=signal_once_both_are_ready, daemon=True).start()
     try:
         with pytest.raises(KeyboardInterrupt):
             run_side_by_side({"a": child, "b": child}, tmp_path, every=60.0)
     finally:
-        timer.cancel()
         signal.signal(signal.SIGINT, ignored)
     for name in ("a", "b"):  # both were started, then stopped through their own SIGINT handling
         assert (tmp_path / f"{name}.log").read_text().split() == ["ready", "interrupted"]
+
+
+def test_a_child_that_ignores_sigint_is_terminated_after_the_grace_period(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "GRACE_S", 1.0)
+    stubborn = [sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                "print('ready', flush=True)\ntime.sleep(60)"]
+
+    def signal_once_ready():
+        while "ready" not in ((tmp_path / "s.log").read_text() if (tmp_path / "s.log").exists() else ""):
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_once_ready, daemon=True).start()
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        run_side_by_side({"s": stubborn}, tmp_path, every=60.0)
+    assert time.time() - started < 30  # not the child's 60 s: SIGTERM ended it
+
+
+def test_at_most_jobs_run_at_once_split_first(tmp_path):
+    stamp = [sys.executable, "-c", "import time; print(time.time()); time.sleep(1.5); print(time.time())"]
+    codes = run_side_by_side({"snake": stamp, "fedavg": stamp, "split": stamp}, tmp_path, jobs=1, every=60.0)
+    assert codes == {"snake": 0, "fedavg": 0, "split": 0}
+    spans = {n: [float(v) for v in (tmp_path / f"{n}.log").read_text().split()] for n in codes}
+    order = sorted(spans, key=lambda n: spans[n][0])
+    assert order == ["split", "snake", "fedavg"]
+    assert all(spans[a][1] <= spans[b][0] for a, b in zip(order, order[1:]))  # never two at once
+
+
+def test_a_strategy_named_twice_is_a_config_error(tmp_path, capsys):
+    code = main(["compare", "--run-config", "task=synthetic", "--strategies", "snake,snake", "--out", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "snake-flower: error: strategies: each may appear once, got snake,snake"
 
 
 def test_split_learning_keeps_its_priority_and_the_others_yield(tmp_path):
