@@ -127,6 +127,10 @@ def partition_indices(labels: torch.Tensor, partitioner: str, num_partitions: in
                        classes_per_partition, seed)[partition_id]
 
 
+PARTITION_KEYS = ("partitioner", "dirichlet-alpha", "classes-per-partition", "seed")
+"""The run-config keys that decide a partition (``partition_from_config`` reads these)."""
+
+
 def partition_from_config(labels: torch.Tensor, config: Mapping[str, Any], num_partitions: int,
                           partition_id: int) -> np.ndarray:
     """``partition_indices`` with the partitioner settings of a run-config (kebab-case keys)."""

@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from torch import nn
 
 from .client_app import _partition, app
-from .data import partition_from_config
+from .data import PARTITION_KEYS, partition_from_config
 from .task import TASKS, build_model
 from .training import LocalWork, SavedActivations, memory_ledger, visit_batches, visit_seed
 
@@ -87,9 +87,6 @@ def train_split(msg: Message, context: Context) -> Message:
                           "labels": ArrayRecord({"labels": y[rows].contiguous()}),
                           "metrics": MetricRecord(counts)})
     return Message(content, reply_to=msg)
-
-
-PARTITION_KEYS = ("partitioner", "dirichlet-alpha", "classes-per-partition", "seed")
 
 
 def _partition_key(cfg: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -86,7 +86,7 @@ class SplitStrategy(Strategy):
     activation_meter : Callable[[list[nn.Parameter]], ContextManager] | None (default: None)
         Given the top's parameters, a context manager with a ``.peak`` attribute (bytes
         autograd saved in the forward passes it wrapped); the top's forward passes run
-        inside it and ``server_activation_peak`` keeps the largest. ``server_optimizer``
+        inside it and ``server_activation_peak`` reads its peak. ``server_optimizer``
         is the optimizer of the last completed visit, for the server side's ledger.
     arrayrecord_key, configrecord_key : str
         Keys of the weights and config records in the messages, as in Flower's ``FedAvg``.
@@ -120,11 +120,15 @@ class SplitStrategy(Strategy):
         self.visits: list[dict[str, Any]] = []  # one row per round: node, steps, outcome
         self.failures: list[dict[str, Any]] = []
         self._result: tuple[ArrayRecord | None, MetricRecord | None] = (None, None)
-        # the server side's memory: a context manager with ``.peak`` around each top
-        # step (the caller's saved-activations meter), and the last visit's optimizer
-        self.activation_meter = activation_meter
-        self.server_activation_peak = 0
+        # the server side's memory: one meter (the caller's, a context manager with
+        # ``.peak``) around every top forward pass, and the last visit's optimizer
+        self._meter = activation_meter(list(top.parameters())) if activation_meter else None
         self.server_optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def server_activation_peak(self) -> int:
+        """Most bytes saved for backward in one top forward pass so far (0 without a meter)."""
+        return int(self._meter.peak) if self._meter is not None else 0
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -184,7 +188,6 @@ class SplitStrategy(Strategy):
         params = list(self.top.parameters())
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay)
-        meter = self.activation_meter(params) if self.activation_meter else None
         self.top.train()
         total: int | None = self.steps or None
         grads: torch.Tensor | None = None
@@ -207,7 +210,7 @@ class SplitStrategy(Strategy):
                     self.server_optimizer = optimizer  # the server's state after a whole visit
                     return trained, _metrics(reply)
                 activations, labels = _batch(reply, batch)
-                grads, loss = self._top_step(activations, labels, optimizer, params, batch, meter)
+                grads, loss = self._top_step(activations, labels, optimizer, params, batch)
                 loss_sum, batch = loss_sum + loss, batch + 1
                 visit["steps"] = batch
         finally:
@@ -234,17 +237,15 @@ class SplitStrategy(Strategy):
         return replies[0]
 
     def _top_step(self, activations: torch.Tensor, labels: torch.Tensor,
-                  optimizer: torch.optim.Optimizer, params: list[nn.Parameter], batch: int,
-                  meter: Any = None) -> tuple[torch.Tensor, float]:
+                  optimizer: torch.optim.Optimizer, params: list[nn.Parameter], batch: int
+                  ) -> tuple[torch.Tensor, float]:
         """Top forward, loss, backward and SGD step; return the activations' gradients."""
         activations.requires_grad_(True)
         try:
-            with meter if meter is not None else nullcontext():
+            with self._meter if self._meter is not None else nullcontext():
                 loss = F.cross_entropy(self.top(activations), labels)
         except (RuntimeError, ValueError, IndexError) as err:  # wrong shape, label out of range
             raise VisitFailed(f"batch {batch}: rejected activations ({type(err).__name__}: {err})") from None
-        if meter is not None:
-            self.server_activation_peak = max(self.server_activation_peak, meter.peak)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_norm > 0:

@@ -52,12 +52,7 @@ def check_window(reply: ArrayRecord | None, reference: ArrayRecord, keys: Sequen
 
 def update_norm(reply: ArrayRecord, reference: ArrayRecord, keys: Iterable[str]) -> float:
     """L2 norm of ``reply - reference`` over the floating arrays of ``keys`` (checked replies only)."""
-    total = 0.0
-    for key in keys:
-        new = reply[key].numpy()
-        if new.dtype.kind == "f":
-            total += float(np.sum((new.astype(np.float64) - reference[key].numpy()) ** 2))
-    return total ** 0.5
+    return _squared_sums(reply, reference, keys)[0] ** 0.5
 
 
 def merge_window(arrays: ArrayRecord, window: ArrayRecord) -> ArrayRecord:
@@ -78,14 +73,20 @@ def relative_drift(current: ArrayRecord, held: ArrayRecord, keys: Iterable[str])
     The delta sync's tolerance: a frozen segment whose node copy has drifted less than
     this from the global one is not worth sending again.
     """
-    diff = norm = 0.0
-    for key in keys:
-        old = held[key].numpy()
-        if old.dtype.kind != "f":
-            continue
-        new = current[key].numpy().astype(np.float64)
-        diff += float(np.sum((new - old) ** 2))
-        norm += float(np.sum(old.astype(np.float64) ** 2))
+    diff, norm = _squared_sums(current, held, keys)
     if norm == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
     return (diff / norm) ** 0.5
+
+
+def _squared_sums(new: ArrayRecord, old: ArrayRecord, keys: Iterable[str]) -> tuple[float, float]:
+    """Σ(new − old)² and Σold² over the floating arrays of ``keys``, in float64."""
+    diff = norm = 0.0
+    for key in keys:
+        before = old[key].numpy()
+        if before.dtype.kind != "f":
+            continue
+        after = new[key].numpy().astype(np.float64)
+        diff += float(np.sum((after - before) ** 2))
+        norm += float(np.sum(before.astype(np.float64) ** 2))
+    return diff, norm

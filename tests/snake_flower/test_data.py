@@ -70,3 +70,12 @@ def test_offline_without_local_copy_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist("")
     load_fashion_mnist.cache_clear()
+
+
+def test_partition_keys_are_all_a_partition_reads():
+    from snake_flower.config import DEFAULTS
+    from snake_flower.data import PARTITION_KEYS, partition_from_config
+
+    labels = torch.arange(200) % 10
+    only = {key: DEFAULTS[key] for key in PARTITION_KEYS}  # a KeyError if it reads any other key
+    assert list(partition_from_config(labels, only, 4, 1)) == list(partition_from_config(labels, DEFAULTS, 4, 1))
