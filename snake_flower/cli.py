@@ -155,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     from .plots import plot_accuracy
 
     if args.command == "compare" and args.jobs > 1:
-        runs = _run_side_by_side(args, configs)
+        try:
+            runs = _run_side_by_side(args, configs)
+        except KeyboardInterrupt as why:  # Ctrl-C or SIGTERM: the children were stopped first
+            print(f"snake-flower: interrupted ({why or 'Ctrl-C'}); every run was stopped, "
+                  f"logs in {config['out-dir']}", file=sys.stderr)
+            return 130
     else:
         runs = {}
         for i, cfg in enumerate(configs, 1):

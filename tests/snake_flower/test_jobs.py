@@ -115,3 +115,14 @@ def test_split_learning_keeps_its_priority_and_the_others_yield(tmp_path):
     own = os.nice(0)
     nice = {name: int((tmp_path / f"{name}.log").read_text().split()[1]) for name in ("split", "snake", "fedavg")}
     assert nice == {"split": own, "snake": min(19, own + 10), "fedavg": min(19, own + 10)}
+
+
+def test_an_interrupted_comparison_ends_with_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(jobs, "run_side_by_side", interrupted)
+    code = main(["compare", "--run-config", "task=synthetic", "--jobs", "2", "--out", str(tmp_path)])
+    assert code == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"snake-flower: interrupted (signal 15); every run was stopped, logs in {tmp_path.resolve()}"
