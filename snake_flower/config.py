@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "eval-batch-size": 1000,
     "eval-samples": 0,
     "hop-timeout": 600.0,
+    "fast-poll": True,
     "min-nodes": 1,
     "out-dir": "results",
 }

@@ -21,6 +21,11 @@ from flwr.common.serde import array_record_to_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 
 
+def flower_poll_interval(grid: Grid) -> float:
+    """The fixed pull cadence of Flower's own ``send_and_receive`` for this Grid."""
+    return float(getattr(grid, "pull_interval", 3.0))  # InMemoryGrid 0.1 s; HttpGrid sleeps 3 s
+
+
 def content_bytes(content: RecordDict) -> int:
     """Serialized size of a message's content."""
     return recorddict_to_proto(content).ByteSize()
@@ -77,16 +82,18 @@ class MeteredGrid(Grid):
         The Grid Flower handed to the ServerApp.
     poll_interval : float (default: 0.1)
         Longest wait between pulls in ``send_and_receive``. Pulls start at
-        ``FIRST_POLL`` seconds and back off by doubling up to this, so a quick reply
+        ``first_poll`` seconds and back off by doubling up to this, so a quick reply
         is seen within milliseconds (Flower's Grids wait a fixed 0.1 s in simulation
         and 3 s in deployment), while a long hop polls no more often than this.
+    first_poll : float (default: FIRST_POLL)
+        First wait; set it equal to ``poll_interval`` for a fixed cadence.
     """
 
     FIRST_POLL = 0.002
 
-    def __init__(self, grid: Grid, poll_interval: float = 0.1) -> None:
+    def __init__(self, grid: Grid, poll_interval: float = 0.1, first_poll: float = FIRST_POLL) -> None:
         self.grid = grid
-        self.poll_interval = poll_interval
+        self.poll_interval, self.first_poll = poll_interval, first_poll
         self.rounds: list[RoundMeter] = []
         self.current = RoundMeter()
 
@@ -141,7 +148,7 @@ class MeteredGrid(Grid):
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.time() + timeout
         replies: list[Message] = []
-        wait = min(self.FIRST_POLL, self.poll_interval)
+        wait = min(self.first_poll, self.poll_interval)
         while pending:
             got = list(self.pull_messages(pending))
             replies.extend(got)

@@ -23,7 +23,7 @@ from strategies.nodes import wait_for_nodes
 
 from . import results
 from .config import resolve
-from .metering import MeteredGrid, RoundMeter
+from .metering import MeteredGrid, RoundMeter, flower_poll_interval
 from .recorder import RunRecorder
 from .task import TASKS, build_model, segment_keys
 from .training import SavedActivations, memory_ledger
@@ -50,7 +50,11 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
            visits_per_round: int = 1):
     task = TASKS[config["task"]]
     model = build_model(task, config["seed"])
-    metered = MeteredGrid(grid, poll_interval=poll)
+    if config["fast-poll"]:
+        metered = MeteredGrid(grid, poll_interval=poll)
+    else:  # Flower's own fixed cadence, to measure what the fast poll saves
+        metered = MeteredGrid(grid, poll_interval=flower_poll_interval(grid),
+                              first_poll=flower_poll_interval(grid))
     _, _, x_test, y_test = task.load(config["data-dir"])
     if config["eval-samples"]:  # the first N test examples, the same for every strategy
         x_test, y_test = x_test[:config["eval-samples"]], y_test[:config["eval-samples"]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from snake_flower.metering import MeteredGrid, array_bytes, content_bytes, raw_tensor_bytes
@@ -46,3 +48,23 @@ def test_fashion_model_framing_overhead_is_small():
     raw = raw_tensor_bytes(record)
     assert raw == 4 * sum(p.numel() for p in build_model(TASKS["fashion-mnist"], 0).parameters())
     assert 1.0 < counted / raw <= 1.05
+
+
+def test_flower_poll_interval_is_the_wrapped_grids_cadence(loopback):
+    from snake_flower.metering import flower_poll_interval
+
+    grid = loopback([1], lambda msg: None)
+    assert flower_poll_interval(grid) == 3.0  # no pull_interval: HttpGrid's hard-coded 3 s
+    grid.pull_interval = 0.1  # as InMemoryGrid has
+    assert flower_poll_interval(grid) == 0.1
+    pulls = []
+    pull = grid.pull_messages
+    grid.pull_messages = lambda ids: pulls.append(time.time()) or pull(ids)
+    message = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    MeteredGrid(grid, poll_interval=0.05, first_poll=0.05).send_and_receive([message], timeout=0.12)
+    fixed = len(pulls)
+    assert 3 <= fixed <= 4  # at 0, 0.05, 0.10 (and 0.15): whole intervals
+    pulls.clear()
+    message = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    MeteredGrid(grid, poll_interval=0.05).send_and_receive([message], timeout=0.12)
+    assert len(pulls) > fixed  # the default backoff starts at 2 ms
