@@ -11,6 +11,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from .chaos import maybe_fail
 from .config import kd_enabled
 from .data import partition_from_config
 from .task import TASKS, build_model, segment_keys
@@ -61,6 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     """One Snake hop (or one FedAvg visit when the window is every segment)."""
     cfg = dict(msg.content["config"])
     partition_id, num_partitions = _partition(context)
+    maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0)
     model, held, server_versions = _local_model(cfg, context, msg.content["arrays"])
 
     task = TASKS[cfg["task"]]

@@ -54,6 +54,13 @@ DEFAULTS: dict[str, Any] = {
     "fast-poll": True,
     "min-nodes": 1,
     "out-dir": "results",
+    # failures: a failed node sits out node-backoff hops (doubling); resume from <out-dir>/snake.ckpt
+    "node-backoff": 2,
+    "resume": False,
+    # chaos (simulation): crash a train call with this probability; one node leaves for good
+    "fail-rate": 0.0,
+    "leave-round": 0,
+    "leave-partition": 0,
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -68,7 +75,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
             "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
-                "eval-samples", "sync-tolerance", "max-update-norm")
+                "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
+                "leave-partition")
 
 
 class ConfigError(ValueError):
@@ -167,6 +175,10 @@ def validate(config: Mapping[str, Any]) -> None:
         raise ConfigError("local-epochs: one of local-epochs and local-steps must be > 0")
     if not 0.0 < config["target-accuracy"] <= 1.0:
         raise ConfigError(f"target-accuracy: must be in (0, 1], got {config['target-accuracy']!r}")
+    if not 0.0 <= config["fail-rate"] < 1.0:
+        raise ConfigError(f"fail-rate: must be in [0, 1), got {config['fail-rate']!r}")
+    if config["resume"] and config["strategy"] != "snake":
+        raise ConfigError(f"resume: only strategy snake writes checkpoints, not {config['strategy']!r}")
     if not 0.0 <= config["kd-weight"] <= 1.0:
         raise ConfigError(f"kd-weight: must be in [0, 1], got {config['kd-weight']!r}")
 

@@ -63,6 +63,18 @@ class RunRecorder:
             self._progress(row)
         return MetricRecord(self.evaluated[server_round]) if server_round in self.evaluated else None
 
+    def state(self) -> dict[str, Any]:
+        """Rows, evaluations and elapsed time, for a checkpoint (JSON-able)."""
+        return {"rows": self.rows, "evaluated": [[r, m] for r, m in self.evaluated.items()],
+                "elapsed": time.time() - self.started}
+
+    def restore(self, state: dict[str, Any], arrays: ArrayRecord) -> None:
+        """Continue a run from ``state()``; ``wall_s`` counts on from its elapsed time."""
+        self.rows = list(state["rows"])
+        self.evaluated = {int(r): dict(m) for r, m in state["evaluated"]}
+        self.started = time.time() - float(state["elapsed"])
+        self.arrays = arrays
+
     def write(self, ledgers: list[dict[str, float]], **extra: Any) -> dict[str, Any]:
         """Assemble design §6's results and write ``<out-dir>/<name>.json``."""
         final_round = max(self.evaluated)

@@ -11,17 +11,21 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore import log
 
 from strategies import SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
 
 from . import results
+from .chaos import ChaosGrid
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import resolve
 from .metering import MeteredGrid, RoundMeter, flower_poll_interval
 from .recorder import RunRecorder
@@ -50,6 +54,8 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
            visits_per_round: int = 1):
     task = TASKS[config["task"]]
     model = build_model(task, config["seed"])
+    if config["leave-round"] > 0:  # chaos run: one node leaves for good (see chaos.py)
+        grid = ChaosGrid(grid, config["leave-round"], config["leave-partition"])
     if config["fast-poll"]:
         metered = MeteredGrid(grid, poll_interval=poll)
     else:  # Flower's own fixed cadence, to measure what the fast poll saves
@@ -63,14 +69,18 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
 
 
 def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
-    """One node trains one window per round (hop); only the window travels back."""
+    """One node trains one window per round (hop); only the window travels back.
+
+    The server's state is checkpointed after every hop; ``resume`` continues from it.
+    """
     model, metered, recorder = _setup("snake", grid, config, config["num-server-rounds"])
     strategy = SnakeStrategy(segment_keys(model), config["window"], sweep=config["sweep"],
                              order=config["order"], train_head=config["train-head"],
                              train_stem=config["train-stem"], sync=config["sync"],
                              sync_tolerance=config["sync-tolerance"],
                              max_update_norm=config["max-update-norm"],
-                             min_nodes=config["min-nodes"], seed=config["seed"],
+                             min_nodes=config["min-nodes"], backoff=config["node-backoff"],
+                             seed=config["seed"],
                              query_timeout=min(60.0, config["hop-timeout"]))
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
@@ -83,12 +93,30 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                 "bytes_p2p": tally.up.array_bytes}  # P2P: the window goes once, node to next node
 
     recorder.describe = describe
-    strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
-                   num_rounds=config["num-server-rounds"], timeout=config["hop-timeout"],
-                   train_config=ConfigRecord(dict(config)), evaluate_fn=recorder.evaluate_fn)
+    path, arrays, done = checkpoint_path(config), ArrayRecord(model.state_dict()), 0
+    if config["resume"] and path.exists():
+        arrays, state = load_checkpoint(path, config)
+        strategy.load_state(state["strategy"])
+        recorder.restore(state["recorder"], arrays)
+        done = strategy.round_offset
+        log(INFO, "resuming from %s after %d of %d hops", path, done, config["num-server-rounds"])
+
+    def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and done:  # evaluated before the interruption
+            return MetricRecord(recorder.evaluated[done]) if done in recorder.evaluated else None
+        metrics = recorder.evaluate_fn(server_round + done, arrays)
+        if server_round > 0:
+            save_checkpoint(path, arrays, {"config": config, "strategy": strategy.state(),
+                                           "recorder": recorder.state()})
+        return metrics
+
+    strategy.start(grid=metered, initial_arrays=arrays, num_rounds=config["num-server-rounds"] - done,
+                   timeout=config["hop-timeout"], train_config=ConfigRecord(dict(config)),
+                   evaluate_fn=evaluate_and_checkpoint)
     ledgers = [h["metrics"] for h in strategy.hops if "total-bytes" in h.get("metrics", {})]
     return recorder.write(ledgers, provenance=strategy.provenance, failures=strategy.failures,
-                          rejected_replies=strategy.rejected_replies)
+                          rejected_replies=strategy.rejected_replies, membership=strategy.membership,
+                          resumed_at_round=done or None, checkpoint=str(path))
 
 
 def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +132,8 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         return aggregate_metricrecords(records, weighting)
 
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
-                      min_available_nodes=config["min-nodes"], train_metrics_aggr_fn=aggregate_metrics)
+                      # we waited for min-nodes above; later rounds go on with who is left
+                      min_available_nodes=1, train_metrics_aggr_fn=aggregate_metrics)
     recorder.describe = lambda server_round, tally: {
         "nodes": sorted(tally.up_by_node), "window": segments, "status": "merged",
         "partitions": sorted(int(led["partition-id"]) for led in ledgers[-len(tally.up_by_node):])

@@ -8,7 +8,8 @@ once (a ``query`` message) for its ``rank`` (the app answers with its partition 
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any
 from logging import INFO
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -74,3 +75,55 @@ def round_robin(turn: int, ordered: Sequence[int], order: str = "fixed", seed: i
     if order == "fixed":
         return ordered[slot]
     return ordered[node_permutation(cycle, len(ordered), seed)[slot]]
+
+
+class NodeBackoff:
+    """Nodes that failed a hop sit out a while: ``base`` hops, doubling per failure in a row.
+
+    Parameters
+    ----------
+    base : int (default: 2)
+        Hops a node sits out after its first failure (0 = never back off).
+    cap : int (default: 64)
+        Longest sit-out, in hops.
+    """
+
+    def __init__(self, base: int = 2, cap: int = 64) -> None:
+        if base < 0:
+            raise ValueError(f"backoff: must be >= 0 hops, got {base}")
+        self.base, self.cap = base, cap
+        self.until: dict[int, int] = {}  # node -> first hop it may train again
+        self.streak: dict[int, int] = {}  # node -> failures in a row
+
+    def failed(self, node: int, hop: int) -> int:
+        """Record a failure at ``hop``; return the hops the node now sits out."""
+        self.streak[node] = self.streak.get(node, 0) + 1
+        wait = 0 if self.base == 0 else min(self.cap, self.base * 2 ** (self.streak[node] - 1))
+        self.until[node] = hop + 1 + wait
+        return wait
+
+    def succeeded(self, node: int) -> None:
+        """A merged hop clears the node's record."""
+        self.until.pop(node, None)
+        self.streak.pop(node, None)
+
+    def pick(self, hop: int, ordered: Sequence[int], turn: Callable[[int, Sequence[int]], int]) -> int:
+        """``turn(hop)``'s node, or if it sits out, the node of the nearest later turn that does not.
+
+        When every node sits out, the scheduled node goes anyway: a risky hop beats a stalled run.
+        """
+        for ahead in range(2 * len(ordered) + 1):  # a shuffled cycle may hide a node for < 2 cycles
+            node = turn(hop + ahead, ordered)
+            if self.until.get(node, 0) <= hop:
+                return node
+        return turn(hop, ordered)
+
+    def state(self, key: Callable[[int], Any]) -> list[list[Any]]:
+        """``[[key(node), until, streak], ...]`` (node ids change between runs; keys need not)."""
+        return [[key(node), self.until[node], self.streak[node]] for node in self.until]
+
+    def restore(self, rows: Sequence[Sequence[Any]], node_of: Mapping[Any, int]) -> None:
+        """Reload ``state`` rows whose key maps to a node now connected."""
+        for key, until, streak in rows:
+            if key in node_of:
+                self.until[node_of[key]], self.streak[node_of[key]] = int(until), int(streak)

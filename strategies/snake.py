@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from .nodes import ordered_nodes
+from .nodes import NodeBackoff, ordered_nodes
 from .schedule import SnakeSchedule
 from .window import check_window, merge_window, relative_drift, select, update_norm, window_keys
 
@@ -45,7 +45,11 @@ class SnakeStrategy(Strategy):
         copy has drifted from the node's by more than this relative L2 norm; the
         window is always sent current. 0 resends every changed segment.
     min_nodes : int (default: 1)
-        Nodes that must be connected before a hop starts.
+        Nodes that must be connected before the first hop; later hops go on with
+        whoever is connected (nodes join and leave between hops).
+    backoff : int (default: 2)
+        Hops a node sits out after a failed hop, doubling with each failure in a row
+        (see :class:`strategies.nodes.NodeBackoff`).
     max_update_norm : float (default: 0.0)
         Reject a reply whose window differs from the one sent by more than this L2
         norm (a node pushing the model far in one hop); 0 sets no limit.
@@ -61,7 +65,7 @@ class SnakeStrategy(Strategy):
     def __init__(self, segments: Mapping[str, Sequence[str]], window: int = 1, *,
                  sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
                  train_stem: bool = False, sync: str = "delta", sync_tolerance: float = 0.0,
-                 min_nodes: int = 1, max_update_norm: float = 0.0,
+                 min_nodes: int = 1, backoff: int = 2, max_update_norm: float = 0.0,
                  query_timeout: float = 60.0, seed: int = 0,
                  report_keys: Sequence[str] = ("train-loss", "num-examples"),
                  arrayrecord_key: str = "arrays", configrecord_key: str = "config") -> None:
@@ -77,6 +81,7 @@ class SnakeStrategy(Strategy):
             raise ValueError(f"max_update_norm: must be >= 0 (0 = no limit), got {max_update_norm}")
         self.max_update_norm = max_update_norm
         self.min_nodes, self.query_timeout = min_nodes, query_timeout
+        self.backoff = NodeBackoff(backoff)
         self.report_keys = tuple(report_keys)
         self.arrayrecord_key, self.configrecord_key = arrayrecord_key, configrecord_key
         self.versions = {name: 0 for name in self.segments}  # bumped on every merge
@@ -87,6 +92,10 @@ class SnakeStrategy(Strategy):
         self.failures: list[dict[str, Any]] = []
         self.rejected_replies = 0
         self.node_ranks: dict[int, float] = {}  # stable order of nodes, reported by them
+        self.membership: list[dict[str, Any]] = []  # nodes that joined or left, per round
+        self.round_offset = 0  # rounds done before a resume; Flower counts from 1 again
+        self._connected: set[int] = set()
+        self._restored_backoff: list[list[Any]] = []
         self._arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -102,10 +111,11 @@ class SnakeStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Send the next node what it lacks and the window it must train."""
-        nodes = self._ordered_nodes(grid)
+        server_round += self.round_offset
+        nodes = self._ordered_nodes(grid, server_round)
         hop = server_round - 1
         window = self.schedule.window_at(hop)
-        node = self.schedule.node_at(hop, nodes)
+        node = self.backoff.pick(hop, nodes, self.schedule.node_at)
         self._arrays = arrays
         sent = self._segments_to_send(node, window)
         cfg = ConfigRecord(dict(config))
@@ -129,6 +139,7 @@ class SnakeStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the single reply and merge its window into the full model."""
+        server_round += self.round_offset
         hop = self.hops[-1]
         hop["seconds"] = time.time() - hop["started"]  # send to reply, as the server sees it
         node, window = hop["node"], hop["window"]
@@ -166,6 +177,7 @@ class SnakeStrategy(Strategy):
             for name in set(hop["segments_sent"]) | set(window):
                 copies[name] = select(merged, self.segments[name])
         hop["status"] = "merged"
+        self.backoff.succeeded(node)
         return merged, MetricRecord({k: reported[k] for k in self.report_keys if k in reported})
 
     # ---- evaluation is centralized (ServerApp's evaluate_fn) ---------------
@@ -197,11 +209,50 @@ class SnakeStrategy(Strategy):
         self.node_versions.pop(hop["node"], None)
         self.node_arrays.pop(hop["node"], None)
         hop["status"], hop["reason"] = "failed", reason
-        self.failures.append({"round": hop["round"], "node": hop["node"], "reason": reason})
-        log(WARNING, "hop %d: node %d failed, global model unchanged: %s", hop["round"], hop["node"], reason)
+        wait = self.backoff.failed(hop["node"], hop["round"] - 1)
+        self.failures.append({"round": hop["round"], "node": hop["node"], "reason": reason,
+                              "backoff_hops": wait})
+        log(WARNING, "hop %d: node %d failed, global model unchanged, node sits out %d hops: %s",
+            hop["round"], hop["node"], wait, reason)
         return None, None
 
-    def _ordered_nodes(self, grid: Grid) -> list[int]:
-        """Connected nodes in a stable order (see :func:`strategies.nodes.ordered_nodes`)."""
-        return ordered_nodes(grid, self.node_ranks, min_nodes=self.min_nodes,
-                             query_timeout=self.query_timeout, configrecord_key=self.configrecord_key)
+    def _ordered_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """Connected nodes in a stable order; joins and leaves are logged and recorded."""
+        first = not self.node_ranks  # a resumed run waits for its nodes again, too
+        nodes = ordered_nodes(grid, self.node_ranks, min_nodes=self.min_nodes if first else 1,
+                              query_timeout=self.query_timeout, configrecord_key=self.configrecord_key)
+        joined, left = set(nodes) - self._connected, self._connected - set(nodes)
+        if self._connected and (joined or left):
+            self.membership.append({"round": server_round, "joined": sorted(joined), "left": sorted(left)})
+            log(INFO, "hop %d: %d node(s) joined, %d left; %d in the chain",
+                server_round, len(joined), len(left), len(nodes))
+        for node in left:  # should it come back, its copy is unknown: resync it in full
+            self.node_versions.pop(node, None)
+            self.node_arrays.pop(node, None)
+        self._connected = set(nodes)
+        if self._restored_backoff:  # node ids are new after a resume; ranks are not
+            self.backoff.restore(self._restored_backoff, {r: n for n, r in self.node_ranks.items()})
+            self._restored_backoff = []
+        return nodes
+
+    # ---- checkpoint ---------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs (JSON-able); node ids are replaced by ranks."""
+        return {"rounds-done": len(self.hops), "versions": self.versions, "provenance": self.provenance,
+                "hops": self.hops, "failures": self.failures, "rejected-replies": self.rejected_replies,
+                "membership": self.membership,
+                "backoff": self.backoff.state(lambda node: self.node_ranks.get(node, float("inf")))}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state()``: later rounds count on from its ``rounds-done``.
+
+        Nodes keep their copies in the run's context, which a new run does not
+        have, so every node gets the full model on its next visit.
+        """
+        self.round_offset = int(state["rounds-done"])
+        self.versions = {name: int(state["versions"][name]) for name in self.segments}
+        self.provenance, self.hops = dict(state["provenance"]), list(state["hops"])
+        self.failures, self.membership = list(state["failures"]), list(state["membership"])
+        self.rejected_replies = int(state["rejected-replies"])
+        self._restored_backoff = [list(row) for row in state["backoff"]]
+        self.node_versions, self.node_arrays, self.node_ranks, self._connected = {}, {}, {}, set()

@@ -78,7 +78,8 @@ class SplitStrategy(Strategy):
     seed : int (default: 0)
         Seed of the shuffled order.
     min_nodes : int (default: 1)
-        Nodes that must be connected before a visit starts.
+        Nodes that must be connected before the first visit; later visits go on
+        with whoever is connected.
     query_timeout : float (default: 60.0)
         Seconds to wait for new nodes to report their rank.
     message_timeout : float (default: 600.0)
@@ -273,7 +274,8 @@ class SplitStrategy(Strategy):
         return None, None
 
     def _ordered_nodes(self, grid: Grid) -> list[int]:
-        return ordered_nodes(grid, self.node_ranks, min_nodes=self.min_nodes,
+        first = not self.node_ranks  # once started, a node that left must not stall the run
+        return ordered_nodes(grid, self.node_ranks, min_nodes=self.min_nodes if first else 1,
                              query_timeout=self.query_timeout, configrecord_key=self.configrecord_key)
 
 

@@ -84,3 +84,59 @@ def test_flwr_run_uses_pyproject_config(tmp_path):
     result = json.loads((tmp_path / "out" / "snake.json").read_text())
     assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
     assert result["config"]["window"] == 2  # the pyproject default reached the ServerApp
+
+
+def _rounds_done(checkpoint: Path) -> int:
+    """Hops a checkpoint holds (0 while there is none yet)."""
+    import torch
+
+    try:
+        return json.loads(torch.load(checkpoint, weights_only=True)["state"])["strategy"]["rounds-done"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    rows = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    for row in rows.splitlines():
+        child, parent = map(int, row.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def test_run_killed_half_way_resumes_to_the_same_model(tmp_path):
+    overrides = "task=synthetic num-server-rounds=12 window=1 local-epochs=2"
+    whole = _simulate(tmp_path / "whole", overrides)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "snake_flower.cli", "run", "--num-supernodes", "3",
+           "--run-config", overrides, "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _rounds_done(out / "snake.ckpt") < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    family = _descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run, Ray included, with no chance to tidy up
+    proc.wait()
+    for pid in family:  # anything that left the session
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed_at = _rounds_done(out / "snake.ckpt")
+    assert 5 <= killed_at < 12, f"the run was not stopped half-way (checkpoint at {killed_at})"
+    assert not (out / "snake.json").exists()
+
+    resumed = _simulate(out, overrides + " resume=true")
+    assert resumed["resumed_at_round"] == killed_at
+    assert [r["round"] for r in resumed["rounds"]] == list(range(1, 13))
+    assert resumed["final"]["model_sha256"] == whole["final"]["model_sha256"]
+    assert resumed["failures"] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -147,19 +148,56 @@ def test_error_reply_costs_the_hop_and_forces_a_full_resync(loopback):
         return Error(code=1, reason="node crashed") if fail_first.calls == 1 else reply
     fail_first.calls = 0
     nodes = AddOneNodes({1: 0, 2: 1}, tamper=fail_first)
-    strategy, _ = run(loopback, nodes, rounds=4, order="fixed")
-    assert strategy.failures == [{"round": 1, "node": 1, "reason": "error reply: node crashed"}]
+    strategy, _ = run(loopback, nodes, rounds=6, order="fixed")
+    assert strategy.failures == [{"round": 1, "node": 1, "reason": "error reply: node crashed",
+                                  "backoff_hops": 2}]
     assert strategy.rejected_replies == 0
-    assert [h["status"] for h in strategy.hops] == ["failed", "merged", "merged", "merged"]
-    assert set(strategy.hops[2]["segments_sent"]) == set(SEGMENTS)  # node 1's copy is unknown
+    assert [h["status"] for h in strategy.hops] == ["failed"] + ["merged"] * 5
+    # node 1 sits out two hops (node 2 takes its turn), then on a later turn comes back
+    back = next(i for i, h in enumerate(strategy.hops) if i > 0 and h["node"] == 1)
+    assert back >= 3 and [h["node"] for h in strategy.hops[1:back]] == [2] * (back - 1)
+    assert set(strategy.hops[back]["segments_sent"]) == set(SEGMENTS)  # its copy is unknown
 
 
 def test_vanished_node_costs_only_its_hop(loopback):
     nodes = AddOneNodes({1: 0, 2: 1}, tamper=lambda reply, node: None if node == 2 else reply)
-    strategy, result = run(loopback, nodes, rounds=4, order="fixed")
+    strategy, result = run(loopback, nodes, rounds=4, order="fixed", backoff=0)
     assert [h["status"] for h in strategy.hops] == ["merged", "failed", "merged", "failed"]
     assert all(f["reason"] == "no reply before the hop timeout" for f in strategy.failures)
     assert values(result.arrays) != values(initial())
+
+
+def test_failed_node_backs_off_doubling_while_others_carry_on(loopback):
+    nodes = AddOneNodes({1: 0, 2: 1, 3: 2}, tamper=lambda reply, node: None if node == 2 else reply)
+    strategy, _ = run(loopback, nodes, rounds=12, order="fixed", backoff=1)
+    tried = [h["round"] for h in strategy.hops if h["node"] == 2]
+    waits = [f["backoff_hops"] for f in strategy.failures]
+    assert waits == [1, 2, 4][:len(waits)] and len(waits) >= 2  # doubling per failure in a row
+    # between two tries it sat out at least its backoff (then waited for its turn)
+    assert all(b - a - 1 >= wait for a, b, wait in zip(tried, tried[1:], waits))
+    assert all(h["status"] == "merged" for h in strategy.hops if h["node"] != 2)
+
+
+def test_nodes_that_join_or_leave_change_the_chain(loopback):
+    nodes = AddOneNodes({1: 0, 2: 1, 3: 2})
+    grid = loopback([1, 2], nodes)
+    strategy = SnakeStrategy(SEGMENTS, 1, order="fixed")
+    seen = []
+
+    def membership_changes(server_round, arrays):
+        seen.append(server_round)
+        if server_round == 3:
+            grid.node_ids.append(3)  # a node joins
+        if server_round == 6:
+            grid.node_ids.remove(1)  # a node leaves for good
+        return None
+
+    strategy.start(grid=grid, initial_arrays=initial(), num_rounds=10, evaluate_fn=membership_changes)
+    visited = [h["node"] for h in strategy.hops]
+    assert 3 not in visited[:3] and 3 in visited[3:]
+    assert 1 in visited[:6] and 1 not in visited[6:]
+    assert [(m["round"], m["joined"], m["left"]) for m in strategy.membership] == [(4, [3], []), (7, [], [1])]
+    assert all(h["status"] == "merged" for h in strategy.hops)
 
 
 def test_unknown_sync_is_refused():
@@ -186,3 +224,24 @@ def test_sync_tolerance_skips_barely_changed_frozen_segments(loopback):
 def test_negative_tolerance_is_refused():
     with pytest.raises(ValueError, match="sync_tolerance"):
         SnakeStrategy(SEGMENTS, 1, sync_tolerance=-0.1)
+
+
+def test_state_resumes_to_the_same_model_on_new_node_ids(loopback):
+    whole, final = run(loopback, AddOneNodes({1: 0, 2: 1, 3: 2}), rounds=9, order="shuffle")
+
+    first, part = run(loopback, AddOneNodes({1: 0, 2: 1, 3: 2}), rounds=5, order="shuffle")
+    state = json.loads(json.dumps(first.state()))  # as a checkpoint stores it
+    resumed = SnakeStrategy(SEGMENTS, 1, seed=0, order="shuffle")
+    resumed.load_state(state)
+    nodes = AddOneNodes({41: 0, 42: 1, 43: 2})  # restarted: new ids, empty copies, same ranks
+    rest = Global()
+    resumed.start(grid=loopback(list(nodes.ranks), nodes), initial_arrays=part.arrays, num_rounds=4,
+                  timeout=5.0, evaluate_fn=rest)
+    assert values(rest.arrays) == values(final.arrays)
+    assert [h["round"] for h in resumed.hops] == list(range(1, 10))
+    assert [h["window"] for h in resumed.hops] == [h["window"] for h in whole.hops]
+    # the same ranks in the same turns; every node's first visit after the restart is a full sync
+    ranks = {1: 0, 2: 1, 3: 2, 41: 0, 42: 1, 43: 2}
+    assert [ranks[h["node"]] for h in resumed.hops] == [ranks[h["node"]] for h in whole.hops]
+    firsts = {h["node"]: h for h in reversed(resumed.hops[5:])}
+    assert all(set(h["segments_sent"]) == set(SEGMENTS) for h in firsts.values())

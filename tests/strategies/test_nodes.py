@@ -1,0 +1,50 @@
+"""NodeBackoff: failed nodes sit out, doubling, and others take their turns."""
+
+from __future__ import annotations
+
+import pytest
+
+from strategies.nodes import NodeBackoff
+
+
+def in_turn(hop, ordered):
+    return ordered[hop % len(ordered)]
+
+
+def test_failed_node_sits_out_doubling_up_to_the_cap():
+    backoff = NodeBackoff(base=2, cap=5)
+    assert [backoff.failed(7, hop) for hop in (0, 10, 20)] == [2, 4, 5]
+    backoff.succeeded(7)
+    assert backoff.failed(7, 30) == 2  # a merged hop clears the streak
+
+
+def test_a_sitting_out_node_is_replaced_by_the_next_turns_node():
+    backoff = NodeBackoff(base=4)
+    backoff.failed(1, hop=0)  # may train again from hop 5
+    nodes = [1, 2, 3]
+    # node 1's turn at hop 3 goes to the next turn's node (2); at hop 6 it is back
+    assert [backoff.pick(hop, nodes, in_turn) for hop in range(1, 7)] == [2, 3, 2, 2, 3, 1]
+
+
+def test_when_every_node_sits_out_the_scheduled_one_goes():
+    backoff = NodeBackoff(base=4)
+    for node in (1, 2):
+        backoff.failed(node, hop=0)
+    assert backoff.pick(1, [1, 2], in_turn) == 2
+
+
+def test_zero_base_never_backs_off_and_negative_is_refused():
+    backoff = NodeBackoff(base=0)
+    assert backoff.failed(1, 0) == 0 and backoff.pick(1, [1, 2], in_turn) == 2
+    with pytest.raises(ValueError, match="backoff"):
+        NodeBackoff(base=-1)
+
+
+def test_state_moves_to_new_node_ids_by_key():
+    backoff = NodeBackoff(base=2)
+    backoff.failed(101, hop=5)
+    rows = backoff.state({101: 3.0}.get)  # keyed by the node's rank
+    again = NodeBackoff(base=2)
+    again.restore(rows, {3.0: 555, 4.0: 556})  # after a restart, the same rank has a new id
+    assert again.until == {555: 8} and again.streak == {555: 1}
+    assert again.failed(555, hop=8) == 4  # the streak carried over
