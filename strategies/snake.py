@@ -205,6 +205,8 @@ class SnakeStrategy(Strategy):
         return stale
 
     def _fail(self, hop: dict[str, Any], reason: str) -> tuple[None, None]:
+        # An error reply can carry a whole remote traceback; its last line says what happened.
+        reason = [line for line in reason.splitlines() if line.strip()][-1][:300] if reason.strip() else reason
         # The node's copy is now unknown: its next visit resends the whole model.
         self.node_versions.pop(hop["node"], None)
         self.node_arrays.pop(hop["node"], None)

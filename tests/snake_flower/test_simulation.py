@@ -140,3 +140,15 @@ def test_run_killed_half_way_resumes_to_the_same_model(tmp_path):
     assert [r["round"] for r in resumed["rounds"]] == list(range(1, 13))
     assert resumed["final"]["model_sha256"] == whole["final"]["model_sha256"]
     assert resumed["failures"] == []
+
+
+def test_chaos_run_in_ray_records_failed_hops_and_the_node_that_left(tmp_path):
+    result = _simulate(tmp_path, "task=synthetic num-server-rounds=10 window=1 fail-rate=0.3 "
+                                 "leave-round=5 leave-partition=1 hop-timeout=60")
+    rows = result["rounds"]
+    assert len(rows) == 10 and result["failures"]
+    assert {f["round"] for f in result["failures"]} == {r["round"] for r in rows if r["status"] == "failed"}
+    assert any("injected failure" in f["reason"] for f in result["failures"])
+    assert [m["left"] != [] for m in result["membership"]] == [True]
+    assert all(1 not in r["partitions"] for r in rows[5:])  # partition 1 is gone from hop 6 on
+    assert result["final"]["accuracy"] > result["initial"]["accuracy"]
