@@ -18,6 +18,8 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from .metering import ForwardingGrid
+
 
 class InjectedFailure(RuntimeError):
     """The crash that ``fail-rate`` injects."""
@@ -33,7 +35,7 @@ def maybe_fail(config: Mapping[str, Any], partition_id: int) -> None:
                                   f"{config['server-round']}, partition {partition_id}")
 
 
-class ChaosGrid(Grid):
+class ChaosGrid(ForwardingGrid):
     """A Grid from which the node holding ``partition`` disappears at ``leave_round``.
 
     The node is known by its partition id, which it reports as its rank (Snake's
@@ -42,19 +44,10 @@ class ChaosGrid(Grid):
     """
 
     def __init__(self, grid: Grid, leave_round: int, partition: int) -> None:
-        self.grid, self.leave_round, self.partition = grid, leave_round, partition
+        super().__init__(grid)
+        self.leave_round, self.partition = leave_round, partition
         self.partition_of: dict[int, int] = {}
         self.gone: set[int] = set()
-
-    def set_run(self, run):  # noqa: ANN001, D102 - Grid's own signature
-        self.grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201, D102
-        return self.grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201, D102
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
         return [node for node in self.grid.get_node_ids() if node not in self.gone]

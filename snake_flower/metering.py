@@ -23,6 +23,8 @@ from flwr.serverapp import Grid
 
 def flower_poll_interval(grid: Grid) -> float:
     """The fixed pull cadence of Flower's own ``send_and_receive`` for this Grid."""
+    while isinstance(grid, ForwardingGrid):  # ours wrap Flower's
+        grid = grid.grid
     return float(getattr(grid, "pull_interval", 3.0))  # InMemoryGrid 0.1 s; HttpGrid sleeps 3 s
 
 
@@ -70,7 +72,40 @@ class RoundMeter:
     up_by_node: dict[int, Tally] = field(default_factory=lambda: defaultdict(Tally))
 
 
-class MeteredGrid(Grid):
+class ForwardingGrid(Grid):
+    """A ``Grid`` that hands every call to the Grid it wraps; subclasses change a few."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def set_run(self, run):  # noqa: ANN001, D102 - Grid's own signature
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201, D102
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201, D102
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201, D102
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:  # noqa: D102
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class MeteredGrid(ForwardingGrid):
     """A ``Grid`` that forwards everything and counts message bytes.
 
     ``close_round()`` ends the current round's tally and starts the next, so the
@@ -92,7 +127,7 @@ class MeteredGrid(Grid):
     FIRST_POLL = 0.002
 
     def __init__(self, grid: Grid, poll_interval: float = 0.1, first_poll: float = FIRST_POLL) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.poll_interval, self.first_poll = poll_interval, first_poll
         self.rounds: list[RoundMeter] = []
         self.current = RoundMeter()
@@ -102,23 +137,6 @@ class MeteredGrid(Grid):
         done, self.current = self.current, RoundMeter()
         self.rounds.append(done)
         return done
-
-    # ---- Grid interface, forwarded ----------------------------------------
-    def set_run(self, run):  # noqa: ANN001, D102 - Grid's own signature
-        self.grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201, D102
-        return self.grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201, D102
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):  # noqa: ANN201, D102
-        return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Count each message's content down to its node, then push."""

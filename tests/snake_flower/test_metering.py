@@ -57,6 +57,7 @@ def test_flower_poll_interval_is_the_wrapped_grids_cadence(loopback):
     assert flower_poll_interval(grid) == 3.0  # no pull_interval: HttpGrid's hard-coded 3 s
     grid.pull_interval = 0.1  # as InMemoryGrid has
     assert flower_poll_interval(grid) == 0.1
+    assert flower_poll_interval(MeteredGrid(MeteredGrid(grid))) == 0.1  # seen through our wrappers
     pulls = []
     pull = grid.pull_messages
     grid.pull_messages = lambda ids: pulls.append(time.time()) or pull(ids)
