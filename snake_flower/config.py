@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "local-steps": 100,
     "batch-size": 32,
     "lr": 0.05,
+    "lr-decay": "cosine",
+    "lr-floor": 0.1,
     "momentum": 0.9,
     "weight-decay": 0.0,
     "clip-norm": 1.0,
@@ -70,6 +72,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "order": ("fixed", "shuffle"),
     "sync": ("delta", "window"),
     "kd": ("auto", "on", "off"),
+    "lr-decay": ("none", "cosine"),
 }
 
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
@@ -175,6 +178,8 @@ def validate(config: Mapping[str, Any]) -> None:
         raise ConfigError("local-epochs: one of local-epochs and local-steps must be > 0")
     if not 0.0 < config["target-accuracy"] <= 1.0:
         raise ConfigError(f"target-accuracy: must be in (0, 1], got {config['target-accuracy']!r}")
+    if not 0.0 <= config["lr-floor"] <= 1.0:
+        raise ConfigError(f"lr-floor: must be in [0, 1], got {config['lr-floor']!r}")
     if not 0.0 <= config["fail-rate"] < 1.0:
         raise ConfigError(f"fail-rate: must be in [0, 1), got {config['fail-rate']!r}")
     if config["resume"] and config["strategy"] != "snake":

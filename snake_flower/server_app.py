@@ -30,7 +30,7 @@ from .config import resolve
 from .metering import MeteredGrid, RoundMeter, flower_poll_interval
 from .recorder import RunRecorder
 from .task import TASKS, build_model, segment_keys
-from .training import SavedActivations, memory_ledger
+from .training import SavedActivations, memory_ledger, scheduled_lr
 
 
 def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
@@ -139,7 +139,8 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         "partitions": sorted(int(led["partition-id"]) for led in ledgers[-len(tally.up_by_node):])
         if tally.up_by_node else []}
     # The same ClientApp as Snake: the window is the whole model and nothing is stale.
-    train_config = ConfigRecord({**config, "window": segments, "sync": "window",
+    # lr-rounds: FedAvg's lr decays over its own rounds (Snake's and split's: num-server-rounds)
+    train_config = ConfigRecord({**config, "window": segments, "sync": "window", "lr-rounds": num_rounds,
                                  "segments-sent": segments, "segment-versions": [0] * len(segments)})
     strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=num_rounds,
                    timeout=config["hop-timeout"], train_config=train_config,
@@ -155,6 +156,8 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     top = copy.deepcopy(model[config["cut"]:])  # the server's part, same seeded weights
     strategy = SplitStrategy(segment_keys(model), config["cut"], top, config["local-steps"],
                              lr=config["lr"], momentum=config["momentum"],
+                             lr_at=lambda visit: scheduled_lr(config["lr"], visit, config["num-server-rounds"],
+                                                              config["lr-decay"], config["lr-floor"]),
                              weight_decay=config["weight-decay"], clip_norm=config["clip-norm"],
                              order=config["order"], seed=config["seed"], min_nodes=config["min-nodes"],
                              query_timeout=min(60.0, config["hop-timeout"]),

@@ -8,6 +8,7 @@ the optimizer, eval mode for their buffers), so their values are left bit-identi
 from __future__ import annotations
 
 import copy
+import math
 import resource
 import time
 from collections.abc import Iterable
@@ -34,13 +35,32 @@ class LocalWork:
 
     @classmethod
     def from_config(cls, config: dict, kd: bool) -> "LocalWork":
-        """Build from a run-config (kebab-case keys)."""
+        """Build from a run-config (kebab-case keys); the lr is this visit's (``lr-decay``)."""
+        lr = scheduled_lr(float(config["lr"]), int(config.get("server-round", 1)),
+                          int(config.get("lr-rounds", config.get("num-server-rounds", 1))),
+                          config.get("lr-decay", "none"), float(config.get("lr-floor", 1.0)))
         return cls(epochs=int(config["local-epochs"]), steps=int(config["local-steps"]),
-                   batch_size=int(config["batch-size"]), lr=float(config["lr"]),
+                   batch_size=int(config["batch-size"]), lr=lr,
                    momentum=float(config["momentum"]), weight_decay=float(config["weight-decay"]),
                    clip_norm=float(config["clip-norm"]),
                    kd_weight=float(config["kd-weight"]) if kd else 0.0,
                    kd_temperature=float(config["kd-temperature"]))
+
+
+def scheduled_lr(lr: float, server_round: int, rounds: int, decay: str = "none",
+                 floor: float = 0.1) -> float:
+    """The learning rate of round ``server_round`` of ``rounds``.
+
+    ``"cosine"`` falls from ``lr`` at the first round to ``floor * lr`` at the last, so the
+    last hops of a chain polish the model instead of tilting it towards the last
+    node's classes; ``"none"`` keeps ``lr``.
+    """
+    if decay == "none" or rounds <= 1:
+        return lr
+    if decay != "cosine":
+        raise ValueError(f"lr-decay: {decay!r} is not one of none, cosine")
+    progress = min(1.0, max(0.0, (server_round - 1) / (rounds - 1)))
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def freeze_outside(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parameter]:

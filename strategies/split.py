@@ -72,6 +72,9 @@ class SplitStrategy(Strategy):
         SGD of both sides, sent to the node with every message. Each visit starts a
         fresh optimizer on either side; each side clips its own gradient norm
         (``clip_norm = 0`` disables clipping).
+    lr_at : Callable[[int], float], optional
+        The server side's learning rate at each visit (round); default ``lr`` always.
+        The node derives its own from the config it is sent, by the same rule.
     order : str (default: "shuffle")
         ``"fixed"`` (round robin in the nodes' stable order) or ``"shuffle"`` (a seeded
         permutation per cycle, the same as ``SnakeSchedule``'s).
@@ -94,7 +97,8 @@ class SplitStrategy(Strategy):
     """
 
     def __init__(self, segments: Mapping[str, Sequence[str]], cut: int, top: nn.Module, steps: int, *,
-                 lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0,
+                 lr: float = 0.05, lr_at: Callable[[int], float] | None = None,
+                 momentum: float = 0.9, weight_decay: float = 0.0,
                  clip_norm: float = 1.0, order: str = "shuffle", seed: int = 0, min_nodes: int = 1,
                  query_timeout: float = 60.0, message_timeout: float = 600.0,
                  activation_meter: Callable[[list[nn.Parameter]], Any] | None = None,
@@ -114,6 +118,7 @@ class SplitStrategy(Strategy):
             raise ValueError(f"top: its state_dict keys are not those of segments {self.top_segments}")
         self.top, self.steps = top, steps
         self.lr, self.momentum, self.weight_decay, self.clip_norm = lr, momentum, weight_decay, clip_norm
+        self.lr_at = lr_at or (lambda server_round: lr)
         self.order, self.seed, self.min_nodes = order, seed, min_nodes
         self.query_timeout, self.message_timeout = query_timeout, message_timeout
         self.arrayrecord_key, self.configrecord_key = arrayrecord_key, configrecord_key
@@ -187,7 +192,7 @@ class SplitStrategy(Strategy):
                ) -> tuple[ArrayRecord, dict[str, float]]:
         """Drive one visit; return the node's trained bottom and its final metrics."""
         params = list(self.top.parameters())
-        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+        optimizer = torch.optim.SGD(params, lr=self.lr_at(visit["round"]), momentum=self.momentum,
                                     weight_decay=self.weight_decay)
         self.top.train()
         total: int | None = self.steps or None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +85,23 @@ def test_ledger_counts_only_the_window_as_trainable(data):
     assert m["trainable-param-bytes"] == fc1 == m["grad-bytes"] == m["optimizer-bytes"]
     assert m["frozen-param-bytes"] == total - fc1
     assert m["activation-bytes"] > 0 and m["peak-rss-bytes"] > 0
+
+
+def test_cosine_lr_falls_from_lr_to_the_floor():
+    from snake_flower.training import scheduled_lr
+
+    lrs = [scheduled_lr(0.05, r, 128, "cosine", 0.1) for r in range(1, 129)]
+    assert lrs[0] == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.005)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[63] == pytest.approx(0.05 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 63 / 127))))
+    assert scheduled_lr(0.05, 100, 128, "none", 0.1) == 0.05
+    with pytest.raises(ValueError, match="lr-decay"):
+        scheduled_lr(0.05, 2, 10, "step")
+
+
+def test_local_work_takes_this_visits_lr_and_fedavg_its_own_rounds():
+    config = {"local-epochs": 1, "local-steps": 0, "batch-size": 8, "lr": 0.1, "momentum": 0.0,
+              "weight-decay": 0.0, "clip-norm": 0.0, "kd-weight": 0.5, "kd-temperature": 2.0,
+              "lr-decay": "cosine", "lr-floor": 0.1, "num-server-rounds": 128, "server-round": 16}
+    assert LocalWork.from_config(config, kd=False).lr > 0.09  # hop 16 of 128: early
+    assert LocalWork.from_config({**config, "lr-rounds": 16}, kd=False).lr == pytest.approx(0.01)  # FedAvg's last
