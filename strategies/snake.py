@@ -148,7 +148,7 @@ class SnakeStrategy(Strategy):
             return self._fail(hop, "no reply before the hop timeout")
         reply = replies[0]
         if reply.has_error():
-            return self._fail(hop, f"error reply: {reply.error.reason}")
+            return self._fail(hop, f"error reply: {_last_line(reply.error.reason)}")
         content = reply.content
         records = list(content.array_records.values())
         reported = {k: v for record in content.metric_records.values() for k, v in record.items()}
@@ -205,11 +205,10 @@ class SnakeStrategy(Strategy):
         return stale
 
     def _fail(self, hop: dict[str, Any], reason: str) -> tuple[None, None]:
-        # An error reply can carry a whole remote traceback; its last line says what happened.
-        reason = [line for line in reason.splitlines() if line.strip()][-1][:300] if reason.strip() else reason
         # The node's copy is now unknown: its next visit resends the whole model.
         self.node_versions.pop(hop["node"], None)
         self.node_arrays.pop(hop["node"], None)
+        reason = reason[:300]
         hop["status"], hop["reason"] = "failed", reason
         wait = self.backoff.failed(hop["node"], hop["round"] - 1)
         self.failures.append({"round": hop["round"], "node": hop["node"], "reason": reason,
@@ -258,3 +257,10 @@ class SnakeStrategy(Strategy):
         self.rejected_replies = int(state["rejected-replies"])
         self._restored_backoff = [list(row) for row in state["backoff"]]
         self.node_versions, self.node_arrays, self.node_ranks, self._connected = {}, {}, {}, set()
+
+
+def _last_line(reason: str) -> str:
+    """The line of a remote error that says what happened."""
+    # An error reply can carry a whole remote traceback, wrapped as "<class ...>:<'...'>".
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return lines[-1].removesuffix("'>") if lines else reason

@@ -142,6 +142,16 @@ def test_bad_reply_is_rejected_logged_counted_and_model_unchanged(loopback, capl
     assert strategy.provenance == {}
 
 
+def test_an_error_reply_records_the_last_line_of_its_remote_traceback(loopback):
+    remote = ("<class 'flwr.clientapp.ClientAppException'>:<'Traceback (most recent call last):\n"
+              "  File \"client_app.py\", line 40, in train\n"
+              "Exception ClientAppException occurred. Message: disk full'>")
+    nodes = AddOneNodes({1: 0}, tamper=lambda reply, node: Error(code=1, reason=remote))
+    strategy, _ = run(loopback, nodes, rounds=1, order="fixed")
+    assert strategy.failures[0]["reason"] == (
+        "error reply: Exception ClientAppException occurred. Message: disk full")
+
+
 def test_error_reply_costs_the_hop_and_forces_a_full_resync(loopback):
     def fail_first(reply, node):
         fail_first.calls += 1
