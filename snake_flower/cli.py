@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild summary.json, report.md and plots from a compare folder")
     report.add_argument("out", help="a folder holding <strategy>.json files of one comparison")
     report.add_argument("--target-accuracy", type=float, help="default: the runs' own target-accuracy")
+    plot = sub.add_parser("plot", help="overlay the accuracy curves of saved runs in one PNG")
+    plot.add_argument("runs", nargs="+", help="LABEL=path/to/<strategy>.json, or just the path")
+    plot.add_argument("--out", required=True, help="the PNG to write")
+    plot.add_argument("--x", choices=("visits", "megabytes"), default="visits", help="x axis (default visits)")
     return parser
 
 
@@ -138,11 +142,33 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    """``snake-flower plot LABEL=RUN.json ...``: runs from different folders on one set of axes."""
+    from .plots import plot_accuracy
+
+    runs = {}
+    for spec in args.runs:
+        label, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        label = label or f"{Path(path).parent.name}/{Path(path).stem}"
+        try:
+            run = json.loads(Path(path).read_text())
+            if not isinstance(run, dict) or "rounds" not in run:
+                raise ValueError("not a run's results file")
+        except (OSError, ValueError) as err:
+            print(f"snake-flower: error: {path}: {err}", file=sys.stderr)
+            return 2
+        runs[label] = run
+    print(f"plot: {plot_accuracy(runs, args.out, x=args.x)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``snake-flower`` console script."""
     args = _parser().parse_args(argv)
     if args.command == "report":
         return _report(args)
+    if args.command == "plot":
+        return _plot(args)
     try:
         config = resolve_run(args)
         names = args.strategies.split(",") if args.command == "compare" else [config["strategy"]]

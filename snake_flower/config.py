@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "local-steps": 100,
     "batch-size": 32,
     "lr": 0.05,
-    "lr-decay": "cosine",
+    "lr-decay": "none",
     "lr-floor": 0.1,
     "momentum": 0.9,
     "weight-decay": 0.0,

@@ -58,3 +58,22 @@ def test_report_command_rebuilds_the_outputs_from_saved_runs(tmp_path, capsys):
     empty.mkdir()
     assert main(["report", str(empty)]) == 2
     assert capsys.readouterr().err.strip() == f"snake-flower: error: no run results (<strategy>.json) in {empty}"
+
+
+def test_plot_command_overlays_runs_from_different_folders(tmp_path, capsys, monkeypatch):
+    for folder, accuracies in (("plain", [0.5, 0.9]), ("chaos", [0.4, None, 0.8])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "snake.json").write_text(json.dumps(_run("snake", accuracies, 1, 1000)))
+    png = tmp_path / "overlay.png"
+    args = ["plot", f"fault-free={tmp_path / 'plain' / 'snake.json'}", str(tmp_path / "chaos" / "snake.json"),
+            "--out", str(png)]
+    assert main(args) == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    seen = {}
+    monkeypatch.setattr("snake_flower.plots.plot_accuracy",
+                        lambda runs, path, x: seen.update(labels=list(runs), x=x) or path)
+    assert main(args + ["--x", "megabytes"]) == 0
+    assert seen == {"labels": ["fault-free", "chaos/snake"], "x": "megabytes"}
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "missing.json"), "--out", str(png)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"snake-flower: error: {tmp_path / 'missing.json'}: ") and "\n" not in err

@@ -51,12 +51,13 @@ def _simulate(out: Path, overrides: str) -> dict:
 
 
 def test_ray_simulation_runs_hops_and_leaves_nothing_behind(tmp_path):
-    before = _pids_matching("ray")
+    # only Ray processes of this venv: other checkouts on the machine may run Ray meanwhile
+    before = _pids_matching("ray", str(BIN.parent))
     overrides = "task=synthetic num-server-rounds=5 window=1 local-epochs=2"
     first = _simulate(tmp_path / "a", overrides)
     second = _simulate(tmp_path / "b", overrides)
     time.sleep(2)
-    assert _pids_matching("ray") - before == set()
+    assert _pids_matching("ray", str(BIN.parent)) - before == set()
 
     rows = first["rounds"]
     assert [r["status"] for r in rows] == ["merged"] * 5
