@@ -100,6 +100,8 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         recorder.restore(state["recorder"], arrays)
         done = strategy.round_offset
         log(INFO, "resuming from %s after %d of %d hops", path, done, config["num-server-rounds"])
+    elif config["resume"]:
+        log(INFO, "resume: no checkpoint at %s yet, starting from the first hop", path)
 
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and done:  # evaluated before the interruption
