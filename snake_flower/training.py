@@ -126,7 +126,7 @@ def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y:
                                 weight_decay=work.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     total_loss, steps = 0.0, 0
-    meter = SavedActivations(params)
+    meter = SavedActivations(model.parameters())  # frozen weights are not activations
     for idx in _batches(len(y), work, gen):
         xb, yb = x[idx], y[idx]
         with meter:
@@ -151,15 +151,26 @@ def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y:
 
 
 class SavedActivations:
-    """Peak bytes autograd saves for backward in one forward pass (params excluded)."""
+    """Peak bytes autograd saves for backward in one forward pass, parameters excluded.
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self._params = {p.data_ptr() for p in params}
+    Autograd also saves weights: a frozen linear layer downstream of the window keeps its
+    weight (or a transposed view of it) to pass the gradient back to its input. Those bytes
+    are already in the ledger as parameter bytes, so a saved tensor whose storage is a
+    parameter's, trainable or frozen, is not an activation.
+
+    Parameters
+    ----------
+    params : Iterable[torch.Tensor]
+        Every parameter of the model that runs inside the meter, trainable and frozen.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self._storages = {_storage_ptr(p) for p in params}
         self.peak, self._now = 0, 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.data_ptr() not in self._params:
+        if _storage_ptr(tensor) not in self._storages:
             self._now += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -171,6 +182,11 @@ class SavedActivations:
     def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
         self.peak = max(self.peak, self._now)
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int:
+    # A view (weight.t(), a slice) has its own data_ptr but its base's storage.
+    return tensor.untyped_storage().data_ptr()
 
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from snake_flower.task import TASKS, build_model, segment_keys
-from snake_flower.training import LocalWork, distillation_loss, evaluate, train_window
+from snake_flower.training import LocalWork, SavedActivations, distillation_loss, evaluate, train_window
 
 TASK = TASKS["synthetic"]
 
@@ -85,6 +87,33 @@ def test_ledger_counts_only_the_window_as_trainable(data):
     assert m["trainable-param-bytes"] == fc1 == m["grad-bytes"] == m["optimizer-bytes"]
     assert m["frozen-param-bytes"] == total - fc1
     assert m["activation-bytes"] > 0 and m["peak-rss-bytes"] > 0
+
+
+def test_frozen_weights_autograd_saves_are_not_activations():
+    # Downstream of the window, autograd saves the frozen weights to pass the gradient back.
+    # They are frozen-param-bytes already; counting them again as activations doubled them.
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(stem=nn.Linear(16, 16), body=nn.Linear(16, 2048),
+                                      head=nn.Linear(2048, 10)))
+    x, y = torch.randn(64, 16), torch.randint(0, 10, (64,))
+    _, m = train_window(model, ["stem"], x, y, LocalWork(steps=2, batch_size=4), seed=0)
+    # the one activation: the stem's input batch, which its weight gradient needs
+    assert m["activation-bytes"] == 4 * 16 * 4
+    assert m["frozen-param-bytes"] == (16 * 2048 + 2048 + 2048 * 10 + 10) * 4
+    assert m["total-bytes"] == sum(m[k] for k in ("trainable-param-bytes", "frozen-param-bytes",
+                                                  "grad-bytes", "optimizer-bytes", "activation-bytes"))
+
+
+def test_a_saved_view_of_a_parameter_is_not_an_activation():
+    weight = nn.Parameter(torch.randn(64, 32), requires_grad=False)
+    x = torch.randn(4, 64, requires_grad=True)
+    meter = SavedActivations([weight])
+    with meter:
+        (x @ weight[:, 8:]).sum()  # autograd saves the slice: another data_ptr, the same storage
+    assert meter.peak == 0
+    with meter:
+        (x.exp() @ weight).sum()  # exp saves its output: a real activation
+    assert meter.peak == 4 * 64 * 4
 
 
 def test_cosine_lr_falls_from_lr_to_the_floor():
