@@ -37,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", help="LABEL=path/to/<strategy>.json, or just the path")
     plot.add_argument("--out", required=True, help="the PNG to write")
     plot.add_argument("--x", choices=("visits", "megabytes"), default="visits", help="x axis (default visits)")
+    memory = sub.add_parser("memory", help="FedAvg and Snake memory per node of an LLM, from its "
+                                           "architecture alone (meta device, no weights)")
+    memory.add_argument("--model", required=True,
+                        help="opt-1.3b, llama-3-8b, smollm2-135m, tiny-opt, or a folder with a config.json")
+    memory.add_argument("--window", default="1", help="decoder layers Snake trains at once (default 1)")
+    memory.add_argument("--frozen-dtype", default="fp16", help="fp16 (default), bf16, fp32 or int8")
+    memory.add_argument("--finetune", default="full", help="full (default) or lora")
+    memory.add_argument("--lora-rank", default="8", help="LoRA rank (default 8)")
+    memory.add_argument("--lora-targets", default="q_proj,v_proj",
+                        help="modules that get LoRA adapters (default q_proj,v_proj)")
+    memory.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -162,6 +173,30 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_option(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+
+
+def _memory(args: argparse.Namespace) -> int:
+    """``snake-flower memory --model M``: the analytic per-node ledgers (design §5)."""
+    from .architectures import ArchitectureError
+    from .memory import MemoryOptions, MemoryOptionsError, analyze, format_table
+
+    try:
+        options = MemoryOptions(window=_int_option("window", args.window), frozen_dtype=args.frozen_dtype,
+                                finetune=args.finetune, lora_rank=_int_option("lora-rank", args.lora_rank),
+                                lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
+        report = analyze(args.model, options)
+    except (ConfigError, ArchitectureError, MemoryOptionsError) as err:
+        print(f"snake-flower: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``snake-flower`` console script."""
     args = _parser().parse_args(argv)
@@ -169,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args)
     if args.command == "plot":
         return _plot(args)
+    if args.command == "memory":
+        return _memory(args)
     try:
         config = resolve_run(args)
         names = args.strategies.split(",") if args.command == "compare" else [config["strategy"]]
