@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     memory.add_argument("--lora-rank", default="8", help="LoRA rank (default 8)")
     memory.add_argument("--lora-targets", default="q_proj,v_proj",
                         help="modules that get LoRA adapters (default q_proj,v_proj)")
+    memory.add_argument("--batch", default="0", help="sequences per step, to count activations (default 0: not counted)")
+    memory.add_argument("--seq", default="0", help="tokens per sequence, to count activations (default 0)")
     memory.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -183,12 +185,14 @@ def _int_option(name: str, value: str) -> int:
 def _memory(args: argparse.Namespace) -> int:
     """``snake-flower memory --model M``: the analytic per-node ledgers (design §5)."""
     from .architectures import ArchitectureError
-    from .memory import MemoryOptions, MemoryOptionsError, analyze, format_table
+    from .memory import MemoryOptions, MemoryOptionsError, analyze
+    from .memory_table import format_table
 
     try:
         options = MemoryOptions(window=_int_option("window", args.window), frozen_dtype=args.frozen_dtype,
                                 finetune=args.finetune, lora_rank=_int_option("lora-rank", args.lora_rank),
-                                lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
+                                lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+                                batch=_int_option("batch", args.batch), seq=_int_option("seq", args.seq))
         report = analyze(args.model, options)
     except (ConfigError, ArchitectureError, MemoryOptionsError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)

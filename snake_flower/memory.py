@@ -16,11 +16,17 @@ What the ledger assumes:
 - With ``finetune = "lora"`` (peft on the meta model) the trainable parameters are the LoRA
   adapters (of every layer for FedAvg, of the window's layers for Snake); the base model and
   the other adapters are frozen.
-- Activations and the process's RSS depend on batch, sequence length and runtime, not on
-  the architecture: ``activation_bytes`` and ``peak_rss_bytes`` are 0 here. The paper's
-  19.37 GB vs 3.13 GB excludes activations too. Runs measure both (``train_window``).
-- Snake's figure is the largest over every window position; decoder layers are identical,
-  so every position gives the same.
+- Activations are 0 unless ``batch`` and ``seq`` are given (the paper's 19.37 GB vs 3.13 GB
+  excludes them). Then ``activation_bytes`` is what autograd saves for backward in one
+  forward pass of ``batch x seq`` tokens with the loss, in fp32, in train mode, parameters
+  excluded: the same meter as a run's (``training.SavedActivations``), on the meta device.
+  Attention is the eager one, which saves its ``batch x heads x seq x seq`` scores; a fused
+  (flash) kernel saves less. Only layers at or above the window save anything, so Snake's
+  peak is at the bottom of its sweep; both ends are reported. The backward pass's
+  transient buffers are not counted.
+- ``peak_rss_bytes`` is 0: no process runs the model.
+- Snake's parameter figure is the largest over every window position; decoder layers are
+  identical, so every position gives the same.
 """
 
 from __future__ import annotations
@@ -33,14 +39,15 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureError, load_config, preset_of
+from .training import SavedActivations
 
-TRAINABLE_BYTES = 16  # fp32 weight + fp32 gradient + Adam's two fp32 moments
 FROZEN_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
 FINETUNE = ("full", "lora")
 GIB = 2**30
 ASSUMES = ("trainable parameters at 16 B (fp32 weight, fp32 gradient, Adam's two fp32 moments); "
-           "frozen parameters at frozen_dtype, no gradient, no optimizer state; activations and "
-           "peak RSS are not modelled (0)")
+           "frozen parameters at frozen_dtype, no gradient, no optimizer state; activations: bytes "
+           "autograd saves in one fp32 forward pass of batch x seq tokens (0 if not given); peak RSS "
+           "not modelled (0)")
 
 
 class MemoryOptionsError(ValueError):
@@ -63,6 +70,8 @@ class MemoryOptions:
         LoRA rank ``r`` (``finetune = "lora"`` only).
     lora_targets : tuple[str, ...]
         Module names that get LoRA adapters (``finetune = "lora"`` only).
+    batch, seq : int
+        Sequences per step and tokens per sequence for the activations (0: not counted).
     """
 
     window: int = 1
@@ -70,6 +79,8 @@ class MemoryOptions:
     finetune: str = "full"
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    batch: int = 0
+    seq: int = 0
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -83,15 +94,22 @@ class MemoryOptions:
             raise MemoryOptionsError(f"lora-rank: must be >= 1, got {self.lora_rank}")
         if self.finetune == "lora" and not self.lora_targets:
             raise MemoryOptionsError("lora-targets: name at least one module, e.g. q_proj,v_proj")
+        if self.batch < 0 or self.seq < 0 or (self.batch > 0) != (self.seq > 0):
+            raise MemoryOptionsError(f"batch, seq: give both > 0 to count activations, or neither "
+                                     f"(got {self.batch} x {self.seq})")
 
 
 def build_meta_model(config: Any) -> nn.Module:
-    """A causal LM of ``config`` with every tensor on the ``meta`` device (no weights)."""
+    """A causal LM of ``config`` with every tensor on the ``meta`` device (no weights).
+
+    Attention is transformers' eager implementation: what it saves for backward is defined
+    by the model's code, not by which fused kernel a device dispatches to.
+    """
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     except ValueError as err:  # a config with no causal-LM class (T5, ViT, ...)
         raise ArchitectureError(f"model: {type(config).__name__} has no causal language model "
                                 "in transformers") from err
@@ -139,11 +157,27 @@ def segments(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return out
 
 
-def ledger(trainable: float, frozen: float, frozen_dtype: str) -> dict[str, int]:
-    """A per-node ledger in the design §6 ``memory`` shape, from parameter counts."""
+def saved_activations(model: nn.Module, trainable: list[nn.Parameter], batch: int, seq: int) -> int:
+    """Bytes autograd saves in one forward pass with the loss, only ``trainable`` needing grads."""
+    train = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in train)
+    model.train()  # fine-tuning: dropout on, its masks saved
+    meter = SavedActivations(model.parameters())
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    with meter:
+        model(input_ids=ids, labels=ids)
+    return meter.peak
+
+
+def ledger(trainable: float, frozen: float, frozen_dtype: str, activations: int = 0) -> dict[str, int]:
+    """A per-node ledger in the design §6 ``memory`` shape, from parameter counts.
+
+    A trainable parameter: fp32 weight, fp32 gradient, Adam's two fp32 moments (16 B).
+    """
     weights = round(trainable * 4)
     memory = {"trainable_param_bytes": weights, "frozen_param_bytes": round(frozen * FROZEN_BYTES[frozen_dtype]),
-              "grad_bytes": weights, "optimizer_bytes": 2 * weights, "activation_bytes": 0}
+              "grad_bytes": weights, "optimizer_bytes": 2 * weights, "activation_bytes": activations}
     memory["total_bytes"] = sum(memory.values())
     memory["peak_rss_bytes"] = 0  # not measured: no process runs the model
     return memory
@@ -153,11 +187,13 @@ def _gib(memory: dict[str, int]) -> float:
     return round(memory["total_bytes"] / GIB, 2)
 
 
-def _counts(segs: dict[str, list[nn.Parameter]], finetune: str) -> tuple[dict[str, int], dict[str, int]]:
-    """Per segment: parameters that can train (all, or the adapters), and all parameters."""
-    can_train = {name: sum(p.numel() for p in ps if finetune == "full" or p.requires_grad)
-                 for name, ps in segs.items()}
-    return can_train, {name: sum(p.numel() for p in ps) for name, ps in segs.items()}
+def _trainable(segs: dict[str, list[nn.Parameter]], finetune: str) -> dict[str, list[nn.Parameter]]:
+    """Per segment, the parameters that train when it is trained: all, or its LoRA adapters."""
+    return {name: [p for p in ps if finetune == "full" or p.requires_grad] for name, ps in segs.items()}
+
+
+def _numel(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
 
 
 def analyze(model: str, options: MemoryOptions | None = None) -> dict[str, Any]:
@@ -184,14 +220,19 @@ def analyze(model: str, options: MemoryOptions | None = None) -> dict[str, Any]:
     if options.finetune == "lora":
         net = add_lora(net, options)
     segs = segments(net)
-    can_train, params = _counts(segs, options.finetune)
+    can_train = _trainable(segs, options.finetune)
+    params = {name: _numel(ps) for name, ps in segs.items()}
     layers = [name for name in segs if name.startswith("layer.")]
     if options.window > len(layers):
         raise MemoryOptionsError(f"window: {options.window} exceeds the {len(layers)} decoder "
                                  f"layers of {model}")
     total, k = sum(params.values()), options.window
-    trainable = {"fedavg": sum(can_train.values()),
-                 "snake": max(sum(can_train[n] for n in layers[s:s + k]) for s in range(len(layers) - k + 1))}
+    trainable = {"fedavg": sum(_numel(ps) for ps in can_train.values()),
+                 "snake": max(sum(_numel(can_train[n]) for n in layers[s:s + k])
+                              for s in range(len(layers) - k + 1))}
+    if options.seq > getattr(config, "max_position_embeddings", options.seq):
+        raise MemoryOptionsError(f"seq: {options.seq} exceeds the {config.max_position_embeddings} "
+                                 f"positions of {model}")
     report: dict[str, Any] = {
         "model": model, "architecture": architecture, "params": total,
         "decoder_layers": len(layers), "layer_params": params[layers[0]],
@@ -199,14 +240,29 @@ def analyze(model: str, options: MemoryOptions | None = None) -> dict[str, Any]:
         "options": asdict(options) | {"lora_targets": list(options.lora_targets)},
         "trainable_params": trainable, "assumes": ASSUMES, "unit": "GiB",
     }
+    activations = _activations(net, can_train, layers, options) if options.batch else {}
+    report["activations"] = activations or None
     for strategy, n in trainable.items():
-        report[strategy] = ledger(n, total - n, options.frozen_dtype)
+        report[strategy] = ledger(n, total - n, options.frozen_dtype, activations.get(strategy, 0))
     report["total_gib"] = {s: _gib(report[s]) for s in trainable}
     preset = preset_of(model)
     report["source"] = preset.source if preset else model
     report["nominal"] = _nominal(preset.nominal_params if preset else None, len(layers), options)
     report["paper_gb"] = dict(preset.paper_gb) if preset else {}
     return report
+
+
+def _activations(net: nn.Module, can_train: dict[str, list[nn.Parameter]], layers: list[str],
+                 options: MemoryOptions) -> dict[str, Any]:
+    """Saved activations for FedAvg, and for Snake with its window at both ends of the sweep."""
+    def saved(names: list[str]) -> int:
+        params = [p for name in names for p in can_train[name]]
+        return saved_activations(net, params, options.batch, options.seq)
+
+    first, last = saved(layers[:options.window]), saved(layers[-options.window:])
+    return {"batch": options.batch, "seq": options.seq, "compute_dtype": "fp32",
+            "fedavg": saved(list(can_train)), "snake": max(first, last),
+            "snake_window_first": first, "snake_window_last": last}
 
 
 def _nominal(params: float | None, layers: int, options: MemoryOptions) -> dict[str, Any] | None:
@@ -223,33 +279,3 @@ def _nominal(params: float | None, layers: int, options: MemoryOptions) -> dict[
                            "snake": ledger(window, params - window, options.frozen_dtype)}
     out["total_gib"] = {s: _gib(out[s]) for s in ("fedavg", "snake")}
     return out
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The report as a short table (GiB, or MiB for models under 1 GiB), for people."""
-    opts = report["options"]
-    lora = opts["finetune"] == "lora"
-    mode = f"LoRA r={opts['lora_rank']} on {'+'.join(opts['lora_targets'])}" if lora else "full fine-tune"
-    unit, scale = ("GiB", GIB) if report["fedavg"]["total_bytes"] >= GIB else ("MiB", 2**20)
-    source = f"{report['source']}, " if report["source"] != report["model"] else ""
-    lines = [f"{report['model']} ({source}{report['architecture']}): "
-             f"{report['params']:,} parameters{' with the adapters' if lora else ''}, "
-             f"{report['decoder_layers']} decoder layers of {report['layer_params']:,}",
-             f"per node, {unit}; {mode}; Snake trains {opts['window']} decoder layer(s); frozen "
-             f"{opts['frozen_dtype']}; activations not counted",
-             f"{'':24}{'trainable':>10}{'frozen':>8}{'grads':>8}{'optimizer':>10}{'total':>8}"]
-    cols = ("trainable_param_bytes", "frozen_param_bytes", "grad_bytes", "optimizer_bytes", "total_bytes")
-    widths = (10, 8, 8, 10, 8)
-
-    def row(label: str, memory: dict[str, int]) -> str:
-        return f"{label:24}" + "".join(f"{memory[c] / scale:>{w}.2f}" for c, w in zip(cols, widths))
-
-    lines += [row(f"{s} (exact)", report[s]) for s in ("fedavg", "snake")]
-    nominal = report.get("nominal")
-    if nominal:
-        count = f"{nominal['params']:.3g}".replace("e+0", "e").replace("e+", "e")
-        lines += [row(f"{s} ({count} nominal)", nominal[s]) for s in ("fedavg", "snake")]
-        paper = report.get("paper_gb")
-        if paper:
-            lines.append(f"the paper reports {paper['fedavg']} GB (FL) and {paper['snake']} GB (Snake)")
-    return "\n".join(lines)

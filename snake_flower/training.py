@@ -165,12 +165,12 @@ class SavedActivations:
     """
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
-        self._storages = {_storage_ptr(p) for p in params}
+        self._storages = {_storage_key(p) for p in params}
         self.peak, self._now = 0, 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if _storage_ptr(tensor) not in self._storages:
+        if _storage_key(tensor) not in self._storages:
             self._now += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -184,8 +184,10 @@ class SavedActivations:
         self.peak = max(self.peak, self._now)
 
 
-def _storage_ptr(tensor: torch.Tensor) -> int:
+def _storage_key(tensor: torch.Tensor) -> int | tuple[str, int]:
     # A view (weight.t(), a slice) has its own data_ptr but its base's storage.
+    if tensor.device.type == "meta":  # no storage at all (memory.py): the tensor a view stems from
+        return "meta", id(tensor._base if tensor._base is not None else tensor)
     return tensor.untyped_storage().data_ptr()
 
 

@@ -11,7 +11,7 @@ from snake_flower.architectures import ArchitectureError, load_config
 from snake_flower.cli import main
 from snake_flower.memory import (GIB, MemoryOptions, MemoryOptionsError, analyze, build_meta_model,
                                  segments)
-from snake_flower.training import memory_ledger
+from snake_flower.training import SavedActivations, memory_ledger
 
 MEMORY_KEYS = {"trainable_param_bytes", "frozen_param_bytes", "grad_bytes", "optimizer_bytes",
                "activation_bytes", "total_bytes", "peak_rss_bytes"}  # design §6
@@ -109,7 +109,54 @@ def test_analytic_ledger_equals_a_measured_adam_step():
     assert measured["optimizer-bytes"] == analytic["optimizer_bytes"] + 4 * len(window)
 
 
+def _tiny_llama(path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=500, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
+                tie_word_embeddings=False).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
+def test_activations_on_meta_equal_a_real_forward(model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_llama(tmp_path) if model == "tiny-llama" else model
+    report = analyze(model, MemoryOptions(batch=2, seq=16))
+    acts = report["activations"]
+    torch.manual_seed(0)
+    real = AutoModelForCausalLM.from_config(load_config(model), attn_implementation="eager")
+    segs = segments(real)
+
+    def measured(trainable):
+        for p in real.parameters():
+            p.requires_grad_(any(p is q for q in trainable))
+        meter = SavedActivations(real.parameters())
+        ids = torch.randint(0, real.config.vocab_size, (2, 16))
+        with meter:
+            real(input_ids=ids, labels=ids)
+        return meter.peak
+
+    layers = [name for name in segs if name.startswith("layer.")]
+    assert acts["fedavg"] == measured(list(real.parameters()))
+    assert acts["snake_window_first"] == measured(segs[layers[0]])
+    assert acts["snake_window_last"] == measured(segs[layers[-1]])
+    # frozen layers below the window save nothing: the bottom of the sweep is the peak
+    assert acts["fedavg"] > acts["snake"] == acts["snake_window_first"] > acts["snake_window_last"]
+    assert report["snake"]["activation_bytes"] == acts["snake"]
+    assert report["fedavg"]["total_bytes"] == 16 * report["params"] + acts["fedavg"]
+
+
+def test_no_activations_unless_asked(opt):
+    assert opt["activations"] is None
+    assert opt["fedavg"]["activation_bytes"] == opt["snake"]["activation_bytes"] == 0
+    with pytest.raises(MemoryOptionsError, match="seq: 129 exceeds the 128 positions"):
+        analyze("tiny-opt", MemoryOptions(batch=1, seq=129))
+
+
 @pytest.mark.parametrize("options, match", [
+    ({"batch": 2}, "batch, seq"), ({"batch": -1, "seq": 4}, "batch, seq"),
     ({"window": 0}, "window"), ({"frozen_dtype": "fp8"}, "frozen-dtype"),
     ({"finetune": "qlora"}, "finetune"), ({"lora_rank": 0}, "lora-rank"),
     ({"finetune": "lora", "lora_targets": ()}, "lora-targets")])
@@ -141,8 +188,10 @@ def test_cli_table(capsys):
     out = capsys.readouterr().out
     assert "1,315,758,080 parameters" in out and "19.61" in out and "3.11" in out
     assert "19.37" in out and "3.13" in out
-    assert main(["memory", "--model", "tiny-opt", "--window", "2", "--finetune", "lora"]) == 0
-    assert "MiB" in capsys.readouterr().out  # a tiny model is not shown as 0.00 GiB
+    assert main(["memory", "--model", "tiny-opt", "--window", "2", "--finetune", "lora",
+                 "--batch", "2", "--seq", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "MiB" in out and "activations of 2 x 8 tokens" in out  # a tiny model: not 0.00 GiB
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -150,7 +199,8 @@ def test_cli_table(capsys):
     (["--model", "tiny-opt", "--window", "x"], "window: expected an integer"),
     (["--model", "tiny-opt", "--window", "9"], "window: 9 exceeds"),
     (["--model", "tiny-opt", "--frozen-dtype", "fp8"], "frozen-dtype"),
-    (["--model", "tiny-opt", "--lora-rank", "-1"], "lora-rank")])
+    (["--model", "tiny-opt", "--lora-rank", "-1"], "lora-rank"),
+    (["--model", "tiny-opt", "--batch", "2"], "batch, seq")])
 def test_cli_errors_are_one_line_and_exit_2(capsys, argv, match):
     assert main(["memory", *argv]) == 2
     err = capsys.readouterr().err
