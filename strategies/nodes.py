@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from logging import INFO, WARNING
 from typing import Any
-from logging import INFO
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from .schedule import ORDERS, node_permutation
+
+# The first query waits this many query timeouts: the whole chain order rests on every
+# starting node's rank, and a node's first message waits for it to start (a Ray actor
+# or a ClientApp process importing torch), which a loaded machine can stretch past a minute.
+FIRST_QUERY_PATIENCE = 5
 
 
 def wait_for_nodes(grid: Grid, count: int) -> list[int]:
@@ -37,7 +42,8 @@ def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: i
         Where the nodes are.
     ranks : MutableMapping[int, float]
         Ranks known so far, updated in place; a node that does not answer gets ``inf``
-        (ordered after the others) and is not asked again.
+        (ordered after the others) and is not asked again. While it is empty (the first
+        call) the query waits ``FIRST_QUERY_PATIENCE`` times longer.
     min_nodes : int (default: 1)
         Wait (polling every second) until this many nodes are connected.
     query_timeout : float (default: 60.0)
@@ -48,15 +54,19 @@ def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: i
     nodes = wait_for_nodes(grid, min_nodes)
     new = [node for node in nodes if node not in ranks]
     if new:
+        timeout = query_timeout * (1 if ranks else FIRST_QUERY_PATIENCE)
         asks = [Message(RecordDict({configrecord_key: ConfigRecord({"ask": "rank"})}),
                         dst_node_id=node, message_type=MessageType.QUERY) for node in new]
-        for reply in grid.send_and_receive(asks, timeout=query_timeout):
+        for reply in grid.send_and_receive(asks, timeout=timeout):
             if not reply.has_error():
                 for record in reply.content.metric_records.values():
                     if "rank" in record:
                         ranks[reply.metadata.src_node_id] = float(record["rank"])
         for node in new:
-            ranks.setdefault(node, float("inf"))
+            if node not in ranks:
+                log(WARNING, "node %d did not report its rank within %.0f s: it goes last, "
+                    "ordered by its id (which differs from run to run)", node, timeout)
+                ranks[node] = float("inf")
     return sorted(nodes, key=lambda node: (ranks[node], node))
 
 

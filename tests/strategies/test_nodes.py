@@ -1,10 +1,38 @@
-"""NodeBackoff: failed nodes sit out, doubling, and others take their turns."""
+"""ordered_nodes and NodeBackoff: a stable chain order, and failed nodes sit out."""
 
 from __future__ import annotations
 
 import pytest
+from flwr.app import Message, MetricRecord, RecordDict
 
-from strategies.nodes import NodeBackoff
+from strategies.nodes import FIRST_QUERY_PATIENCE, NodeBackoff, ordered_nodes
+
+
+class RankGrid:
+    """Connected nodes that answer the rank query with their rank, unless silent."""
+
+    def __init__(self, ranks: dict[int, int], silent: set[int] = frozenset()) -> None:
+        self.ranks, self.silent, self.timeouts = ranks, set(silent), []
+
+    def get_node_ids(self):
+        return list(self.ranks)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
+        return [Message(RecordDict({"info": MetricRecord({"rank": self.ranks[msg.metadata.dst_node_id]})}),
+                        reply_to=msg)  # the reply comes from the node asked
+                for msg in messages if msg.metadata.dst_node_id not in self.silent]
+
+
+def test_nodes_are_ordered_by_rank_and_the_first_query_waits_longer():
+    grid = RankGrid({900: 0, 100: 2, 500: 1}, silent={100})
+    ranks: dict[int, float] = {}
+    assert ordered_nodes(grid, ranks, min_nodes=3, query_timeout=2.0) == [900, 500, 100]
+    assert grid.timeouts == [2.0 * FIRST_QUERY_PATIENCE]  # nodes may still be starting up
+    assert ranks == {900: 0.0, 500: 1.0, 100: float("inf")}  # the silent one goes last
+    grid.ranks[42] = 0  # a node joins later: asked once, with the plain timeout
+    assert ordered_nodes(grid, ranks, query_timeout=2.0) == [42, 900, 500, 100]
+    assert grid.timeouts[1:] == [2.0]
 
 
 def in_turn(hop, ordered):
