@@ -85,8 +85,9 @@ class LoopbackDeployment:
                  app_dir: Path = ROOT, env: Mapping[str, str] | None = None, timeout: float = 60.0) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it over --insecure)")
-        self.workdir, self.num_nodes, self.tls, self.auth = Path(workdir), num_nodes, tls, auth
-        self.app_dir, self.timeout = Path(app_dir), timeout
+        # absolute: the daemons and the ServerApp resolve paths from their own working folders
+        self.workdir, self.num_nodes, self.tls, self.auth = Path(workdir).resolve(), num_nodes, tls, auth
+        self.app_dir, self.timeout = Path(app_dir).resolve(), timeout
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(self.flwr_home),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
