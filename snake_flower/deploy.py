@@ -145,7 +145,7 @@ class LoopbackDeployment:
         return self.family.start(name, self.supernode_command(partition, keys, port), cwd=self.workdir)
 
     def write_connection(self) -> Path:
-        """Add this SuperLink as connection ``loopback`` to ``$FLWR_HOME/config.toml``."""
+        """Write ``$FLWR_HOME/config.toml`` with this SuperLink as connection ``loopback``."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
                  f'address = "{self.address}"']
@@ -174,11 +174,13 @@ class LoopbackDeployment:
 
         ``out-dir`` defaults to ``<workdir>/out``; the result is ``<out-dir>/<strategy>.json``.
         """
-        overrides = {"out-dir": str(self.workdir / "out"), **overrides}
-        result = Path(overrides["out-dir"]) / f"{overrides.get('strategy', 'snake')}.json"
+        out = Path(overrides.get("out-dir", self.workdir / "out")).resolve()  # the ServerApp's cwd differs
+        overrides = {**overrides, "out-dir": str(out)}
+        result = out / f"{overrides.get('strategy', 'snake')}.json"
+        before = result.stat().st_mtime_ns if result.exists() else None
         self._flwr("run", ["run", str(self.app_dir), CONNECTION, "--stream",
                            "--run-config", run_config_text(overrides)], timeout=timeout)
-        if not result.exists():
+        if not result.exists() or result.stat().st_mtime_ns == before:  # not an earlier run's file
             raise DeploymentError(f"flwr run ended without writing {result}; see "
                                   f"{self.family.log_path('superlink')} and {self.workdir / 'logs'}/flwr-run.log")
         return json.loads(result.read_text())
