@@ -56,9 +56,9 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
         config["min-nodes"] = args.num_supernodes  # simulation: start once every node is up
     if config["min-nodes"] > args.num_supernodes:
         raise ConfigError(f"min-nodes: {config['min-nodes']} exceeds --num-supernodes {args.num_supernodes}")
-    from .task import TASKS
+    from .task import task_for
 
-    TASKS[config["task"]].load(config["data-dir"])  # fail now, not inside a Ray actor
+    task_for(config).load(config["data-dir"])  # fail now, not inside a Ray actor
     return config
 
 

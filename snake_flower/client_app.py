@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from .chaos import maybe_fail
 from .config import kd_enabled
 from .data import partition_from_config
-from .task import TASKS, build_model, segment_keys
+from .task import build_model, segment_keys, task_for, transport_state
 from .training import LocalWork, train_window, visit_seed
 
 app = ClientApp()
@@ -30,8 +30,7 @@ def _partition(context: Context) -> tuple[int, int]:
 
 def _local_model(cfg: dict, context: Context, received: ArrayRecord):
     """The node's model after applying what the server sent, and its segment versions."""
-    task = TASKS[cfg["task"]]
-    model = build_model(task, int(cfg["seed"]))
+    model = build_model(task_for(cfg), int(cfg["seed"]))
     if "model" in context.state:
         model.load_state_dict(context.state["model"].to_torch_state_dict())
     held = dict(context.state["versions"]) if "versions" in context.state else {}
@@ -65,15 +64,16 @@ def train(msg: Message, context: Context) -> Message:
     maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0)
     model, held, server_versions = _local_model(cfg, context, msg.content["arrays"])
 
-    task = TASKS[cfg["task"]]
+    task = task_for(cfg)
     x_train, y_train, _, _ = task.load(cfg["data-dir"])
-    idx = partition_from_config(y_train, cfg, num_partitions, partition_id)
+    labels = task.partition_by(cfg["data-dir"]) if task.partition_by else y_train
+    idx = partition_from_config(labels, cfg, num_partitions, partition_id)
     window = list(cfg["window"])
     work = LocalWork.from_config(cfg, kd=kd_enabled(cfg))
     metrics, ledger = train_window(model, window, x_train[idx], y_train[idx], work,
-                                   seed=visit_seed(cfg["seed"], cfg["server-round"]))
+                                   seed=visit_seed(cfg["seed"], cfg["server-round"]), align=task.align)
 
-    state = model.state_dict()
+    state = transport_state(model.state_dict())
     for name in window:  # the server bumps these versions when it merges our reply
         held[name] = server_versions[name] + 1
     context.state["model"] = ArrayRecord(state)
