@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from .chaos import maybe_fail
 from .config import kd_enabled
 from .data import partition_from_config
-from .task import build_model, segment_keys, task_for, transport_state
+from .task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
 from .training import LocalWork, train_window, visit_seed
 
 app = ClientApp()
@@ -37,7 +37,7 @@ def _local_model(cfg: dict, context: Context, received: ArrayRecord):
     result = model.load_state_dict(received.to_torch_state_dict(), strict=False)
     if result.unexpected_keys:
         raise ValueError(f"server sent keys this model does not have: {result.unexpected_keys[:3]}")
-    names = list(segment_keys(model))
+    names = list(swept_segment_keys(model, cfg))
     server_versions = dict(zip(names, cfg["segment-versions"]))
     for name in cfg["segments-sent"]:
         if name:

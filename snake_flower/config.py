@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "lora-rank": 8,
     "seq-len": 128,
     "frozen-dtype": "fp32",
+    "frozen-segments": "",
     # the snake
     "num-server-rounds": 128,
     "window": 2,
@@ -160,7 +161,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 def validate(config: Mapping[str, Any]) -> None:
     """Check values that do not depend on the task (the task checks the window)."""
-    from .task import TASK_NAMES  # local import: task pulls in torch
+    from .task import TASK_NAMES, frozen_segments  # local import: task pulls in torch
 
     if config["task"] not in TASK_NAMES:
         raise ConfigError(f"task: unknown task {config['task']!r} (known: {', '.join(TASK_NAMES)})")
@@ -173,6 +174,12 @@ def validate(config: Mapping[str, Any]) -> None:
     if config["window"] == "auto":
         raise ConfigError("window: 'auto' needs node capacities, which are not supported yet")
     segments = _segments(config)
+    frozen = frozen_segments(config)
+    unknown = [name for name in frozen if name not in segments]
+    if unknown:
+        raise ConfigError(f"frozen-segments: {', '.join(unknown)} not among the segments "
+                          f"({', '.join(segments[:3])}, ...)")
+    segments = tuple(name for name in segments if name not in frozen)
     sweepable = len(segments) - config["train-head"] - config["train-stem"]
     if config["strategy"] == "split" and not 1 <= config["cut"] < len(segments):
         raise ConfigError(f"cut: must leave at least one segment on each side, got {config['cut']}")

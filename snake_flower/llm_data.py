@@ -2,7 +2,8 @@
 
 The English corpus (PyPI ``chatterbot-corpus``) has 21 topic files; each pair of
 consecutive lines of a conversation is a (prompt, answer) pair. Every tenth pair of
-each topic is held out for the centralized perplexity. A pair becomes
+each topic is held out for the centralized perplexity (in a fixed shuffled order).
+A pair becomes
 
 - ``x``: ``[seq_len]`` input ids, right-padded with ``PAD`` (-1, which the model drops
   or maps to its pad token);
@@ -98,7 +99,9 @@ def load_chat(model: str, seq_len: int, data_dir: str = "") -> tuple[Split, torc
     if not rows[False] or not rows[True]:
         raise DataError(f"task llm: no pair has an answer token within seq-len {seq_len}")
     train, test = ([torch.tensor([r[i] for r in rows[part]]) for i in range(3)] for part in (False, True))
-    return (train[0], train[1], test[0], test[1]), train[2], topics
+    # a fixed shuffle of the held-out pairs, so that eval-samples takes every topic's share
+    order = torch.randperm(len(test[0]), generator=torch.Generator().manual_seed(0))
+    return (train[0], train[1], test[0][order], test[1][order]), train[2], topics
 
 
 def align_tokens(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import resolve
 from .metering import MeteredGrid, RoundMeter, flower_poll_interval
 from .recorder import RunRecorder
-from .task import Task, build_model, segment_keys, task_for, transport_state
+from .task import Task, build_model, segment_keys, swept_segment_keys, task_for, transport_state
 from .training import SavedActivations, evaluate, memory_ledger, scheduled_lr
 
 
@@ -86,7 +86,7 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     The server's state is checkpointed after every hop; ``resume`` continues from it.
     """
     model, metered, recorder = _setup("snake", grid, config, config["num-server-rounds"])
-    strategy = SnakeStrategy(segment_keys(model), config["window"], sweep=config["sweep"],
+    strategy = SnakeStrategy(swept_segment_keys(model, config), config["window"], sweep=config["sweep"],
                              order=config["order"], train_head=config["train-head"],
                              train_stem=config["train-stem"], sync=config["sync"],
                              sync_tolerance=config["sync-tolerance"],

@@ -127,6 +127,20 @@ def _template(task: Task, seed: int) -> nn.Sequential:
     return model
 
 
+def frozen_segments(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """Segments a Snake run never trains or sends (``frozen-segments``); FedAvg trains all."""
+    if config.get("strategy") != "snake":
+        return ()
+    return tuple(name.strip() for name in str(config.get("frozen-segments", "")).split(",") if name.strip())
+
+
+def swept_segment_keys(model: nn.Module, config: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``segment_keys`` without the ``frozen-segments`` (a pretrained model's embeddings, say,
+    which every node builds identically and which then never change)."""
+    frozen = frozen_segments(config)
+    return {name: keys for name, keys in segment_keys(model).items() if name not in frozen}
+
+
 def segment_keys(model: nn.Module) -> dict[str, list[str]]:
     """Map each segment to its ``state_dict`` keys, in model order."""
     out: dict[str, list[str]] = {}

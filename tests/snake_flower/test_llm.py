@@ -188,7 +188,8 @@ def test_errors_are_one_line():
     cases = {"model": ({"model": "no-such-model"}, "model: cannot load 'no-such-model'"),
              "window": ({"window": 5}, "window: 5 exceeds the 4 segments that model tiny-opt can sweep"),
              "seq-len": ({"seq-len": 999}, "seq-len: 999 exceeds the 256 positions"),
-             "split": ({"strategy": "split"}, "strategy: split learning does not support task llm")}
+             "split": ({"strategy": "split"}, "strategy: split learning does not support task llm"),
+             "frozen": ({"frozen-segments": "embed,lm"}, "frozen-segments: lm not among the segments")}
     for overrides, expected in cases.values():
         with pytest.raises(ConfigError, match=expected) as err:
             _config(**overrides)
@@ -204,10 +205,11 @@ def test_smollm2_without_its_package_says_how_to_install(monkeypatch, tmp_path):
         llm.smollm2_dir()
 
 
-@pytest.mark.parametrize("strategy,finetune", [("snake", "full"), ("snake", "lora"), ("fedavg", "lora")])
-def test_runs_end_to_end_with_perplexity(loopback, nodes, tmp_path, strategy, finetune):
+@pytest.mark.parametrize("strategy,finetune,frozen", [("snake", "full", ""), ("snake", "full", "embed,head"),
+                                                      ("snake", "lora", ""), ("fedavg", "lora", "")])
+def test_runs_end_to_end_with_perplexity(loopback, nodes, tmp_path, strategy, finetune, frozen):
     config = _config(strategy=strategy, finetune=finetune, **{"num-server-rounds": 4, "out-dir": str(tmp_path),
-                                                              "frozen-dtype": "fp16"})
+                                                              "frozen-dtype": "fp16", "frozen-segments": frozen})
     node = nodes(4)
     run(loopback(list(node.contexts), node), config)
     result = json.loads((tmp_path / f"{strategy}.json").read_text())
@@ -216,3 +218,6 @@ def test_runs_end_to_end_with_perplexity(loopback, nodes, tmp_path, strategy, fi
     assert all(r["status"] == "merged" for r in result["rounds"])
     if strategy == "snake":  # one segment per upload, never the whole model
         assert all(r["array_bytes_up"] < result["final"]["model_bytes"] for r in result["rounds"])
+    if frozen:  # the sweep covers the decoder layers alone, and embed/head never travel
+        assert {name for r in result["rounds"] for name in r["window"]} == {"layer00", "layer01"}
+        assert all(name.startswith("layer") for r in result["rounds"] for name in r["segments_sent"] if name)
