@@ -76,8 +76,9 @@ def train(msg: Message, context: Context) -> Message:
     state = transport_state(model.state_dict())
     for name in window:  # the server bumps these versions when it merges our reply
         held[name] = server_versions[name] + 1
-    context.state["model"] = ArrayRecord(state)
-    context.state["versions"] = ConfigRecord(held)
+    if cfg["strategy"] != "fedavg":  # FedAvg sends the whole model every round: keep no copy
+        context.state["model"] = ArrayRecord(state)
+        context.state["versions"] = ConfigRecord(held)
 
     keys = [key for name, seg in segment_keys(model).items() if name in window for key in seg]
     reply = ArrayRecord({key: state[key] for key in keys})
