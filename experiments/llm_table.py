@@ -16,7 +16,7 @@ RUNS = (("snake", "full"), ("fedavg", "full"), ("snake", "lora"), ("fedavg", "lo
 def _row(result: dict, fedavg_full_peak: int | None) -> str:
     peak = result["memory"]["total_bytes"]
     ratio = f" ({peak / fedavg_full_peak:.2f}×)" if fedavg_full_peak else ""
-    up = max(r["array_bytes_up"] for r in result["rounds"])
+    up = max(r["array_bytes_up"] / max(1, len(r["nodes"])) for r in result["rounds"])  # per node visit
     moved = result["final"]["bytes_total"]
     return (f"| {result['strategy']} {result['config']['finetune']} | {result['initial']['perplexity']:.2f} | "
             f"**{result['final']['perplexity']:.2f}** | {len(result['rounds'])} | {moved / 1e6:,.1f} | "
@@ -31,8 +31,8 @@ def main(root: str) -> None:
             results[(strategy, finetune)] = json.loads(path.read_text())
     base = results.get(("fedavg", "full"))
     base_peak = base["memory"]["total_bytes"] if base else None
-    print("| run | pretrained ppl | final ppl | rounds | MB moved | largest upload (MB) | "
-          "node peak ledger (MB) | wall (s) |")
+    print("| run | pretrained ppl | final ppl | rounds | MB moved | largest upload per visit (MB) | "
+          "node peak ledger (MB, × FedAvg full) | wall (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for key, result in results.items():
         print(_row(result, base_peak))
