@@ -76,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     state = transport_state(model.state_dict())
     for name in window:  # the server bumps these versions when it merges our reply
         held[name] = server_versions[name] + 1
-    if cfg["strategy"] != "fedavg":  # FedAvg sends the whole model every round: keep no copy
+    if cfg.get("strategy") != "fedavg":  # FedAvg sends the whole model every round: keep no copy
         context.state["model"] = ArrayRecord(state)
         context.state["versions"] = ConfigRecord(held)
 
