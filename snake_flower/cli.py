@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-config", default="", help='overrides, e.g. "window=1 lr=0.01"')
     run.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
     run.add_argument("--out", help="output folder (default: run-config out-dir)")
+    run.add_argument("--parallel", type=int, default=0,
+                     help="ClientApps that train at once (default: one per core, at most one per node); "
+                          "1 keeps one model in training, for models that strain memory")
     compare = sub.add_parser("compare", help="run several strategies head to head, then report")
     compare.add_argument("--config", help="experiment TOML file (run-config keys)")
     compare.add_argument("--run-config", default="", help="overrides for every strategy")
@@ -65,18 +68,23 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"jobs: must be >= 1, got {args.jobs}")
     if args.num_supernodes < 1:
         raise ConfigError(f"num-supernodes: must be >= 1, got {args.num_supernodes}")
+    if getattr(args, "parallel", 0) < 0:
+        raise ConfigError(f"parallel: must be >= 0, got {args.parallel}")
     if not any("min-nodes" in layer for layer in layers):
         config["min-nodes"] = args.num_supernodes  # simulation: start once every node is up
     if config["min-nodes"] > args.num_supernodes:
         raise ConfigError(f"min-nodes: {config['min-nodes']} exceeds --num-supernodes {args.num_supernodes}")
-    from .task import TASKS
+    from .task import task_for
 
-    TASKS[config["task"]].load(config["data-dir"])  # fail now, not inside a Ray actor
+    task_for(config).load(config["data-dir"])  # fail now, not inside a Ray actor
     return config
 
 
-def simulate(config: dict[str, Any], num_supernodes: int) -> None:
-    """Run the ServerApp and ClientApp in Flower's Ray simulation engine."""
+def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> None:
+    """Run the ServerApp and ClientApp in Flower's Ray simulation engine.
+
+    ``parallel`` ClientApps train at once (0: one per core, at most one per node).
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
@@ -88,16 +96,16 @@ def simulate(config: dict[str, Any], num_supernodes: int) -> None:
     quick_pickup()  # split learning waits on every batch's round trip (see dispatch.py)
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, num_supernodes)),
+               "init_args": {"num_cpus": parallel or max(1, min(os.cpu_count() or 1, num_supernodes)),
                              "num_gpus": 0, "logging_level": "ERROR"}}
     run_simulation(server_app=make_server_app(config), client_app=client_app,
                    num_supernodes=num_supernodes, backend_config=backend)
 
 
-def _run_one(config: dict[str, Any], num_supernodes: int) -> dict[str, Any] | None:
+def _run_one(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> dict[str, Any] | None:
     """Simulate one strategy; return its results (``None`` if none were written)."""
     _results_path(config).unlink(missing_ok=True)  # never report a previous run's file as this one's
-    simulate(config, num_supernodes)
+    simulate(config, num_supernodes, parallel)
     return _load_results(config)
 
 
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, cfg in enumerate(configs, 1):
             print(f"[{i}/{len(configs)}] {cfg['strategy']} on {cfg['task']}, {args.num_supernodes} nodes",
                   flush=True)
-            result = _run_one(cfg, args.num_supernodes)
+            result = _run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0))
             if result is None:
                 return 1
             runs[cfg["strategy"]] = result

@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from .chaos import maybe_fail
 from .config import kd_enabled
 from .data import partition_from_config
-from .task import TASKS, build_model, segment_keys
+from .task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
 from .training import LocalWork, train_window, visit_seed
 
 app = ClientApp()
@@ -30,15 +30,14 @@ def _partition(context: Context) -> tuple[int, int]:
 
 def _local_model(cfg: dict, context: Context, received: ArrayRecord):
     """The node's model after applying what the server sent, and its segment versions."""
-    task = TASKS[cfg["task"]]
-    model = build_model(task, int(cfg["seed"]))
+    model = build_model(task_for(cfg), int(cfg["seed"]))
     if "model" in context.state:
         model.load_state_dict(context.state["model"].to_torch_state_dict())
     held = dict(context.state["versions"]) if "versions" in context.state else {}
     result = model.load_state_dict(received.to_torch_state_dict(), strict=False)
     if result.unexpected_keys:
         raise ValueError(f"server sent keys this model does not have: {result.unexpected_keys[:3]}")
-    names = list(segment_keys(model))
+    names = list(swept_segment_keys(model, cfg))
     server_versions = dict(zip(names, cfg["segment-versions"]))
     for name in cfg["segments-sent"]:
         if name:
@@ -65,19 +64,21 @@ def train(msg: Message, context: Context) -> Message:
     maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0)
     model, held, server_versions = _local_model(cfg, context, msg.content["arrays"])
 
-    task = TASKS[cfg["task"]]
+    task = task_for(cfg)
     x_train, y_train, _, _ = task.load(cfg["data-dir"])
-    idx = partition_from_config(y_train, cfg, num_partitions, partition_id)
+    labels = task.partition_by(cfg["data-dir"]) if task.partition_by else y_train
+    idx = partition_from_config(labels, cfg, num_partitions, partition_id)
     window = list(cfg["window"])
     work = LocalWork.from_config(cfg, kd=kd_enabled(cfg))
     metrics, ledger = train_window(model, window, x_train[idx], y_train[idx], work,
-                                   seed=visit_seed(cfg["seed"], cfg["server-round"]))
+                                   seed=visit_seed(cfg["seed"], cfg["server-round"]), align=task.align)
 
-    state = model.state_dict()
+    state = transport_state(model.state_dict())
     for name in window:  # the server bumps these versions when it merges our reply
         held[name] = server_versions[name] + 1
-    context.state["model"] = ArrayRecord(state)
-    context.state["versions"] = ConfigRecord(held)
+    if cfg.get("strategy") != "fedavg":  # FedAvg sends the whole model every round: keep no copy
+        context.state["model"] = ArrayRecord(state)
+        context.state["versions"] = ConfigRecord(held)
 
     keys = [key for name, seg in segment_keys(model).items() if name in window for key in seg]
     reply = ArrayRecord({key: state[key] for key in keys})

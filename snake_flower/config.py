@@ -21,6 +21,13 @@ DEFAULTS: dict[str, Any] = {
     "dirichlet-alpha": 0.5,
     "classes-per-partition": 2,
     "seed": 42,
+    # task llm: the model and how it is fine-tuned
+    "model": "smollm2-135m",
+    "finetune": "full",
+    "lora-rank": 8,
+    "seq-len": 128,
+    "frozen-dtype": "fp32",
+    "frozen-segments": "",
     # the snake
     "num-server-rounds": 128,
     "window": 2,
@@ -67,7 +74,9 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": ("snake", "fedavg", "split"),
-    "partitioner": ("iid", "dirichlet", "pathological"),
+    "partitioner": ("iid", "dirichlet", "pathological", "topic"),
+    "finetune": ("full", "lora"),
+    "frozen-dtype": ("fp32", "fp16", "bf16"),
     "sweep": ("serpentine", "forward"),
     "order": ("fixed", "shuffle"),
     "sync": ("delta", "window"),
@@ -76,7 +85,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
-            "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout")
+            "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout", "lora-rank",
+            "seq-len")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
                 "leave-partition")
@@ -151,24 +161,32 @@ def _coerce(key: str, value: Any) -> Any:
 
 def validate(config: Mapping[str, Any]) -> None:
     """Check values that do not depend on the task (the task checks the window)."""
-    from .task import TASKS  # local import: task pulls in torch
+    from .task import TASK_NAMES, frozen_segments  # local import: task pulls in torch
 
-    if config["task"] not in TASKS:
-        raise ConfigError(f"task: unknown task {config['task']!r} (known: {', '.join(TASKS)})")
+    if config["task"] not in TASK_NAMES:
+        raise ConfigError(f"task: unknown task {config['task']!r} (known: {', '.join(TASK_NAMES)})")
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
             raise ConfigError(f"{key}: {config[key]!r} is not one of {', '.join(allowed)}")
-    if config["window"] == "auto":
-        raise ConfigError("window: 'auto' needs node capacities, which are not supported yet")
-    sweepable = len(TASKS[config["task"]].segment_names) - config["train-head"] - config["train-stem"]
-    if not 1 <= config["cut"] < len(TASKS[config["task"]].segment_names):
-        raise ConfigError(f"cut: must leave at least one segment on each side, got {config['cut']}")
-    if isinstance(config["window"], int) and config["window"] > sweepable:
-        raise ConfigError(f"window: {config['window']} exceeds the {sweepable} segments that task "
-                          f"{config['task']} can sweep (train-head/train-stem excluded)")
     for key in POSITIVE:
         if not config[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {config[key]!r}")
+    if config["window"] == "auto":
+        raise ConfigError("window: 'auto' needs node capacities, which are not supported yet")
+    segments = _segments(config)
+    frozen = frozen_segments(config)
+    unknown = [name for name in frozen if name not in segments]
+    if unknown:
+        raise ConfigError(f"frozen-segments: {', '.join(unknown)} not among the segments "
+                          f"({', '.join(segments[:3])}, ...)")
+    segments = tuple(name for name in segments if name not in frozen)
+    sweepable = len(segments) - config["train-head"] - config["train-stem"]
+    if config["strategy"] == "split" and not 1 <= config["cut"] < len(segments):
+        raise ConfigError(f"cut: must leave at least one segment on each side, got {config['cut']}")
+    if isinstance(config["window"], int) and config["window"] > sweepable:
+        what = f"model {config['model']}" if config["task"] == "llm" else f"task {config['task']}"
+        raise ConfigError(f"window: {config['window']} exceeds the {sweepable} segments that {what} "
+                          f"can sweep (train-head/train-stem excluded)")
     for key in NON_NEGATIVE:
         if config[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {config[key]!r}")
@@ -186,6 +204,30 @@ def validate(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"resume: only strategy snake writes checkpoints, not {config['strategy']!r}")
     if not 0.0 <= config["kd-weight"] <= 1.0:
         raise ConfigError(f"kd-weight: must be in [0, 1], got {config['kd-weight']!r}")
+
+
+def _segments(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The task's segments; for ``llm``, also the checks that need its model."""
+    from .task import task_for
+
+    if config["task"] != "llm":
+        if config["partitioner"] == "topic":
+            raise ConfigError(f"partitioner: 'topic' needs task llm, not {config['task']!r}")
+        return task_for(config).segment_names
+    if config["strategy"] == "split":
+        raise ConfigError("strategy: split learning does not support task llm")
+    from .llm import ModelError, load_config
+
+    try:
+        model = load_config(config["model"])
+        segments = task_for(config).segment_names
+    except ModelError as err:
+        raise ConfigError(str(err)) from None
+    positions = getattr(model, "max_position_embeddings", None)
+    if positions and config["seq-len"] > positions:
+        raise ConfigError(f"seq-len: {config['seq-len']} exceeds the {positions} positions of "
+                          f"model {config['model']}")
+    return segments
 
 
 def kd_enabled(config: Mapping[str, Any]) -> bool:

@@ -143,6 +143,8 @@ def partition_from_config(labels: torch.Tensor, config: Mapping[str, Any], num_p
 @lru_cache(maxsize=4)
 def _partitions(labels: tuple[int, ...], partitioner: str, num_partitions: int, alpha: float,
                 classes_per_partition: int, seed: int) -> list[np.ndarray]:
+    if partitioner == "topic":
+        return _by_topic(np.asarray(labels), num_partitions)
     if partitioner == "iid":
         part = IidPartitioner(num_partitions=num_partitions)
     elif partitioner == "dirichlet":
@@ -155,3 +157,16 @@ def _partitions(labels: tuple[int, ...], partitioner: str, num_partitions: int, 
         raise DataError(f"partitioner: unknown partitioner {partitioner!r}")
     part.dataset = Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))})
     return [np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)]
+
+
+def _by_topic(topics: np.ndarray, num_partitions: int) -> list[np.ndarray]:
+    """Natural non-IID: every topic whole on one partition, largest topics first, each to
+    the partition with the fewest examples so far (the same for every seed)."""
+    names, sizes = np.unique(topics, return_counts=True)
+    if len(names) < num_partitions:
+        raise DataError(f"partitioner topic: {len(names)} topics cannot fill {num_partitions} partitions")
+    owner, load = {}, [0] * num_partitions
+    for i in sorted(range(len(names)), key=lambda i: (-sizes[i], names[i])):
+        target = min(range(num_partitions), key=lambda p: (load[p], p))
+        owner[names[i]], load[target] = target, load[target] + sizes[i]
+    return [np.flatnonzero([owner[t] == p for t in topics]).astype(np.int64) for p in range(num_partitions)]

@@ -24,6 +24,7 @@ from .metering import MeteredGrid
 from .training import evaluate
 
 Describe = Callable[[int, Any], dict[str, Any]]
+Score = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, float]]
 
 
 class RunRecorder:
@@ -31,8 +32,9 @@ class RunRecorder:
 
     def __init__(self, name: str, config: dict[str, Any], model: nn.Module,
                  test: tuple[torch.Tensor, torch.Tensor], meter: MeteredGrid, num_rounds: int,
-                 visits_per_round: int = 1) -> None:
+                 visits_per_round: int = 1, score: Score | None = None) -> None:
         self.name, self.config, self.model, self.test, self.meter = name, config, model, test, meter
+        self.score = score or (lambda model, x, y: evaluate(model, x, y, config["eval-batch-size"]))
         self.num_rounds, self.visits_per_round = num_rounds, visits_per_round
         self.describe: Describe = lambda server_round, tally: {}
         self.rows: list[dict[str, Any]] = []
@@ -46,7 +48,7 @@ class RunRecorder:
         last = server_round == self.num_rounds
         if server_round == 0 or last or self._eval_due(server_round):
             self.model.load_state_dict(arrays.to_torch_state_dict())
-            self.evaluated[server_round] = evaluate(self.model, *self.test, self.config["eval-batch-size"])
+            self.evaluated[server_round] = self.score(self.model, *self.test)
         if server_round > 0:
             tally = self.meter.close_round()
             metrics = self.evaluated.get(server_round)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 from collections.abc import Mapping
 from logging import INFO
 from typing import Any
@@ -29,8 +30,8 @@ from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import resolve
 from .metering import MeteredGrid, RoundMeter, flower_poll_interval
 from .recorder import RunRecorder
-from .task import TASKS, build_model, segment_keys
-from .training import SavedActivations, memory_ledger, scheduled_lr
+from .task import Task, build_model, segment_keys, swept_segment_keys, task_for, transport_state
+from .training import SavedActivations, evaluate, memory_ledger, scheduled_lr
 
 
 def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
@@ -52,7 +53,7 @@ def run(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
 
 def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll: float = 0.1,
            visits_per_round: int = 1):
-    task = TASKS[config["task"]]
+    task = task_for(config)
     model = build_model(task, config["seed"])
     if config["leave-round"] > 0:  # chaos run: one node leaves for good (see chaos.py)
         grid = ChaosGrid(grid, config["leave-round"], config["leave-partition"])
@@ -64,8 +65,19 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
     _, _, x_test, y_test = task.load(config["data-dir"])
     if config["eval-samples"]:  # the first N test examples, the same for every strategy
         x_test, y_test = x_test[:config["eval-samples"]], y_test[:config["eval-samples"]]
-    recorder = RunRecorder(name, config, model, (x_test, y_test), metered, num_rounds, visits_per_round)
+    recorder = RunRecorder(name, config, model, (x_test, y_test), metered, num_rounds, visits_per_round,
+                           score=partial(_score, task, config["eval-batch-size"]))
     return model, metered, recorder
+
+
+def _score(task: Task, batch_size: int, model, x, y) -> dict[str, float]:
+    """Centralized evaluation; an LLM adds its held-out perplexity."""
+    if task.max_eval_batch:
+        batch_size = min(batch_size, task.max_eval_batch)
+    metrics = evaluate(model, x, y, batch_size, align=task.align)
+    if task.name == "llm":
+        metrics["perplexity"] = math.exp(metrics["loss"])
+    return metrics
 
 
 def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +86,7 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     The server's state is checkpointed after every hop; ``resume`` continues from it.
     """
     model, metered, recorder = _setup("snake", grid, config, config["num-server-rounds"])
-    strategy = SnakeStrategy(segment_keys(model), config["window"], sweep=config["sweep"],
+    strategy = SnakeStrategy(swept_segment_keys(model, config), config["window"], sweep=config["sweep"],
                              order=config["order"], train_head=config["train-head"],
                              train_stem=config["train-stem"], sync=config["sync"],
                              sync_tolerance=config["sync-tolerance"],
@@ -93,7 +105,7 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                 "bytes_p2p": tally.up.array_bytes}  # P2P: the window goes once, node to next node
 
     recorder.describe = describe
-    path, arrays, done = checkpoint_path(config), ArrayRecord(model.state_dict()), 0
+    path, arrays, done = checkpoint_path(config), ArrayRecord(transport_state(model.state_dict())), 0
     if config["resume"] and path.exists():
         arrays, state = load_checkpoint(path, config)
         strategy.load_state(state["strategy"])
@@ -144,7 +156,8 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     # lr-rounds: FedAvg's lr decays over its own rounds (Snake's and split's: num-server-rounds)
     train_config = ConfigRecord({**config, "window": segments, "sync": "window", "lr-rounds": num_rounds,
                                  "segments-sent": segments, "segment-versions": [0] * len(segments)})
-    strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=num_rounds,
+    strategy.start(grid=metered, initial_arrays=ArrayRecord(transport_state(model.state_dict())),
+                   num_rounds=num_rounds,
                    timeout=config["hop-timeout"], train_config=train_config,
                    evaluate_fn=recorder.evaluate_fn)
     return recorder.write([led for led in ledgers if "total-bytes" in led])

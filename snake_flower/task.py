@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,14 @@ class Task:
     build: Callable[[], nn.Sequential]
     load: Callable[[str], data.Split]
     """``load(data_dir) -> (x_train, y_train, x_test, y_test)``."""
+    align: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    """``align(outputs, y) -> (logits, labels)``, one row per prediction (an LLM: one per
+    answer token); ``None`` when ``model(x)`` already gives one row per label."""
+    partition_by: Callable[[str], torch.Tensor] | None = None
+    """``partition_by(data_dir)``: the per-example labels partitioners split by
+    (an LLM: topics); ``None`` for ``y_train``."""
+    max_eval_batch: int = 0
+    """Caps ``eval-batch-size`` when > 0 (an LLM's logits are batch x tokens x vocab)."""
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -83,6 +92,18 @@ TASKS: dict[str, Task] = {
     "synthetic": Task("synthetic", SEGMENTS, tiny_cnn, data.load_synthetic),
     "vgg11": Task("vgg11", VGG_SEGMENTS, vgg11_cifar, data.load_cifar_shaped),
 }
+TASK_NAMES = (*TASKS, "llm")
+"""Every task a run-config may name; ``llm`` is built from its model keys by ``task_for``."""
+
+
+def task_for(config: Mapping[str, Any]) -> Task:
+    """The task of a run-config (``task``, and for ``llm`` its ``model`` and fine-tuning keys)."""
+    if config["task"] == "llm":
+        from .llm_data import llm_task  # transformers is imported for LLM runs only
+
+        return llm_task(str(config["model"]), str(config["finetune"]), int(config["lora-rank"]),
+                        int(config["seq-len"]))
+    return TASKS[config["task"]]
 
 
 def build_model(task: Task, seed: int) -> nn.Sequential:
@@ -100,10 +121,24 @@ def _template(task: Task, seed: int) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
         torch.manual_seed(seed)
         model = task.build()
-    if tuple(model._modules) != task.segment_names:
-        raise RuntimeError(f"task {task.name}: model children {tuple(model._modules)} "
-                           f"differ from its segments {task.segment_names}")
+    if tuple(segment_keys(model)) != task.segment_names:
+        raise RuntimeError(f"task {task.name}: model segments {tuple(segment_keys(model))} "
+                           f"differ from {task.segment_names}")
     return model
+
+
+def frozen_segments(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """Segments a Snake run never trains or sends (``frozen-segments``); FedAvg trains all."""
+    if config.get("strategy") != "snake":
+        return ()
+    return tuple(name.strip() for name in str(config.get("frozen-segments", "")).split(",") if name.strip())
+
+
+def swept_segment_keys(model: nn.Module, config: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``segment_keys`` without the ``frozen-segments`` (a pretrained model's embeddings, say,
+    which every node builds identically and which then never change)."""
+    frozen = frozen_segments(config)
+    return {name: keys for name, keys in segment_keys(model).items() if name not in frozen}
 
 
 def segment_keys(model: nn.Module) -> dict[str, list[str]]:
@@ -112,3 +147,12 @@ def segment_keys(model: nn.Module) -> dict[str, list[str]]:
     for key in model.state_dict():
         out.setdefault(key.split(".", 1)[0], []).append(key)
     return out
+
+
+def transport_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict ready for an ``ArrayRecord``: NumPy has no bfloat16, so bf16 goes as fp32.
+
+    The cast is exact, and ``load_state_dict`` copies the values back into the
+    receiving parameter's own dtype.
+    """
+    return {key: value.float() if value.dtype == torch.bfloat16 else value for key, value in state.items()}

@@ -11,12 +11,15 @@ import copy
 import math
 import resource
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+Align = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class LocalWork:
     clip_norm: float = 1.0  # 0 disables clipping
     kd_weight: float = 0.0  # 0 disables distillation
     kd_temperature: float = 2.0
+    frozen_dtype: str = "fp32"  # what the frozen parameters are held in while the window trains
 
     @classmethod
     def from_config(cls, config: dict, kd: bool) -> "LocalWork":
@@ -44,7 +48,8 @@ class LocalWork:
                    momentum=float(config["momentum"]), weight_decay=float(config["weight-decay"]),
                    clip_norm=float(config["clip-norm"]),
                    kd_weight=float(config["kd-weight"]) if kd else 0.0,
-                   kd_temperature=float(config["kd-temperature"]))
+                   kd_temperature=float(config["kd-temperature"]),
+                   frozen_dtype=str(config.get("frozen-dtype", "fp32")))
 
 
 def scheduled_lr(lr: float, server_round: int, rounds: int, decay: str = "none",
@@ -63,18 +68,49 @@ def scheduled_lr(lr: float, server_round: int, rounds: int, decay: str = "none",
     return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def freeze_outside(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parameter]:
-    """Freeze every segment not in ``trainable``; return the trainable parameters."""
+    """Freeze every segment not in ``trainable``; return the trainable parameters.
+
+    Only parameters in ``model.state_dict()`` train: a model may keep some out of it
+    (an LLM's LoRA base weights, a tied LM head owned by the embeddings), and what
+    does not travel must not change.
+    """
     trainable = set(trainable)
+    travels = set(model.state_dict(keep_vars=True))
     params: list[nn.Parameter] = []
+    for p in model.parameters():
+        p.requires_grad_(False)
     for name, segment in model.named_children():
-        on = name in trainable
-        segment.train(on)
-        for p in segment.parameters():
-            p.requires_grad_(on)
-            if on:
-                params.append(p)
+        segment.train(name in trainable)
+        if name in trainable:
+            for key, p in segment.named_parameters(prefix=name):
+                if key in travels:
+                    p.requires_grad_(True)
+                    params.append(p)
     return params
+
+
+def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> dict[nn.Parameter, torch.Tensor]:
+    """Cast every frozen parameter to ``dtype``; return the originals for ``restore``.
+
+    The node's copy of the model stays exact: what it keeps and sends is restored
+    from the originals, not cast back.
+    """
+    originals = {}
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
+            originals[p] = p.data
+            p.data = p.data.to(dtype)
+    return originals
+
+
+def restore(originals: dict[nn.Parameter, torch.Tensor]) -> None:
+    """Undo ``hold_frozen_in``."""
+    for p, data in originals.items():
+        p.data = data
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
@@ -114,26 +150,38 @@ def visit_batches(n: int, work: LocalWork, seed: int) -> list[torch.Tensor]:
     return list(_batches(n, work, torch.Generator().manual_seed(seed)))
 
 
+def _identity(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits, y
+
+
 def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y: torch.Tensor,
-                 work: LocalWork, seed: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Train the ``trainable`` segments in place; return training metrics and memory ledger."""
+                 work: LocalWork, seed: int, align: Align | None = None
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """Train the ``trainable`` segments in place; return training metrics and memory ledger.
+
+    ``align(outputs, y)`` turns a batch's outputs and labels into one row per
+    prediction (``Task.align``; an LLM predicts every answer token).
+    """
     start = time.perf_counter()
+    align = align or _identity
+    params = freeze_outside(model, trainable)
+    originals = hold_frozen_in(model, DTYPES[work.frozen_dtype])
     teacher = None
     if work.kd_weight > 0.0:
-        teacher = copy.deepcopy(model).eval()  # the model as this node received it
-    params = freeze_outside(model, trainable)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the model as received
+        hold_frozen_in(teacher, DTYPES[work.frozen_dtype])
     optimizer = torch.optim.SGD(params, lr=work.lr, momentum=work.momentum,
                                 weight_decay=work.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     total_loss, steps = 0.0, 0
     meter = SavedActivations(model.parameters())  # frozen weights are not activations
     for idx in _batches(len(y), work, gen):
-        xb, yb = x[idx], y[idx]
+        xb = x[idx]
         with meter:
-            logits = model(xb)
+            logits, yb = align(model(xb), y[idx])
         if teacher is not None:
             with torch.no_grad():
-                target = teacher(xb)
+                target, _ = align(teacher(xb), y[idx])
             loss = distillation_loss(logits, target, yb, work.kd_weight, work.kd_temperature)
         else:
             loss = F.cross_entropy(logits, yb)
@@ -147,7 +195,9 @@ def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y:
     model.eval()
     metrics = {"train-loss": total_loss / max(steps, 1), "steps": float(steps),
                "num-examples": float(len(y)), "train-seconds": time.perf_counter() - start}
-    return metrics, memory_ledger(model, params, optimizer, meter.peak)
+    ledger = memory_ledger(model, params, optimizer, meter.peak)
+    restore(originals)
+    return metrics, ledger
 
 
 class SavedActivations:
@@ -211,13 +261,19 @@ def memory_ledger(model: nn.Module, params: list[nn.Parameter], optimizer: torch
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over ``(x, y)``."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             align: Align | None = None) -> dict[str, float]:
+    """Accuracy and mean cross-entropy per prediction over ``(x, y)`` (see ``train_window``).
+
+    An LLM's predictions are its answer tokens: accuracy is next-token accuracy, and
+    perplexity is ``exp(loss)``.
+    """
     model.eval()
-    loss, correct = 0.0, 0
+    align = align or _identity
+    loss, correct, count = 0.0, 0, 0
     for start in range(0, len(y), batch_size):
-        logits = model(x[start:start + batch_size])
-        yb = y[start:start + batch_size]
+        logits, yb = align(model(x[start:start + batch_size]), y[start:start + batch_size])
         loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(-1) == yb).sum())
-    return {"accuracy": correct / max(len(y), 1), "loss": loss / max(len(y), 1)}
+        count += len(yb)
+    return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1)}

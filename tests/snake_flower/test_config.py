@@ -61,6 +61,8 @@ def test_window_limit_counts_head_and_stem():
     (["--run-config", "window=9"], "window"),
     (["--run-config", "dirichlet-alpha=0"], "dirichlet-alpha"),
     (["--num-supernodes", "0"], "num-supernodes"),
+    (["--parallel", "-1"], "parallel"),
+    (["--run-config", "task=llm model=tiny-opt window=5"], "window"),
     (["--config", "/nonexistent.toml"], "config"),
 ])
 def test_cli_bad_config_fails_fast_with_one_line(args, key):
