@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", help="LABEL=path/to/<strategy>.json, or just the path")
     plot.add_argument("--out", required=True, help="the PNG to write")
     plot.add_argument("--x", choices=("visits", "megabytes"), default="visits", help="x axis (default visits)")
+    plot.add_argument("--metric", choices=("accuracy", "perplexity"),
+                      help="y axis (default: perplexity for task llm, else accuracy)")
     memory = sub.add_parser("memory", help="FedAvg and Snake memory per node of an LLM, from its "
                                            "architecture alone (meta device, no weights)")
     memory.add_argument("--model", required=True,
@@ -179,7 +181,10 @@ def _plot(args: argparse.Namespace) -> int:
             print(f"snake-flower: error: {path}: {err}", file=sys.stderr)
             return 2
         runs[label] = run
-    print(f"plot: {plot_accuracy(runs, args.out, x=args.x)}")
+    if args.metric == "perplexity" and any(run["task"] != "llm" for run in runs.values()):
+        print("snake-flower: error: --metric perplexity: only task llm runs have a perplexity", file=sys.stderr)
+        return 2
+    print(f"plot: {plot_accuracy(runs, args.out, x=args.x, metric=args.metric)}")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Plots of runs: test accuracy against node visits or megabytes; memory per node."""
+"""Plots of runs: test accuracy (or an LLM's perplexity) against node visits or megabytes; memory per node."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,23 @@ LEDGER_PARTS = ("trainable_param_bytes", "frozen_param_bytes", "grad_bytes", "op
                 "activation_bytes")
 
 
-def _curve(result: dict[str, Any], x: str) -> tuple[list[float], list[float]]:
+def _curve(result: dict[str, Any], x: str, metric: str = "accuracy") -> tuple[list[float], list[float]]:
     rows = result["rounds"]
     if x == "visits":
         axis: list[float] = list(cumulative_visits(rows))
     else:
         axis = [b / 1e6 for b in cumulative_bytes(rows)]
-    points = [(a, r["accuracy"]) for a, r in zip(axis, rows) if r["accuracy"] is not None]
+    points = [(a, _value(r, metric)) for a, r in zip(axis, rows) if _value(r, metric) is not None]
+    if metric != "accuracy" and metric in result.get("initial", {}):
+        # an LLM starts pretrained: its curve starts from that model's figure (0 visits, 0 MB)
+        points.insert(0, (0.0, result["initial"][metric]))
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def _value(row: dict[str, Any], metric: str) -> float | None:
+    if metric == "perplexity" and row.get("perplexity") is None and row.get("loss") is not None:
+        return math.exp(row["loss"])  # LLM rows written before they carried their perplexity
+    return row.get(metric)
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -35,17 +45,26 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path, x: str = "visits") -> Path:
-    """One curve per run: centralized test accuracy against ``x`` (visits or megabytes)."""
+def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path, x: str = "visits",
+                  metric: str | None = None) -> Path:
+    """One curve per run: centralized ``metric`` against ``x`` (visits or megabytes).
+
+    ``metric`` defaults to held-out perplexity for task ``llm`` and to test accuracy otherwise.
+    """
+    task = next(iter(runs.values()))["task"] if runs else ""
+    metric = metric or ("perplexity" if task == "llm" else "accuracy")
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, result in runs.items():
-        ax.plot(*_curve(result, x), label=name, marker="." if len(result["rounds"]) < 40 else None)
-    task = next(iter(runs.values()))["task"] if runs else ""
-    ax.set(xlabel=XLABELS[x], ylabel="test accuracy", ylim=(0, 1), title=f"{task}: test accuracy")
+        ax.plot(*_curve(result, x, metric), label=name, marker="." if len(result["rounds"]) < 40 else None)
+    if metric == "accuracy":
+        ax.set(ylabel="test accuracy", ylim=(0, 1))
+    else:
+        ax.set(ylabel=f"held-out {metric}")
+    ax.set(xlabel=XLABELS[x], title=f"{task}: {metric}")
     if x == "megabytes":  # split learning moves ~100x what Snake and FedAvg move
-        ax.set_xscale("log")
+        ax.set_xscale("symlog" if metric != "accuracy" else "log")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right" if metric == "accuracy" else "upper right")
     return _save(fig, path)
 
 

@@ -61,6 +61,7 @@ class RunRecorder:
                    "loss": metrics["loss"] if metrics else None,
                    "wall_s": round(time.time() - self.started, 3)}
             row.setdefault("bytes_p2p", row["bytes_down"] + row["bytes_up"])
+            row.update({k: v for k, v in (metrics or {}).items() if k not in row})  # an LLM's perplexity
             self.rows.append(row)
             self._progress(row)
         return MetricRecord(self.evaluated[server_round]) if server_round in self.evaluated else None

@@ -70,10 +70,28 @@ def test_plot_command_overlays_runs_from_different_folders(tmp_path, capsys, mon
     assert main(args) == 0 and png.read_bytes()[:4] == b"\x89PNG"
     seen = {}
     monkeypatch.setattr("snake_flower.plots.plot_accuracy",
-                        lambda runs, path, x: seen.update(labels=list(runs), x=x) or path)
+                        lambda runs, path, x, metric: seen.update(labels=list(runs), x=x, metric=metric) or path)
     assert main(args + ["--x", "megabytes"]) == 0
-    assert seen == {"labels": ["fault-free", "chaos/snake"], "x": "megabytes"}
+    assert seen == {"labels": ["fault-free", "chaos/snake"], "x": "megabytes", "metric": None}
     capsys.readouterr()
+    assert main(args + ["--metric", "perplexity"]) == 2  # these runs are not task llm
+    assert capsys.readouterr().err.strip() == ("snake-flower: error: --metric perplexity: "
+                                               "only task llm runs have a perplexity")
     assert main(["plot", str(tmp_path / "missing.json"), "--out", str(png)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"snake-flower: error: {tmp_path / 'missing.json'}: ") and "\n" not in err
+
+
+def test_an_llm_run_plots_its_perplexity_from_the_pretrained_model_on(tmp_path, monkeypatch):
+    from snake_flower import plots
+
+    run = _run("snake", [0.4, None, 0.5], 1, 1000)
+    run["task"] = "llm"
+    run["initial"] = {"accuracy": 0.3, "loss": 3.0, "perplexity": 20.0}
+    for row, ppl in zip(run["rounds"], (12.0, None, 9.0)):
+        row["perplexity"] = ppl
+    drawn = []
+    monkeypatch.setattr(plots.plt.Axes, "plot", lambda ax, xs, ys, **kw: drawn.append((list(xs), list(ys))))
+    png = plots.plot_accuracy({"snake": run}, tmp_path / "ppl.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert drawn == [([0.0, 1.0, 3.0], [20.0, 12.0, 9.0])]  # initial, then the evaluated visits

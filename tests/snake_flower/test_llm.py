@@ -215,6 +215,7 @@ def test_runs_end_to_end_with_perplexity(loopback, nodes, tmp_path, strategy, fi
     result = json.loads((tmp_path / f"{strategy}.json").read_text())
     assert result["initial"]["perplexity"] == pytest.approx(math.exp(result["initial"]["loss"]))
     assert math.isfinite(result["final"]["perplexity"])
+    assert result["rounds"][-1]["perplexity"] == result["final"]["perplexity"]  # every evaluated row has it
     assert all(r["status"] == "merged" for r in result["rounds"])
     if strategy == "snake":  # one segment per upload, never the whole model
         assert all(r["array_bytes_up"] < result["final"]["model_bytes"] for r in result["rounds"])
