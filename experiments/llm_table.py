@@ -31,7 +31,7 @@ def main(root: str) -> None:
             results[(strategy, finetune)] = json.loads(path.read_text())
     base = results.get(("fedavg", "full"))
     base_peak = base["memory"]["total_bytes"] if base else None
-    print("| run | pretrained ppl | final ppl | rounds | MB moved | largest upload per visit (MB) | "
+    print("| run | pretrained ppl | final ppl | rounds | MB moved | upload per node visit (MB, largest round) | "
           "node peak ledger (MB, × FedAvg full) | wall (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for key, result in results.items():

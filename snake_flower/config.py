@@ -179,6 +179,14 @@ def validate(config: Mapping[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"frozen-segments: {', '.join(unknown)} not among the segments "
                           f"({', '.join(segments[:3])}, ...)")
+    # the schedule takes the last swept segment as the head (the first as the stem):
+    # a frozen head would silently hand that role to its neighbour
+    for flag, end in (("train-head", segments[-1]), ("train-stem", segments[0])):
+        if config[flag] and end in frozen:
+            raise ConfigError(f"{flag}: segment {end} is in frozen-segments; set {flag}=false")
+    if config["frozen-dtype"] != "fp32" and config["task"] != "llm":
+        raise ConfigError(f"frozen-dtype: {config['frozen-dtype']} needs task llm (its segments cast "
+                          f"their inputs); task {config['task']} trains with fp32 frozen layers")
     segments = tuple(name for name in segments if name not in frozen)
     sweepable = len(segments) - config["train-head"] - config["train-stem"]
     if config["strategy"] == "split" and not 1 <= config["cut"] < len(segments):

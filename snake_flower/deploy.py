@@ -211,12 +211,16 @@ class LoopbackDeployment:
             proc = subprocess.Popen([str(BIN / "flwr"), *args], stdout=out, stderr=subprocess.STDOUT,
                                     cwd=self.workdir, env=self.env)
         deadline = time.monotonic() + limit
-        while proc.poll() is None and time.monotonic() < deadline:
-            self.family.trace()  # note the daemons' children (serverapp, clientapps) while they run
-            time.sleep(0.5)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                self.family.trace()  # note the daemons' children (serverapp, clientapps) while they run
+                time.sleep(0.5)
+        finally:  # a timeout, Ctrl-C or any error: the CLI we started goes too
+            timed_out = proc.poll() is None
+            if timed_out:
+                proc.kill()
+                proc.wait()
+        if timed_out:
             raise DeploymentError(f"flwr {args[0]} did not finish in {limit:.0f} s; see {log}")
         code = proc.returncode
         if code != 0:

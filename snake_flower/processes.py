@@ -120,6 +120,8 @@ class ProcessFamily:
         """
         table = _process_table()
         sessions = {m.pid: m for m in self.seen_roots.values()}  # dead daemons' sessions may live on
+        # ... unless the daemon's PID now leads someone else's session (PID reuse)
+        sessions = {sid: m for sid, m in sessions.items() if sid not in table or table[sid][2] == m.started}
         children: dict[int, list[int]] = {}
         for pid, (ppid, sid, started) in table.items():
             children.setdefault(ppid, []).append(pid)

@@ -163,9 +163,19 @@ def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y:
     prediction (``Task.align``; an LLM predicts every answer token).
     """
     start = time.perf_counter()
-    align = align or _identity
     params = freeze_outside(model, trainable)
     originals = hold_frozen_in(model, DTYPES[work.frozen_dtype])
+    try:
+        metrics, ledger = _train_held(model, params, x, y, work, seed, align or _identity)
+    finally:
+        restore(originals)  # a failed step too leaves the caller's model exact
+    metrics["train-seconds"] = time.perf_counter() - start
+    return metrics, ledger
+
+
+def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
+                work: LocalWork, seed: int, align: Align) -> tuple[dict[str, float], dict[str, float]]:
+    """``train_window``'s steps, with the frozen layers held in ``work.frozen_dtype``."""
     teacher = None
     if work.kd_weight > 0.0:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the model as received
@@ -194,10 +204,8 @@ def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y:
         steps += 1
     model.eval()
     metrics = {"train-loss": total_loss / max(steps, 1), "steps": float(steps),
-               "num-examples": float(len(y)), "train-seconds": time.perf_counter() - start}
-    ledger = memory_ledger(model, params, optimizer, meter.peak)
-    restore(originals)
-    return metrics, ledger
+               "num-examples": float(len(y))}
+    return metrics, memory_ledger(model, params, optimizer, meter.peak)
 
 
 class SavedActivations:

@@ -42,12 +42,19 @@ def test_resolve_coerces_and_keeps_defaults():
     ({"train-head": "yes"}, "train-head"),
     ({"no-such-key": 1}, "no-such-key"),
     ({"kd-weight": 1.5}, "kd-weight"),
+    ({"frozen-dtype": "fp16"}, "frozen-dtype"),  # only an LLM's segments cast their inputs
+    ({"frozen-segments": "head"}, "train-head"),  # its neighbour would become the head
+    ({"frozen-segments": "conv1", "train-stem": True}, "train-stem"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
         resolve(override)
     message = str(err.value)
     assert message.startswith(f"{key}:") and "\n" not in message
+
+
+def test_a_frozen_head_is_fine_once_train_head_is_off():
+    assert resolve({"frozen-segments": "head", "train-head": False})["frozen-segments"] == "head"
 
 
 def test_window_limit_counts_head_and_stem():

@@ -94,6 +94,23 @@ def test_a_hop_trains_only_the_window_with_frozen_layers_held_low(dtype):
     assert ledger["frozen-param-bytes"] == 2 * (sum(p.numel() for p in model.parameters()) - window)
 
 
+def test_a_failing_step_still_restores_the_frozen_layers_exactly():
+    task = _task()
+    model = build_model(task, 0)
+    x, y, _, _ = task.load("")
+    before = _base_weights(model)
+
+    def broken(logits, labels):  # a step that fails after the frozen layers were cast down
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError, match="step failed"):
+        train_window(model, ["layer01"], x, y, LocalWork(steps=2, batch_size=4, frozen_dtype="fp16"),
+                     seed=0, align=broken)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    after = _base_weights(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_lora_travels_adapters_only_and_trains_the_window_adapters():
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
