@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import CHOICES, ConfigError, load_toml, parse_overrides, resolve
-from .data import DataError
+from .data import DataError, partition_from_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +78,10 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"min-nodes: {config['min-nodes']} exceeds --num-supernodes {args.num_supernodes}")
     from .task import task_for
 
-    task_for(config).load(config["data-dir"])  # fail now, not inside a Ray actor
+    task = task_for(config)
+    _, y_train, _, _ = task.load(config["data-dir"])  # fail now, not inside a Ray actor
+    labels = task.partition_by(config["data-dir"]) if task.partition_by else y_train
+    partition_from_config(labels, config, args.num_supernodes, 0)  # e.g. fewer topics than nodes
     return config
 
 

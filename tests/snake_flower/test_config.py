@@ -70,6 +70,7 @@ def test_window_limit_counts_head_and_stem():
     (["--num-supernodes", "0"], "num-supernodes"),
     (["--parallel", "-1"], "parallel"),
     (["--run-config", "task=llm model=tiny-opt window=5"], "window"),
+    (["--num-supernodes", "30", "--run-config", "task=llm model=tiny-opt partitioner=topic"], "partitioner"),
     (["--config", "/nonexistent.toml"], "config"),
 ])
 def test_cli_bad_config_fails_fast_with_one_line(args, key):
