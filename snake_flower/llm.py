@@ -37,7 +37,7 @@ TINY_OPT = "tiny-opt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAD = -1  # pads input ids; the model drops all-padding columns and maps the rest to its pad token
 SUPPORTED = ("llama", "opt")  # architectures whose forward this module reproduces
-LORA_TARGETS = ["q_proj", "v_proj"]  # peft's default for both
+LORA_TARGETS = ("q_proj", "v_proj")  # peft's default for both
 
 TINY_OPT_TOKENS = {"bos": 2, "eos": 2}  # tiny-opt reads bytes; these ids frame a sequence
 
@@ -255,6 +255,14 @@ class CausalLMSegments(nn.Sequential):
         return head(hidden.to(_dtype(head))).float()
 
 
+def lora_config(rank: int, targets: tuple[str, ...] = LORA_TARGETS):
+    """The peft LoRA adapters of every run and of ``snake-flower memory``: alpha = 2 x rank, no dropout."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(targets),
+                      task_type="CAUSAL_LM")
+
+
 def build_segments(name: str, finetune: str = "full", lora_rank: int = 8) -> CausalLMSegments:
     """Model ``name`` as segments; with ``finetune="lora"``, peft adapters on every layer.
 
@@ -263,9 +271,7 @@ def build_segments(name: str, finetune: str = "full", lora_rank: int = 8) -> Cau
     """
     lm = load_causal_lm(name)
     if finetune == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                            target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-        lm = get_peft_model(lm, config).base_model.model  # the same model, adapters injected
+        lm = get_peft_model(lm, lora_config(lora_rank)).base_model.model  # the same model, adapters injected
     return CausalLMSegments(lm, lora=finetune == "lora").eval()

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureError, load_config, preset_of
+from .llm import LORA_TARGETS, lora_config
 from .training import SavedActivations
 
 FROZEN_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
@@ -78,7 +79,7 @@ class MemoryOptions:
     frozen_dtype: str = "fp16"
     finetune: str = "full"
     lora_rank: int = 8
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     batch: int = 0
     seq: int = 0
 
@@ -117,10 +118,9 @@ def build_meta_model(config: Any) -> nn.Module:
 
 def add_lora(model: nn.Module, options: MemoryOptions) -> nn.Module:
     """Wrap ``model`` in peft LoRA adapters; only the adapters keep ``requires_grad``."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(r=options.lora_rank, lora_alpha=2 * options.lora_rank, lora_dropout=0.0,
-                      target_modules=list(options.lora_targets), task_type="CAUSAL_LM")
+    lora = lora_config(options.lora_rank, options.lora_targets)
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.simplefilter("ignore", FutureWarning)
