@@ -11,6 +11,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from .capacity import reported_capacity
 from .chaos import maybe_fail
 from .config import kd_enabled
 from .data import partition_from_config
@@ -51,9 +52,11 @@ def _local_model(cfg: dict, context: Context, received: ArrayRecord):
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server this node's stable rank (its partition id) for the chain order."""
+    """Tell the server this node's stable rank (its partition id) and any stated capacities."""
     partition_id, _ = _partition(context)
-    return Message(RecordDict({"info": MetricRecord({"rank": partition_id})}), reply_to=msg)
+    # a deployed node's capacities (--node-config "compute=0.5 memory-budget-mb=64 link-mbps=20")
+    capacity = reported_capacity(context.node_config)
+    return Message(RecordDict({"info": MetricRecord({"rank": partition_id, **capacity})}), reply_to=msg)
 
 
 @app.train()
@@ -83,7 +86,8 @@ def train(msg: Message, context: Context) -> Message:
     keys = [key for name, seg in segment_keys(model).items() if name in window for key in seg]
     reply = ArrayRecord({key: state[key] for key in keys})
     # One MetricRecord, as Flower's FedAvg requires of every reply: metrics and memory ledger.
-    metrics = MetricRecord({**metrics, **ledger, "partition-id": float(partition_id)})
+    metrics = MetricRecord({**metrics, **ledger, **reported_capacity(context.node_config),
+                            "partition-id": float(partition_id)})
     return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
 
 

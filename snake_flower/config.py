@@ -38,6 +38,11 @@ DEFAULTS: dict[str, Any] = {
     "sync": "delta",
     "sync-tolerance": 0.0,
     "max-update-norm": 0.0,
+    # heterogeneous nodes (capacity.py): window = "auto" fits each node's memory and compute
+    "capacity-profile": "uniform",
+    "hop-deadline-s": 0.0,
+    # cs: the window is relayed through the server (counted down and up); p2p: node to node
+    "mode": "cs",
     # split learning (baseline): the node keeps segments[:cut], the server the rest
     "cut": 2,
     # local work per hop (identical for every strategy)
@@ -78,7 +83,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "finetune": ("full", "lora"),
     "frozen-dtype": ("fp32", "fp16", "bf16"),
     "sweep": ("serpentine", "forward"),
-    "order": ("fixed", "shuffle"),
+    "order": ("fixed", "shuffle", "capacity"),
+    "capacity-profile": ("uniform", "mixed"),
+    "mode": ("cs", "p2p"),
     "sync": ("delta", "window"),
     "kd": ("auto", "on", "off"),
     "lr-decay": ("none", "cosine"),
@@ -89,7 +96,7 @@ POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-bat
             "seq-len")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
-                "leave-partition")
+                "leave-partition", "hop-deadline-s")
 
 
 class ConfigError(ValueError):
@@ -168,11 +175,13 @@ def validate(config: Mapping[str, Any]) -> None:
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
             raise ConfigError(f"{key}: {config[key]!r} is not one of {', '.join(allowed)}")
+    if isinstance(config["window"], str) and config["window"] != "auto":
+        raise ConfigError(f"window: expected a number of segments or \"auto\", got {config['window']!r}")
     for key in POSITIVE:
+        if config[key] == "auto" and key == "window":
+            continue
         if not config[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {config[key]!r}")
-    if config["window"] == "auto":
-        raise ConfigError("window: 'auto' needs node capacities, which are not supported yet")
     segments = _segments(config)
     frozen = frozen_segments(config)
     unknown = [name for name in frozen if name not in segments]
@@ -200,6 +209,8 @@ def validate(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {config[key]!r}")
     if config["dirichlet-alpha"] <= 0:
         raise ConfigError(f"dirichlet-alpha: must be > 0, got {config['dirichlet-alpha']!r}")
+    if config["hop-deadline-s"] > 0 and config["local-steps"] == 0:
+        raise ConfigError("hop-deadline-s: estimating a hop's compute time needs local-steps > 0")
     if config["local-epochs"] == 0 and config["local-steps"] == 0:
         raise ConfigError("local-epochs: one of local-epochs and local-steps must be > 0")
     if not 0.0 < config["target-accuracy"] <= 1.0:

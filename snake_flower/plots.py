@@ -11,10 +11,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .results import cumulative_bytes, cumulative_visits  # noqa: E402
+from .results import cumulative_bytes, cumulative_network_time, cumulative_visits  # noqa: E402
 
 XLABELS = {"visits": "node visits (Snake: one per hop; FedAvg: one per node per round)",
-           "megabytes": "cumulative MB moved (down + up), log scale"}
+           "megabytes": "cumulative MB moved (CS: down + up; Snake in P2P: each transfer once), log scale",
+           "network": "network-time model: cumulative seconds (compute / speed + bytes / link), log scale"}
 LEDGER_PARTS = ("trainable_param_bytes", "frozen_param_bytes", "grad_bytes", "optimizer_bytes",
                 "activation_bytes")
 
@@ -23,8 +24,10 @@ def _curve(result: dict[str, Any], x: str, metric: str = "accuracy") -> tuple[li
     rows = result["rounds"]
     if x == "visits":
         axis: list[float] = list(cumulative_visits(rows))
+    elif x == "network":
+        axis = cumulative_network_time(rows)
     else:
-        axis = [b / 1e6 for b in cumulative_bytes(rows)]
+        axis = [b / 1e6 for b in cumulative_bytes(rows, result.get("mode", "cs"))]
     points = [(a, _value(r, metric)) for a, r in zip(axis, rows) if _value(r, metric) is not None]
     if metric != "accuracy" and metric in result.get("initial", {}):
         # an LLM starts pretrained: its curve starts from that model's figure (0 visits, 0 MB)
@@ -47,7 +50,7 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
 
 def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path, x: str = "visits",
                   metric: str | None = None) -> Path:
-    """One curve per run: centralized ``metric`` against ``x`` (visits or megabytes).
+    """One curve per run: centralized ``metric`` against ``x`` (visits, megabytes or network seconds).
 
     ``metric`` defaults to held-out perplexity for task ``llm`` and to test accuracy otherwise.
     """
@@ -61,8 +64,8 @@ def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path, x: str = "v
     else:
         ax.set(ylabel=f"held-out {metric}")
     ax.set(xlabel=XLABELS[x], title=f"{task}: {metric}")
-    if x == "megabytes":  # split learning moves ~100x what Snake and FedAvg move
-        ax.set_xscale("symlog" if metric != "accuracy" else "log")
+    if x in ("megabytes", "network"):  # split learning moves ~100x what Snake and FedAvg move
+        ax.set_xscale("symlog" if metric != "accuracy" or x == "network" else "log")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right" if metric == "accuracy" else "upper right")
     return _save(fig, path)

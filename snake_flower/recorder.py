@@ -81,7 +81,9 @@ class RunRecorder:
     def write(self, ledgers: list[dict[str, float]], **extra: Any) -> dict[str, Any]:
         """Assemble design §6's results and write ``<out-dir>/<name>.json``."""
         final_round = max(self.evaluated)
-        moved = sum(r["bytes_down"] + r["bytes_up"] + r["bytes_control"] for r in self.rows)
+        mode = extra.get("mode", "cs")
+        moved = results.cumulative_bytes(self.rows, mode)[-1] if self.rows else 0
+        network = results.cumulative_network_time(self.rows)[-1] if self.rows else 0.0
         payload = {
             "strategy": self.name, "task": self.config["task"], "config": dict(self.config),
             "versions": results.versions(), "rounds": self.rows,
@@ -90,6 +92,7 @@ class RunRecorder:
             "failures": extra.pop("failures", []), "rejected_replies": extra.pop("rejected_replies", 0),
             "initial": self.evaluated[0],
             "final": {**self.evaluated[final_round], "round": final_round, "bytes_total": moved,
+                      "network_time_s": network,
                       "wall_s": time.time() - self.started,
                       "model_bytes": results.model_bytes(self.arrays),
                       "model_sha256": results.model_sha256(self.arrays)},

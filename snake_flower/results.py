@@ -60,9 +60,17 @@ def ledgers_by_node(ledgers: list[dict[str, float]]) -> dict[str, dict[str, int]
     return {node: peak_ledger(group) for node, group in sorted(by_node.items(), key=lambda kv: int(kv[0]))}
 
 
-def cumulative_bytes(rows: list[dict[str, Any]]) -> list[int]:
-    """Bytes moved up to and including each round (down + up + control)."""
+def cumulative_bytes(rows: list[dict[str, Any]], mode: str = "cs") -> list[int]:
+    """Bytes moved up to each row: down + up + control in client-server mode, and in
+    peer-to-peer mode each transfer once (``bytes_p2p``) + control."""
+    if mode == "p2p":
+        return list(accumulate(r["bytes_p2p"] + r.get("bytes_control", 0) for r in rows))
     return list(accumulate(r["bytes_down"] + r["bytes_up"] + r.get("bytes_control", 0) for r in rows))
+
+
+def cumulative_network_time(rows: list[dict[str, Any]]) -> list[float]:
+    """The network-time model's seconds up to each row (``capacity.py``); 0 for old rows."""
+    return list(accumulate(float(r.get("network_time_s", 0.0)) for r in rows))
 
 
 def cumulative_visits(rows: list[dict[str, Any]]) -> list[int]:

@@ -25,6 +25,7 @@ from strategies import SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
 
 from . import results
+from .capacity import NodeCapacities, WindowSizer, hop_time_s
 from .chaos import ChaosGrid
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import resolve
@@ -67,7 +68,12 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
         x_test, y_test = x_test[:config["eval-samples"]], y_test[:config["eval-samples"]]
     recorder = RunRecorder(name, config, model, (x_test, y_test), metered, num_rounds, visits_per_round,
                            score=partial(_score, task, config["eval-batch-size"]))
-    return model, metered, recorder
+    # a batch of test inputs stands in for a node's: the ledger and FLOPs depend on shapes only
+    rows = slice(0, config["batch-size"])
+    sizer = WindowSizer(model, x_test[rows], y_test[rows], config, align=task.align)
+    num_nodes = max(config["min-nodes"], len(list(grid.get_node_ids())))
+    capacities = NodeCapacities(config, num_nodes, sizer, list(segment_keys(model)))
+    return model, metered, recorder, capacities
 
 
 def _score(task: Task, batch_size: int, model, x, y) -> dict[str, float]:
@@ -85,24 +91,33 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
 
     The server's state is checkpointed after every hop; ``resume`` continues from it.
     """
-    model, metered, recorder = _setup("snake", grid, config, config["num-server-rounds"])
+    model, metered, recorder, capacities = _setup("snake", grid, config, config["num-server-rounds"])
     strategy = SnakeStrategy(swept_segment_keys(model, config), config["window"], sweep=config["sweep"],
                              order=config["order"], train_head=config["train-head"],
                              train_stem=config["train-stem"], sync=config["sync"],
                              sync_tolerance=config["sync-tolerance"],
                              max_update_norm=config["max-update-norm"],
                              min_nodes=config["min-nodes"], backoff=config["node-backoff"],
-                             seed=config["seed"],
+                             seed=config["seed"], capacity=capacities, misfit=capacities.sizer.misfit,
                              query_timeout=min(60.0, config["hop-timeout"]))
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
         hop = strategy.hops[-1]
         reported = hop.get("metrics", {})
+        # P2P: every segment a node receives comes once, straight from the peer that holds it;
+        # CS: the same bytes come down from the server, and the window goes up to it as well
+        p2p = tally.down.array_bytes
+        moved = p2p if config["mode"] == "p2p" else tally.down.bytes + tally.up.bytes
+        capacity = strategy.capacity_of(hop["node"])
+        merged = hop["status"] == "merged"
         return {"nodes": [hop["node"]], "window": hop["window"],
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
                 "segments_sent": hop["segments_sent"], "status": hop["status"],
-                "hop_s": round(hop.get("seconds", 0.0), 4),
-                "bytes_p2p": tally.up.array_bytes}  # P2P: the window goes once, node to next node
+                "hop_s": round(hop.get("seconds", 0.0), 4), "bytes_p2p": p2p,
+                "capacity": capacity.as_dict(), "passed_over": hop.get("passed_over", []),
+                # a failed hop costs the time the server waited for it
+                "network_time_s": hop_time_s(reported.get("train-seconds", 0.0), moved, capacity)
+                if merged else hop.get("seconds", 0.0)}
 
     recorder.describe = describe
     path, arrays, done = checkpoint_path(config), ArrayRecord(transport_state(model.state_dict())), 0
@@ -130,6 +145,8 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     ledgers = [h["metrics"] for h in strategy.hops if "total-bytes" in h.get("metrics", {})]
     return recorder.write(ledgers, provenance=strategy.provenance, failures=strategy.failures,
                           rejected_replies=strategy.rejected_replies, membership=strategy.membership,
+                          mode=config["mode"], skipped_nodes=[{"node": n, "reason": r}
+                                                              for n, r in strategy.skipped.items()],
                           resumed_at_round=done or None, checkpoint=str(path))
 
 
@@ -137,7 +154,7 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """Flower's FedAvg: every node trains every segment; rounds = hops / nodes (equal visits)."""
     nodes = len(wait_for_nodes(grid, config["min-nodes"]))
     num_rounds = max(1, math.ceil(config["num-server-rounds"] / nodes))
-    model, metered, recorder = _setup("fedavg", grid, config, num_rounds, visits_per_round=nodes)
+    model, metered, recorder, capacities = _setup("fedavg", grid, config, num_rounds, visits_per_round=nodes)
     segments = list(segment_keys(model))
     ledgers: list[dict[str, float]] = []
 
@@ -148,10 +165,18 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
                       # we waited for min-nodes above; later rounds go on with who is left
                       min_available_nodes=1, train_metrics_aggr_fn=aggregate_metrics)
-    recorder.describe = lambda server_round, tally: {
-        "nodes": sorted(tally.up_by_node), "window": segments, "status": "merged",
-        "partitions": sorted(int(led["partition-id"]) for led in ledgers[-len(tally.up_by_node):])
-        if tally.up_by_node else []}
+
+    def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
+        replies = ledgers[-len(tally.up_by_node):] if tally.up_by_node else []
+        # every node moves the same model both ways: its share of the round's bytes
+        share = (tally.down.bytes + tally.up.bytes) / max(len(replies), 1)
+        times = [hop_time_s(led.get("train-seconds", 0.0), share,
+                            capacities(led.get("partition-id", 0.0), led)) for led in replies]
+        return {"nodes": sorted(tally.up_by_node), "window": segments, "status": "merged",
+                "partitions": sorted(int(led["partition-id"]) for led in replies),
+                "network_time_s": max(times, default=0.0)}  # the round waits for its straggler
+
+    recorder.describe = describe
     # The same ClientApp as Snake: the window is the whole model and nothing is stale.
     # lr-rounds: FedAvg's lr decays over its own rounds (Snake's and split's: num-server-rounds)
     train_config = ConfigRecord({**config, "window": segments, "sync": "window", "lr-rounds": num_rounds,
@@ -160,13 +185,14 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                    num_rounds=num_rounds,
                    timeout=config["hop-timeout"], train_config=train_config,
                    evaluate_fn=recorder.evaluate_fn)
-    return recorder.write([led for led in ledgers if "total-bytes" in led])
+    return recorder.write([led for led in ledgers if "total-bytes" in led], mode="cs")
 
 
 def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """Relay split learning: per batch, activations up and gradients down; bottoms relayed."""
     # One round trip per batch: poll the Grid often, or waiting dominates the run.
-    model, metered, recorder = _setup("split", grid, config, config["num-server-rounds"], poll=0.005)
+    model, metered, recorder, capacities = _setup("split", grid, config, config["num-server-rounds"],
+                                                  poll=0.005)
     names = list(segment_keys(model))
     top = copy.deepcopy(model[config["cut"]:])  # the server's part, same seeded weights
     strategy = SplitStrategy(segment_keys(model), config["cut"], top, config["local-steps"],
@@ -181,9 +207,13 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
         visit = strategy.visits[-1]
         reported = visit.get("metrics", {})
+        capacity = capacities(reported.get("partition-id", 0.0), reported)
+        # the node's compute at its speed, the server's at the reference speed, every batch's transfer
+        network = (hop_time_s(reported.get("compute-seconds", 0.0), tally.down.bytes + tally.up.bytes, capacity)
+                   + visit.get("server-seconds", 0.0)) if visit["status"] == "merged" else visit.get("seconds", 0.0)
         return {"nodes": [visit["node"]], "window": names[:config["cut"]], "status": visit["status"],
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
-                "steps": visit["steps"]}
+                "steps": visit["steps"], "capacity": capacity.as_dict(), "network_time_s": network}
 
     recorder.describe = describe
     strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
@@ -194,7 +224,7 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     if strategy.server_optimizer is not None:
         server = [memory_ledger(top, list(top.parameters()), strategy.server_optimizer,
                                 strategy.server_activation_peak)]
-    return recorder.write(ledgers, failures=strategy.failures, cut=config["cut"],
+    return recorder.write(ledgers, failures=strategy.failures, cut=config["cut"], mode="cs",
                           memory_server=results.peak_ledger(server))
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from .client_app import _partition, app
 from .data import PARTITION_KEYS, partition_from_config
 from .task import TASKS, build_model
+from .capacity import reported_capacity
 from .training import LocalWork, SavedActivations, memory_ledger, visit_batches, visit_seed
 
 STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT = "split-bottom", "split-momentum", "split-visit"
@@ -41,6 +42,7 @@ STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT = "split-bottom", "split-momentum", "s
 @app.train("split")
 def train_split(msg: Message, context: Context) -> Message:
     """One message of a split-learning visit (see the module docstring)."""
+    began = time.perf_counter()  # this message's compute, summed over the visit
     cfg = dict(msg.content["config"])
     partition_id, num_partitions = _partition(context)
     task = TASKS[cfg["task"]]
@@ -70,8 +72,10 @@ def train_split(msg: Message, context: Context) -> Message:
         ledger = memory_ledger(bottom, params, optimizer, meter.peak)
         for key in (STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT):
             context.state.pop(key, None)
-        metrics = {**counts, **ledger, "steps": batch, "num-examples": len(y),
-                   "train-seconds": time.time() - float(progress.get("started", time.time()))}
+        metrics = {**counts, **ledger, **reported_capacity(context.node_config), "steps": batch,
+                   "num-examples": len(y),
+                   "train-seconds": time.time() - float(progress.get("started", time.time())),
+                   "compute-seconds": float(progress.get("compute", 0.0)) + time.perf_counter() - began}
         return Message(RecordDict({"arrays": ArrayRecord(bottom.state_dict()),
                                    "metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -83,6 +87,8 @@ def train_split(msg: Message, context: Context) -> Message:
     rows = batches[batch]
     with torch.no_grad():
         activations = bottom(x_train[idx[rows]])
+    state = context.state[STATE_VISIT]
+    state["compute"] = float(progress.get("compute", 0.0)) + time.perf_counter() - began
     content = RecordDict({"activations": ArrayRecord({"activations": activations.contiguous()}),
                           "labels": ArrayRecord({"labels": y[rows].contiguous()}),
                           "metrics": MetricRecord(counts)})

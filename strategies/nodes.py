@@ -33,7 +33,8 @@ def wait_for_nodes(grid: Grid, count: int) -> list[int]:
 
 
 def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: int = 1,
-                  query_timeout: float = 60.0, configrecord_key: str = "config") -> list[int]:
+                  query_timeout: float = 60.0, configrecord_key: str = "config",
+                  info: MutableMapping[int, dict[str, float]] | None = None) -> list[int]:
     """Connected nodes sorted by their reported rank (ties and silent nodes by id).
 
     Parameters
@@ -50,6 +51,8 @@ def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: i
         Seconds to wait for new nodes to report their rank.
     configrecord_key : str (default: "config")
         Key of the ``ConfigRecord`` in the query message.
+    info : MutableMapping[int, dict[str, float]] | None (default: None)
+        Filled with whatever else each node reported beside its rank (its capacities).
     """
     nodes = wait_for_nodes(grid, min_nodes)
     new = [node for node in nodes if node not in ranks]
@@ -62,6 +65,9 @@ def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: i
                 for record in reply.content.metric_records.values():
                     if "rank" in record:
                         ranks[reply.metadata.src_node_id] = float(record["rank"])
+                        if info is not None:
+                            info[reply.metadata.src_node_id] = {k: float(v) for k, v in record.items()
+                                                                if k != "rank"}
         for node in new:
             if node not in ranks:
                 log(WARNING, "node %d did not report its rank within %.0f s: it goes last, "
@@ -82,7 +88,7 @@ def round_robin(turn: int, ordered: Sequence[int], order: str = "fixed", seed: i
     if not ordered:
         raise ValueError("no nodes to schedule")
     cycle, slot = divmod(turn, len(ordered))
-    if order == "fixed":
+    if order in ("fixed", "capacity"):  # a baseline keeps the rank order under "capacity"
         return ordered[slot]
     return ordered[node_permutation(cycle, len(ordered), seed)[slot]]
 

@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 
 SWEEPS = ("serpentine", "forward")
-ORDERS = ("fixed", "shuffle")
+ORDERS = ("fixed", "shuffle", "capacity")
 
 
 def serpentine_schedule(num_positions: int, window: int, sweep: str = "serpentine") -> list[int]:
@@ -46,8 +46,9 @@ class SnakeSchedule:
     sweep : str
         ``"serpentine"`` or ``"forward"``.
     order : str
-        ``"fixed"`` (the caller's stable node order, anti-aliased) or ``"shuffle"`` (new permutation
-        every cycle through the nodes, seeded).
+        ``"fixed"`` (the caller's stable node order, anti-aliased), ``"shuffle"`` (new permutation
+        every cycle through the nodes, seeded) or ``"capacity"`` (fixed, over nodes the caller
+        sorted fastest first).
     train_head, train_stem : bool
         Train the last (first) segment in every window; it then leaves the sweep.
     seed : int
@@ -66,6 +67,18 @@ class SnakeSchedule:
         self.offsets = serpentine_schedule(len(self.body), window, sweep)
         self.window, self.order, self.seed = window, order, seed
 
+    def sized_window_at(self, hop: int, size: int) -> list[str]:
+        """The window of ``size`` segments that covers ``hop``'s position (``window = "auto"``).
+
+        The position is that of a one-segment sweep (build the schedule with ``window=1``),
+        so windows of every size follow the same snake; a window that would run past the
+        last segment ends there instead.
+        """
+        if not 1 <= size <= len(self.body):
+            raise ValueError(f"window: {size} does not fit in {len(self.body)} segments")
+        start = min(self.offsets[hop % self.period], len(self.body) - size)
+        return self.stem + self.body[start:start + size] + self.head
+
     @property
     def period(self) -> int:
         """Hops after which the window position repeats."""
@@ -81,7 +94,7 @@ class SnakeSchedule:
         if not ordered:
             raise ValueError("no nodes to schedule")
         count = len(ordered)
-        if self.order == "fixed":
+        if self.order in ("fixed", "capacity"):
             shift = hop // math.lcm(count, self.period)
             return ordered[(hop + shift) % count]
         cycle, slot = divmod(hop, count)

@@ -9,7 +9,7 @@ global model with whatever ``aggregate_train`` returns.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -32,8 +32,10 @@ class SnakeStrategy(Strategy):
     ----------
     segments : Mapping[str, Sequence[str]]
         Segment name -> its ``state_dict`` keys, input to output (from the caller).
-    window : int (default: 1)
-        Contiguous segments trained per hop, besides the head/stem extras.
+    window : int | str (default: 1)
+        Contiguous segments trained per hop, besides the head/stem extras; ``"auto"``
+        gives each node, at each hop, the largest window at the snake's position that
+        ``misfit`` accepts for its capacity (nodes that fit none are passed over).
     sweep, order, train_head, train_stem, seed
         See :class:`strategies.schedule.SnakeSchedule`.
     sync : str (default: "delta")
@@ -55,6 +57,12 @@ class SnakeStrategy(Strategy):
         norm (a node pushing the model far in one hop); 0 sets no limit.
     query_timeout : float (default: 60.0)
         Seconds to wait for new nodes to report their rank.
+    capacity : Callable[[float, Mapping[str, float]], Any] | None (default: None)
+        ``capacity(rank, reported)``: a node's capacity (anything with a ``compute``
+        attribute) from its rank and what it reported beside it; needed by
+        ``window="auto"`` and ``order="capacity"`` (fastest node first).
+    misfit : Callable[[list[str], Any], str | None] | None (default: None)
+        ``misfit(window, capacity)``: why a window does not fit a node, or ``None``.
     report_keys : Sequence[str] (default: ("train-loss", "num-examples"))
         Reply metrics handed back to Flower each round (it logs them); every metric
         a node reports is kept in ``hops[i]["metrics"]``.
@@ -62,17 +70,28 @@ class SnakeStrategy(Strategy):
         Keys of the records in the messages, as in Flower's ``FedAvg``.
     """
 
-    def __init__(self, segments: Mapping[str, Sequence[str]], window: int = 1, *,
+    def __init__(self, segments: Mapping[str, Sequence[str]], window: int | str = 1, *,
                  sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
                  train_stem: bool = False, sync: str = "delta", sync_tolerance: float = 0.0,
                  min_nodes: int = 1, backoff: int = 2, max_update_norm: float = 0.0,
                  query_timeout: float = 60.0, seed: int = 0,
+                 capacity: Callable[[float, Mapping[str, float]], Any] | None = None,
+                 misfit: Callable[[list[str], Any], str | None] | None = None,
                  report_keys: Sequence[str] = ("train-loss", "num-examples"),
                  arrayrecord_key: str = "arrays", configrecord_key: str = "config") -> None:
         if sync not in SYNCS:
             raise ValueError(f"sync: {sync!r} is not one of {', '.join(SYNCS)}")
         self.segments = {name: list(keys) for name, keys in segments.items()}
-        self.schedule = SnakeSchedule(list(self.segments), window, sweep=sweep, order=order,
+        self.auto = window == "auto"
+        if self.auto and misfit is None:
+            raise ValueError("window: 'auto' needs a misfit function (node capacities)")
+        if (self.auto or order == "capacity") and capacity is None:
+            raise ValueError(f"window {window!r} with order {order!r} needs node capacities")
+        if not self.auto and not isinstance(window, int):
+            raise ValueError(f"window: expected a number of segments or 'auto', got {window!r}")
+        self.capacity, self.misfit = capacity, misfit
+        # auto: the snake's position is that of a one-segment sweep; sizes vary per node
+        self.schedule = SnakeSchedule(list(self.segments), 1 if self.auto else window, sweep=sweep, order=order,
                                       train_head=train_head, train_stem=train_stem, seed=seed)
         if sync_tolerance < 0:
             raise ValueError(f"sync_tolerance: must be >= 0, got {sync_tolerance}")
@@ -94,6 +113,10 @@ class SnakeStrategy(Strategy):
         self.node_ranks: dict[int, float] = {}  # stable order of nodes, reported by them
         self.membership: list[dict[str, Any]] = []  # nodes that joined or left, per round
         self.round_offset = 0  # rounds done before a resume; Flower counts from 1 again
+        self.node_info: dict[int, dict[str, float]] = {}  # what nodes reported beside their rank
+        self.capacities: dict[int, Any] = {}
+        self.skipped: dict[int, str] = {}  # node -> why no window ever fits it
+        self._checked: set[int] = set()
         self._connected: set[int] = set()
         self._restored_backoff: list[list[Any]] = []
         self._arrays: ArrayRecord | None = None
@@ -101,8 +124,8 @@ class SnakeStrategy(Strategy):
     def summary(self) -> None:
         """Log the strategy's settings."""
         s = self.schedule
-        log(INFO, "\t├── SnakeStrategy: %d segments, window %d (+head %s, +stem %s)",
-            len(self.segments), s.window, bool(s.head), bool(s.stem))
+        log(INFO, "\t├── SnakeStrategy: %d segments, window %s (+head %s, +stem %s)",
+            len(self.segments), "auto" if self.auto else s.window, bool(s.head), bool(s.stem))
         log(INFO, "\t└── %s sweep (period %d hops), %s order, %s sync",
             "serpentine" if s.period > len(s.body) - s.window + 1 else "forward",
             s.period, s.order, self.sync)
@@ -114,8 +137,11 @@ class SnakeStrategy(Strategy):
         server_round += self.round_offset
         nodes = self._ordered_nodes(grid, server_round)
         hop = server_round - 1
-        window = self.schedule.window_at(hop)
         node = self.backoff.pick(hop, nodes, self.schedule.node_at)
+        if self.auto:
+            node, window, passed = self._fit(hop, node, nodes)
+        else:
+            window, passed = self.schedule.window_at(hop), []
         self._arrays = arrays
         sent = self._segments_to_send(node, window)
         cfg = ConfigRecord(dict(config))
@@ -130,6 +156,8 @@ class SnakeStrategy(Strategy):
         payload = select(arrays, window_keys(self.segments, sent))
         self.hops.append({"round": server_round, "node": node, "window": window,
                           "segments_sent": sent, "status": "pending", "started": time.time()})
+        if passed:
+            self.hops[-1]["passed_over"] = passed
         log(INFO, "hop %d: node %d trains %s (sent %d of %d segments)",
             server_round, node, "+".join(window), len(sent), len(self.segments))
         content = RecordDict({self.arrayrecord_key: payload, self.configrecord_key: cfg})
@@ -190,6 +218,51 @@ class SnakeStrategy(Strategy):
         """Nothing to aggregate (see ``configure_evaluate``)."""
         return None
 
+    # ---- heterogeneous nodes ------------------------------------------------
+    def capacity_of(self, node: int) -> Any:
+        """The capacity of a node (``None`` without a ``capacity`` function)."""
+        if node not in self.capacities and self.capacity is not None:
+            self.capacities[node] = self.capacity(self.node_ranks.get(node, float("inf")),
+                                                  self.node_info.get(node, {}))
+        return self.capacities.get(node)
+
+    def _fit(self, hop: int, scheduled: int, nodes: list[int]
+             ) -> tuple[int, list[str], list[dict[str, Any]]]:
+        """The node and the largest window at ``hop``'s position that fits it.
+
+        The scheduled node is tried first, then the others in chain order; returns the
+        node, its window and the nodes passed over (``{"node", "reason"}``).
+        """
+        assert self.misfit is not None
+        start = nodes.index(scheduled)
+        candidates = [scheduled] + [n for n in nodes[start + 1:] + nodes[:start]
+                                    if self.backoff.until.get(n, 0) <= hop]
+        passed: list[Any] = []
+        for node in candidates:
+            reason = None
+            for size in range(len(self.schedule.body), 0, -1):
+                window = self.schedule.sized_window_at(hop, size)
+                reason = self.misfit(window, self.capacity_of(node))
+                if reason is None:
+                    return node, window, passed
+            passed.append({"node": node, "reason": f"no window fits: {reason}"})
+            log(INFO, "hop %d: node %d passed over, no window at this position fits it (%s)",
+                hop + 1, node, reason)
+        # nobody fits here: the scheduled node trains the smallest window, over its budget
+        log(WARNING, "hop %d: no node fits any window at this position; node %d trains one segment "
+            "over its capacity", hop + 1, scheduled)
+        return scheduled, self.schedule.sized_window_at(hop, 1), passed
+
+    def _fits_somewhere(self, node: int) -> str | None:
+        """Why no one-segment window at any position fits the node, or ``None``."""
+        assert self.misfit is not None
+        reason = None
+        for hop in range(self.schedule.period):
+            reason = self.misfit(self.schedule.sized_window_at(hop, 1), self.capacity_of(node))
+            if reason is None:
+                return None
+        return reason
+
     # ---- helpers -----------------------------------------------------------
     def _segments_to_send(self, node: int, window: list[str]) -> list[str]:
         held = self.node_versions.get(node)
@@ -221,7 +294,20 @@ class SnakeStrategy(Strategy):
         """Connected nodes in a stable order; joins and leaves are logged and recorded."""
         first = not self.node_ranks  # a resumed run waits for its nodes again, too
         nodes = ordered_nodes(grid, self.node_ranks, min_nodes=self.min_nodes if first else 1,
-                              query_timeout=self.query_timeout, configrecord_key=self.configrecord_key)
+                              query_timeout=self.query_timeout, configrecord_key=self.configrecord_key,
+                              info=self.node_info)
+        if self.auto:
+            for node in nodes:
+                if node not in self._checked:
+                    self._checked.add(node)
+                    reason = self._fits_somewhere(node)
+                    if reason is not None:
+                        self.skipped[node] = reason
+                        log(WARNING, "node %d is skipped: no window fits it anywhere (%s)", node, reason)
+            chain = [node for node in nodes if node not in self.skipped]
+            nodes = chain or nodes  # every node skipped: better over budget than no run
+        if self.schedule.order == "capacity":
+            nodes = sorted(nodes, key=lambda node: -self.capacity_of(node).compute)  # stable: ties by rank
         joined, left = set(nodes) - self._connected, self._connected - set(nodes)
         if self._connected and (joined or left):
             self.membership.append({"round": server_round, "joined": sorted(joined), "left": sorted(left)})
@@ -257,6 +343,7 @@ class SnakeStrategy(Strategy):
         self.rejected_replies = int(state["rejected-replies"])
         self._restored_backoff = [list(row) for row in state["backoff"]]
         self.node_versions, self.node_arrays, self.node_ranks, self._connected = {}, {}, {}, set()
+        self.node_info, self.capacities, self.skipped, self._checked = {}, {}, {}, set()
 
 
 def _last_line(reason: str) -> str:
