@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from .fitting import WindowFitter
 from .nodes import NodeBackoff, ordered_nodes
 from .schedule import SnakeSchedule
 from .window import check_window, merge_window, relative_drift, select, update_norm, window_keys
@@ -89,10 +90,10 @@ class SnakeStrategy(Strategy):
             raise ValueError(f"window {window!r} with order {order!r} needs node capacities")
         if not self.auto and not isinstance(window, int):
             raise ValueError(f"window: expected a number of segments or 'auto', got {window!r}")
-        self.capacity, self.misfit = capacity, misfit
         # auto: the snake's position is that of a one-segment sweep; sizes vary per node
         self.schedule = SnakeSchedule(list(self.segments), 1 if self.auto else window, sweep=sweep, order=order,
                                       train_head=train_head, train_stem=train_stem, seed=seed)
+        self.fitter = WindowFitter(self.schedule, capacity, misfit) if capacity is not None else None
         if sync_tolerance < 0:
             raise ValueError(f"sync_tolerance: must be >= 0, got {sync_tolerance}")
         self.sync, self.sync_tolerance = sync, sync_tolerance
@@ -113,10 +114,6 @@ class SnakeStrategy(Strategy):
         self.node_ranks: dict[int, float] = {}  # stable order of nodes, reported by them
         self.membership: list[dict[str, Any]] = []  # nodes that joined or left, per round
         self.round_offset = 0  # rounds done before a resume; Flower counts from 1 again
-        self.node_info: dict[int, dict[str, float]] = {}  # what nodes reported beside their rank
-        self.capacities: dict[int, Any] = {}
-        self.skipped: dict[int, str] = {}  # node -> why no window ever fits it
-        self._checked: set[int] = set()
         self._connected: set[int] = set()
         self._restored_backoff: list[list[Any]] = []
         self._arrays: ArrayRecord | None = None
@@ -138,8 +135,11 @@ class SnakeStrategy(Strategy):
         nodes = self._ordered_nodes(grid, server_round)
         hop = server_round - 1
         node = self.backoff.pick(hop, nodes, self.schedule.node_at)
-        if self.auto:
-            node, window, passed = self._fit(hop, node, nodes)
+        if self.auto:  # the scheduled node first, then the others in chain order
+            assert self.fitter is not None
+            at = nodes.index(node)
+            others = [n for n in nodes[at + 1:] + nodes[:at] if self.backoff.until.get(n, 0) <= hop]
+            node, window, passed = self.fitter.fit(hop, [node, *others], self.node_ranks)
         else:
             window, passed = self.schedule.window_at(hop), []
         self._arrays = arrays
@@ -221,47 +221,14 @@ class SnakeStrategy(Strategy):
     # ---- heterogeneous nodes ------------------------------------------------
     def capacity_of(self, node: int) -> Any:
         """The capacity of a node (``None`` without a ``capacity`` function)."""
-        if node not in self.capacities and self.capacity is not None:
-            self.capacities[node] = self.capacity(self.node_ranks.get(node, float("inf")),
-                                                  self.node_info.get(node, {}))
-        return self.capacities.get(node)
+        if self.fitter is None:
+            return None
+        return self.fitter.capacity_of(node, self.node_ranks.get(node, float("inf")))
 
-    def _fit(self, hop: int, scheduled: int, nodes: list[int]
-             ) -> tuple[int, list[str], list[dict[str, Any]]]:
-        """The node and the largest window at ``hop``'s position that fits it.
-
-        The scheduled node is tried first, then the others in chain order; returns the
-        node, its window and the nodes passed over (``{"node", "reason"}``).
-        """
-        assert self.misfit is not None
-        start = nodes.index(scheduled)
-        candidates = [scheduled] + [n for n in nodes[start + 1:] + nodes[:start]
-                                    if self.backoff.until.get(n, 0) <= hop]
-        passed: list[Any] = []
-        for node in candidates:
-            reason = None
-            for size in range(len(self.schedule.body), 0, -1):
-                window = self.schedule.sized_window_at(hop, size)
-                reason = self.misfit(window, self.capacity_of(node))
-                if reason is None:
-                    return node, window, passed
-            passed.append({"node": node, "reason": f"no window fits: {reason}"})
-            log(INFO, "hop %d: node %d passed over, no window at this position fits it (%s)",
-                hop + 1, node, reason)
-        # nobody fits here: the scheduled node trains the smallest window, over its budget
-        log(WARNING, "hop %d: no node fits any window at this position; node %d trains one segment "
-            "over its capacity", hop + 1, scheduled)
-        return scheduled, self.schedule.sized_window_at(hop, 1), passed
-
-    def _fits_somewhere(self, node: int) -> str | None:
-        """Why no one-segment window at any position fits the node, or ``None``."""
-        assert self.misfit is not None
-        reason = None
-        for hop in range(self.schedule.period):
-            reason = self.misfit(self.schedule.sized_window_at(hop, 1), self.capacity_of(node))
-            if reason is None:
-                return None
-        return reason
+    @property
+    def skipped(self) -> dict[int, str]:
+        """Nodes that no window fits, and why (``window = "auto"``)."""
+        return self.fitter.skipped if self.fitter is not None else {}
 
     # ---- helpers -----------------------------------------------------------
     def _segments_to_send(self, node: int, window: list[str]) -> list[str]:
@@ -295,19 +262,13 @@ class SnakeStrategy(Strategy):
         first = not self.node_ranks  # a resumed run waits for its nodes again, too
         nodes = ordered_nodes(grid, self.node_ranks, min_nodes=self.min_nodes if first else 1,
                               query_timeout=self.query_timeout, configrecord_key=self.configrecord_key,
-                              info=self.node_info)
+                              info=self.fitter.info if self.fitter is not None else None)
         if self.auto:
-            for node in nodes:
-                if node not in self._checked:
-                    self._checked.add(node)
-                    reason = self._fits_somewhere(node)
-                    if reason is not None:
-                        self.skipped[node] = reason
-                        log(WARNING, "node %d is skipped: no window fits it anywhere (%s)", node, reason)
-            chain = [node for node in nodes if node not in self.skipped]
-            nodes = chain or nodes  # every node skipped: better over budget than no run
+            assert self.fitter is not None
+            nodes = self.fitter.screen(nodes, self.node_ranks)
         if self.schedule.order == "capacity":
-            nodes = sorted(nodes, key=lambda node: -self.capacity_of(node).compute)  # stable: ties by rank
+            assert self.fitter is not None
+            nodes = self.fitter.by_capacity(nodes, self.node_ranks)
         joined, left = set(nodes) - self._connected, self._connected - set(nodes)
         if self._connected and (joined or left):
             self.membership.append({"round": server_round, "joined": sorted(joined), "left": sorted(left)})
@@ -343,7 +304,8 @@ class SnakeStrategy(Strategy):
         self.rejected_replies = int(state["rejected-replies"])
         self._restored_backoff = [list(row) for row in state["backoff"]]
         self.node_versions, self.node_arrays, self.node_ranks, self._connected = {}, {}, {}, set()
-        self.node_info, self.capacities, self.skipped, self._checked = {}, {}, {}, set()
+        if self.fitter is not None:
+            self.fitter.reset()
 
 
 def _last_line(reason: str) -> str:
