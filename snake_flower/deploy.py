@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -74,6 +74,9 @@ class LoopbackDeployment:
         connect. Flower refuses it without TLS, and so does this class.
     app_dir : Path (default: this project)
         The Flower app that ``flwr run`` builds and submits.
+    capacities : Sequence[Mapping[str, float]] (default: ())
+        Per partition, capacities added to its ``--node-config`` (``compute``,
+        ``memory-budget-mb``, ``link-mbps``); see ``snake_flower.capacity``.
     env : Mapping[str, str] | None (default: None)
         Extra environment variables for every process (e.g. ``OMP_NUM_THREADS``, or
         ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperExecs' task poll).
@@ -82,12 +85,14 @@ class LoopbackDeployment:
     """
 
     def __init__(self, workdir: Path, num_nodes: int = 3, tls: bool = False, auth: bool = False,
-                 app_dir: Path = ROOT, env: Mapping[str, str] | None = None, timeout: float = 60.0) -> None:
+                 app_dir: Path = ROOT, capacities: Sequence[Mapping[str, float]] = (),
+                 env: Mapping[str, str] | None = None, timeout: float = 60.0) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it over --insecure)")
         # absolute: the daemons and the ServerApp resolve paths from their own working folders
         self.workdir, self.num_nodes, self.tls, self.auth = Path(workdir).resolve(), num_nodes, tls, auth
         self.app_dir, self.timeout = Path(app_dir).resolve(), timeout
+        self.capacities = list(capacities)
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(self.flwr_home),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
@@ -130,8 +135,11 @@ class LoopbackDeployment:
 
     def supernode_command(self, partition: int, keys: NodeKeys | None, port: int) -> list[str]:
         """The ``flower-supernode`` command line of the node holding ``partition``."""
+        stated = self.capacities[partition] if partition < len(self.capacities) else {}
+        node_config = " ".join([f"partition-id={partition} num-partitions={self.num_nodes}",
+                                *(f"{key}={value}" for key, value in stated.items())])
         command = [str(BIN / "flower-supernode"), "--superlink", self.address, "--port", str(port),
-                   "--node-config", f"partition-id={partition} num-partitions={self.num_nodes}"]
+                   "--node-config", node_config]
         command += ["--root-certificates", str(self.certs.ca_cert)] if self.certs else ["--insecure"]
         if keys is not None:
             command += ["--auth-supernode-private-key", str(keys.private_key)]

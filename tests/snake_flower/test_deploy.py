@@ -70,16 +70,23 @@ def test_plain_deployment_runs_snake_and_stops_every_process(tmp_path, loopback,
 
 
 def test_tls_deployment_with_supernode_auth_refuses_an_unregistered_node(tmp_path):
-    deployment = LoopbackDeployment(tmp_path / "deploy", num_nodes=3, tls=True, auth=True, env=ONE_THREAD)
+    # each node states its capacities in its --node-config; order=capacity visits the fastest first
+    stated = [{"compute": 0.5, "link-mbps": 40.0}, {"compute": 1.0, "link-mbps": 20.0},
+              {"compute": 2.0, "link-mbps": 10.0}]
+    deployment = LoopbackDeployment(tmp_path / "deploy", num_nodes=3, tls=True, auth=True, env=ONE_THREAD,
+                                    capacities=stated)
     with deployment:
         stranger = deployment.start_supernode(0, make_node_keys(deployment.workdir / "keys", "stranger"),
                                               name="stranger")
-        result = deployment.run(OVERRIDES, timeout=420)
+        result = deployment.run({**OVERRIDES, "order": "capacity"}, timeout=420)
         stranger.wait(timeout=120)
         running = deployment.family.members()
     assert not [m for m in running if alive(m)]
 
     _check_run(result, 3)
+    assert [r["partitions"][0] for r in result["rounds"]] == [2, 1, 0]
+    for row in result["rounds"]:
+        assert {k: row["capacity"][k] for k in ("compute", "link-mbps")} == stated[row["partitions"][0]]
     assert {n for r in result["rounds"] for n in r["nodes"]} == set(deployment.node_ids.values())
     assert stranger.returncode == 1
     assert "Exit Code: 305" in deployment.family.log_path("stranger").read_text()  # failed to activate
