@@ -3,13 +3,17 @@
 The node keeps its copy of the whole model, and the version of each segment it
 holds, in ``context.state``. The server sends only the segments the node lacks
 (``sync = "delta"``) or only the window (``sync = "window"``); the node replies
-with the trained window alone.
+with the trained window alone, in the ``payload-dtype`` the server asked for; what it
+keeps of the window is what the server will merge (the reply decoded), so its copy
+and the server's master agree exactly.
 """
 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from strategies.payload import decode, encode
 
 from .capacity import reported_capacity
 from .chaos import maybe_fail
@@ -65,7 +69,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg = dict(msg.content["config"])
     partition_id, num_partitions = _partition(context)
     maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0)
-    model, held, server_versions = _local_model(cfg, context, msg.content["arrays"])
+    payload = str(cfg.get("payload-dtype", "fp32"))  # Snake's choice; FedAvg's config says fp32
+    model, held, server_versions = _local_model(cfg, context, decode(msg.content["arrays"], payload))
 
     task = task_for(cfg)
     x_train, y_train, _, _ = task.load(cfg["data-dir"])
@@ -77,14 +82,16 @@ def train(msg: Message, context: Context) -> Message:
                                    seed=visit_seed(cfg["seed"], cfg["server-round"]), align=task.align)
 
     state = transport_state(model.state_dict())
+    keys = [key for name, seg in segment_keys(model).items() if name in window for key in seg]
+    reply = encode(ArrayRecord({key: state[key] for key in keys}), payload)
+    if payload != "fp32":  # keep what the server will merge, not what was trained
+        state.update(decode(reply, payload).to_torch_state_dict())
     for name in window:  # the server bumps these versions when it merges our reply
         held[name] = server_versions[name] + 1
     if cfg.get("strategy") != "fedavg":  # FedAvg sends the whole model every round: keep no copy
         context.state["model"] = ArrayRecord(state)
         context.state["versions"] = ConfigRecord(held)
 
-    keys = [key for name, seg in segment_keys(model).items() if name in window for key in seg]
-    reply = ArrayRecord({key: state[key] for key in keys})
     # One MetricRecord, as Flower's FedAvg requires of every reply: metrics and memory ledger.
     metrics = MetricRecord({**metrics, **ledger, **reported_capacity(context.node_config),
                             "partition-id": float(partition_id)})

@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "hop-deadline-s": 0.0,
     # cs: the window is relayed through the server (counted down and up); p2p: node to node
     "mode": "cs",
+    # Snake's messages, both ways (the server keeps an fp32 master); FedAvg and split send fp32
+    "payload-dtype": "fp32",
     # split learning (baseline): the node keeps segments[:cut], the server the rest
     "cut": 2,
     # local work per hop (identical for every strategy)
@@ -81,7 +83,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": ("snake", "fedavg", "split"),
     "partitioner": ("iid", "dirichlet", "pathological", "topic"),
     "finetune": ("full", "lora"),
-    "frozen-dtype": ("fp32", "fp16", "bf16"),
+    "frozen-dtype": ("fp32", "fp16", "bf16", "int8"),
+    "payload-dtype": ("fp32", "fp16", "int8"),
     "sweep": ("serpentine", "forward"),
     "order": ("fixed", "shuffle", "capacity"),
     "capacity-profile": ("uniform", "mixed"),
@@ -193,7 +196,8 @@ def validate(config: Mapping[str, Any]) -> None:
     for flag, end in (("train-head", segments[-1]), ("train-stem", segments[0])):
         if config[flag] and end in frozen:
             raise ConfigError(f"{flag}: segment {end} is in frozen-segments; set {flag}=false")
-    if config["frozen-dtype"] != "fp32" and config["task"] != "llm":
+    # int8 frozen weights are dequantized to fp32 on use, so every task computes in fp32
+    if config["frozen-dtype"] in ("fp16", "bf16") and config["task"] != "llm":
         raise ConfigError(f"frozen-dtype: {config['frozen-dtype']} needs task llm (its segments cast "
                           f"their inputs); task {config['task']} trains with fp32 frozen layers")
     segments = tuple(name for name in segments if name not in frozen)

@@ -186,7 +186,12 @@ class _Head(nn.Module):
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+    """The dtype ``module`` computes in: its first floating parameter's.
+
+    An int8 frozen weight (``frozen-dtype = "int8"``) is stored as int8 but dequantized to
+    fp32 on use, so integer parameters say nothing about the compute dtype.
+    """
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _state_dict_hook(module: "CausalLMSegments", state_dict, prefix, local_metadata) -> None:

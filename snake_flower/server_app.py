@@ -97,6 +97,7 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                              train_stem=config["train-stem"], sync=config["sync"],
                              sync_tolerance=config["sync-tolerance"],
                              max_update_norm=config["max-update-norm"],
+                             payload_dtype=config["payload-dtype"],
                              min_nodes=config["min-nodes"], backoff=config["node-backoff"],
                              seed=config["seed"], capacity=capacities, misfit=capacities.sizer.misfit,
                              query_timeout=min(60.0, config["hop-timeout"]))
@@ -179,7 +180,9 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     recorder.describe = describe
     # The same ClientApp as Snake: the window is the whole model and nothing is stale.
     # lr-rounds: FedAvg's lr decays over its own rounds (Snake's and split's: num-server-rounds)
-    train_config = ConfigRecord({**config, "window": segments, "sync": "window", "lr-rounds": num_rounds,
+    # Flower's FedAvg averages what it is sent as it is: payloads stay fp32 whatever payload-dtype says
+    train_config = ConfigRecord({**config, "payload-dtype": "fp32", "window": segments, "sync": "window",
+                                 "lr-rounds": num_rounds,
                                  "segments-sent": segments, "segment-versions": [0] * len(segments)})
     strategy.start(grid=metered, initial_arrays=ArrayRecord(transport_state(model.state_dict())),
                    num_rounds=num_rounds,

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .frozen import DTYPES, hold_frozen_in, restore, scale_tensors  # noqa: F401 (DTYPES re-exported)
+
 
 Align = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -68,9 +70,6 @@ def scheduled_lr(lr: float, server_round: int, rounds: int, decay: str = "none",
     return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def freeze_outside(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parameter]:
     """Freeze every segment not in ``trainable``; return the trainable parameters.
 
@@ -91,26 +90,6 @@ def freeze_outside(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parame
                     p.requires_grad_(True)
                     params.append(p)
     return params
-
-
-def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> dict[nn.Parameter, torch.Tensor]:
-    """Cast every frozen parameter to ``dtype``; return the originals for ``restore``.
-
-    The node's copy of the model stays exact: what it keeps and sends is restored
-    from the originals, not cast back.
-    """
-    originals = {}
-    for p in model.parameters():
-        if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
-            originals[p] = p.data
-            p.data = p.data.to(dtype)
-    return originals
-
-
-def restore(originals: dict[nn.Parameter, torch.Tensor]) -> None:
-    """Undo ``hold_frozen_in``."""
-    for p, data in originals.items():
-        p.data = data
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
@@ -164,11 +143,11 @@ def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y:
     """
     start = time.perf_counter()
     params = freeze_outside(model, trainable)
-    originals = hold_frozen_in(model, DTYPES[work.frozen_dtype])
+    held = hold_frozen_in(model, work.frozen_dtype)
     try:
         metrics, ledger = _train_held(model, params, x, y, work, seed, align or _identity)
     finally:
-        restore(originals)  # a failed step too leaves the caller's model exact
+        restore(held)  # a failed step too leaves the caller's model exact
     metrics["train-seconds"] = time.perf_counter() - start
     return metrics, ledger
 
@@ -179,7 +158,7 @@ def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y
     teacher = None
     if work.kd_weight > 0.0:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the model as received
-        hold_frozen_in(teacher, DTYPES[work.frozen_dtype])
+        hold_frozen_in(teacher, work.frozen_dtype)  # a copy of a held model: held alike
     optimizer = torch.optim.SGD(params, lr=work.lr, momentum=work.momentum,
                                 weight_decay=work.weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -214,7 +193,10 @@ class SavedActivations:
     Autograd also saves weights: a frozen linear layer downstream of the window keeps its
     weight (or a transposed view of it) to pass the gradient back to its input. Those bytes
     are already in the ledger as parameter bytes, so a saved tensor whose storage is a
-    parameter's, trainable or frozen, is not an activation.
+    parameter's, trainable or frozen, is not an activation. With ``frozen-dtype = "int8"``
+    the int8 weights are parameters, but the fp32 weight dequantized from one for a frozen
+    layer downstream of the window is a fresh tensor autograd keeps until backward: it is
+    memory the step holds, and it is counted here.
 
     Parameters
     ----------
@@ -257,7 +239,8 @@ def memory_ledger(model: nn.Module, params: list[nn.Parameter], optimizer: torch
                   activation_bytes: int) -> dict[str, float]:
     """Design §5 ledger of one hop, in bytes (floats, as Flower metrics want)."""
     trainable = {id(p) for p in params}
-    frozen = [p for p in model.parameters() if id(p) not in trainable]
+    # int8 frozen weights: 1 B each plus their fp32 per-channel scales
+    frozen = [p for p in model.parameters() if id(p) not in trainable] + scale_tensors(model)
     grads = [p.grad for p in params if p.grad is not None]
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     ledger = {"trainable-param-bytes": _nbytes(params), "frozen-param-bytes": _nbytes(frozen),

@@ -20,6 +20,7 @@ from flwr.supercore import log
 
 from .fitting import WindowFitter
 from .nodes import NodeBackoff, ordered_nodes
+from .payload import PAYLOAD_DTYPES, PayloadError, decode, encode
 from .schedule import SnakeSchedule
 from .window import check_window, merge_window, relative_drift, select, update_norm, window_keys
 
@@ -56,6 +57,10 @@ class SnakeStrategy(Strategy):
     max_update_norm : float (default: 0.0)
         Reject a reply whose window differs from the one sent by more than this L2
         norm (a node pushing the model far in one hop); 0 sets no limit.
+    payload_dtype : str (default: "fp32")
+        What the messages carry, both ways: ``"fp32"``, ``"fp16"`` or ``"int8"`` (see
+        :mod:`strategies.payload`). The global model stays an fp32 master copy; a reply
+        is decoded before it is checked and merged, and one that cannot be is rejected.
     query_timeout : float (default: 60.0)
         Seconds to wait for new nodes to report their rank.
     capacity : Callable[[float, Mapping[str, float]], Any] | None (default: None)
@@ -75,7 +80,7 @@ class SnakeStrategy(Strategy):
                  sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
                  train_stem: bool = False, sync: str = "delta", sync_tolerance: float = 0.0,
                  min_nodes: int = 1, backoff: int = 2, max_update_norm: float = 0.0,
-                 query_timeout: float = 60.0, seed: int = 0,
+                 payload_dtype: str = "fp32", query_timeout: float = 60.0, seed: int = 0,
                  capacity: Callable[[float, Mapping[str, float]], Any] | None = None,
                  misfit: Callable[[list[str], Any], str | None] | None = None,
                  report_keys: Sequence[str] = ("train-loss", "num-examples"),
@@ -100,6 +105,9 @@ class SnakeStrategy(Strategy):
         if max_update_norm < 0:
             raise ValueError(f"max_update_norm: must be >= 0 (0 = no limit), got {max_update_norm}")
         self.max_update_norm = max_update_norm
+        if payload_dtype not in PAYLOAD_DTYPES:
+            raise ValueError(f"payload_dtype: {payload_dtype!r} is not one of {', '.join(PAYLOAD_DTYPES)}")
+        self.payload_dtype = payload_dtype
         self.min_nodes, self.query_timeout = min_nodes, query_timeout
         self.backoff = NodeBackoff(backoff)
         self.report_keys = tuple(report_keys)
@@ -148,12 +156,13 @@ class SnakeStrategy(Strategy):
         cfg["server-round"] = server_round
         cfg["window"] = window
         cfg["sync"] = self.sync
+        cfg["payload-dtype"] = self.payload_dtype  # the node replies in the same encoding
         cfg["segments-sent"] = sent or [""]  # ConfigRecord lists may not be empty
         # the versions the node must hold once it applied this message (skipped ones stay)
         held = self.node_versions.get(node, {})
         cfg["segment-versions"] = [self.versions[name] if name in sent or name not in held else held[name]
                                    for name in self.segments]
-        payload = select(arrays, window_keys(self.segments, sent))
+        payload = encode(select(arrays, window_keys(self.segments, sent)), self.payload_dtype)
         self.hops.append({"round": server_round, "node": node, "window": window,
                           "segments_sent": sent, "status": "pending", "started": time.time()})
         if passed:
@@ -183,16 +192,17 @@ class SnakeStrategy(Strategy):
         hop["metrics"] = reported
         keys = window_keys(self.segments, window)
         assert self._arrays is not None
-        reason = (check_window(records[0], self._arrays, keys) if len(records) == 1
-                  else f"expected one ArrayRecord, got {len(records)}")
+        window_arrays, reason = self._decoded(records)
+        if reason is None:
+            reason = check_window(window_arrays, self._arrays, keys)
         if reason is None and self.max_update_norm > 0:
-            norm = update_norm(records[0], self._arrays, keys)
+            norm = update_norm(window_arrays, self._arrays, keys)
             if norm > self.max_update_norm:
                 reason = f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}"
         if reason is not None:
             self.rejected_replies += 1
             return self._fail(hop, f"rejected reply: {reason}")
-        merged = merge_window(self._arrays, records[0])
+        merged = merge_window(self._arrays, window_arrays)  # fp32: the master copy
         for name in window:
             self.versions[name] += 1
             self.provenance[name] = {"node": node, "round": server_round,
@@ -231,6 +241,15 @@ class SnakeStrategy(Strategy):
         return self.fitter.skipped if self.fitter is not None else {}
 
     # ---- helpers -----------------------------------------------------------
+    def _decoded(self, records: list[ArrayRecord]) -> tuple[ArrayRecord | None, str | None]:
+        """The reply's one record decoded to fp32, or why it cannot be."""
+        if len(records) != 1:
+            return None, f"expected one ArrayRecord, got {len(records)}"
+        try:
+            return decode(records[0], self.payload_dtype, reference=self._arrays), None
+        except PayloadError as err:
+            return None, f"undecodable {self.payload_dtype} payload: {err}"
+
     def _segments_to_send(self, node: int, window: list[str]) -> list[str]:
         held = self.node_versions.get(node)
         if held is None:  # first visit, or the node's copy is unknown after a failure

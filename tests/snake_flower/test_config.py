@@ -42,7 +42,8 @@ def test_resolve_coerces_and_keeps_defaults():
     ({"train-head": "yes"}, "train-head"),
     ({"no-such-key": 1}, "no-such-key"),
     ({"kd-weight": 1.5}, "kd-weight"),
-    ({"frozen-dtype": "fp16"}, "frozen-dtype"),  # only an LLM's segments cast their inputs
+    ({"frozen-dtype": "fp16"}, "frozen-dtype"),  # only an LLM's segments cast their inputs (int8: every task)
+    ({"payload-dtype": "bf16"}, "payload-dtype"),  # NumPy has no bfloat16
     ({"frozen-segments": "head"}, "train-head"),  # its neighbour would become the head
     ({"frozen-segments": "conv1", "train-stem": True}, "train-stem"),
 ])

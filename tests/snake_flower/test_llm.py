@@ -77,7 +77,7 @@ def test_padding_columns_are_dropped_and_labels_aligned():
         assert torch.allclose(model(x[1:, :2]), logits[1:, :2], atol=1e-6)  # padding is never seen
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
 def test_a_hop_trains_only_the_window_with_frozen_layers_held_low(dtype):
     task = _task()
     model = build_model(task, 0)
@@ -91,10 +91,17 @@ def test_a_hop_trains_only_the_window_with_frozen_layers_held_low(dtype):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # restored exactly
     window = sum(p.numel() for p in model.layer01.parameters())
     assert ledger["trainable-param-bytes"] == 4 * window
-    assert ledger["frozen-param-bytes"] == 2 * (sum(p.numel() for p in model.parameters()) - window)
+    frozen = {id(p): p for name, seg in model.named_children() if name != "layer01"
+              for p in seg.parameters()}.values()  # a tied head's weight once
+    if dtype == "int8":  # weights 1 B plus an fp32 scale per output channel; 1-D stays fp32
+        expected = sum(p.numel() + 4 * p.shape[0] if p.dim() >= 2 else 4 * p.numel() for p in frozen)
+    else:
+        expected = 2 * sum(p.numel() for p in frozen)
+    assert ledger["frozen-param-bytes"] == expected
 
 
-def test_a_failing_step_still_restores_the_frozen_layers_exactly():
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_a_failing_step_still_restores_the_frozen_layers_exactly(dtype):
     task = _task()
     model = build_model(task, 0)
     x, y, _, _ = task.load("")
@@ -104,7 +111,7 @@ def test_a_failing_step_still_restores_the_frozen_layers_exactly():
         raise RuntimeError("step failed")
 
     with pytest.raises(RuntimeError, match="step failed"):
-        train_window(model, ["layer01"], x, y, LocalWork(steps=2, batch_size=4, frozen_dtype="fp16"),
+        train_window(model, ["layer01"], x, y, LocalWork(steps=2, batch_size=4, frozen_dtype=dtype),
                      seed=0, align=broken)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     after = _base_weights(model)

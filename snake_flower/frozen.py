@@ -1,0 +1,135 @@
+"""Frozen layers held in a lower precision on the node while the window trains.
+
+``frozen-dtype = "fp16" | "bf16"`` casts every frozen floating parameter. ``"int8"`` holds every frozen floating weight with two or more dimensions
+as ``int8`` plus one fp32 scale per output channel (``scale = max|w| / 127`` over all
+dimensions but the first; ``q = round(w / scale)`` in ``[-127, 127]``). Each forward pass
+dequantizes it to fp32 (``q * scale``), so the window and every segment compute in fp32
+as before. One-dimensional frozen parameters (biases, norms) stay fp32: they are a small
+share of the bytes, and a norm's gain is the worst place to lose precision.
+
+The dequantization is a ``torch.nn.utils.parametrize`` parametrization whose original is
+the int8 tensor. Swapping ``p.data`` in forward hooks instead would be wrong: autograd
+saves tensors by reference, so a weight swapped back after the forward pass would be
+the one backward reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8 ``(q, scale)`` of ``weight`` (``ndim >= 2``).
+
+    An all-zero channel gets scale 0 and ``q = 0``, so it dequantizes to exact zeros.
+    """
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=tuple(range(1, w.dim()))) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).view(-1, *[1] * (w.dim() - 1))
+    q = torch.round(w / safe).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Dequant(nn.Module):
+    """Parametrization: the int8 original times its per-output-channel fp32 scale.
+
+    Parameters
+    ----------
+    scale : torch.Tensor
+        One fp32 scale per output channel (the first dimension of the weight).
+    """
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight ``q * scale`` (a fresh tensor each call, not a parameter)."""
+        return q.float() * self.scale.view(-1, *[1] * (q.dim() - 1))
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+Held = list[tuple[nn.Module, str, list[str]]]  # module, weight name, its parameters' order
+
+
+@dataclass
+class FrozenHold:
+    """What ``hold_frozen_in`` changed: the fp32 data of each parameter, and the parametrized weights."""
+
+    originals: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
+    parametrized: Held = field(default_factory=list)
+
+
+def hold_frozen_in(model: nn.Module, frozen_dtype: str) -> FrozenHold:
+    """Hold every frozen parameter in ``frozen_dtype``; return what ``restore`` needs.
+
+    The node's copy of the model stays exact: what it keeps and sends is restored
+    from the originals, not cast back. With ``"int8"`` the one-dimensional frozen
+    parameters stay fp32 (see the module docstring).
+    """
+    hold = FrozenHold()
+    if frozen_dtype == "int8":
+        hold.parametrized = hold_int8(model, hold.originals)
+        return hold
+    dtype = DTYPES[frozen_dtype]
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
+            hold.originals[p] = p.data
+            p.data = p.data.to(dtype)
+    return hold
+
+
+def restore(hold: FrozenHold) -> None:
+    """Undo ``hold_frozen_in``: the exact fp32 originals, the plain modules."""
+    try:
+        release_int8(hold.parametrized)
+    finally:
+        for p, data in hold.originals.items():
+            p.data = data
+
+
+
+def hold_int8(model: nn.Module, originals: dict[nn.Parameter, torch.Tensor]) -> Held:
+    """Quantize every frozen floating weight of ``model`` with ``ndim >= 2`` in place.
+
+    The fp32 data of each one goes into ``originals`` (for ``restore``); returns the
+    ``(module, name, order)`` of every parametrized weight. A weight shared by several modules
+    (a tied LM head) is quantized once and parametrized in each of them.
+    """
+    held: Held = []
+    dequant: dict[nn.Parameter, Int8Dequant] = {}
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):  # the teacher: a copy of a held model
+            continue
+        order = list(module._parameters)
+        for name, p in list(module._parameters.items()):
+            shared = p in dequant  # already int8: a tied weight met again in another module
+            if not shared and (p is None or p.requires_grad or not p.is_floating_point() or p.dim() < 2):
+                continue
+            if not shared:
+                q, scale = quantize_int8(p.data)
+                originals[p], dequant[p] = p.data, Int8Dequant(scale)
+                p.data = q
+            # unsafe: the original (int8) and the weight (fp32) differ in dtype on purpose
+            parametrize.register_parametrization(module, name, dequant[p], unsafe=True)
+            held.append((module, name, order))
+    return held
+
+
+def release_int8(held: Held) -> None:
+    """Undo ``hold_int8``'s parametrizations (the caller puts the fp32 data back)."""
+    for module, name, order in reversed(held):
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        # the weight comes back last; put it back in place, or state_dict's key order changes
+        for key in [key for key in order if key in module._parameters]:
+            module._parameters[key] = module._parameters.pop(key)
+
+
+def scale_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The fp32 scales of ``model``'s int8 weights, each once (they are frozen-param bytes)."""
+    found = {id(m.scale): m.scale for m in model.modules() if isinstance(m, Int8Dequant)}
+    return list(found.values())
