@@ -83,6 +83,15 @@ def node_capacity(reported: Mapping[str, Any], rank: float, config: Mapping[str,
                     link_mbps=float(reported.get("link-mbps", base.link_mbps)))
 
 
+def compute_s(metrics: Mapping[str, Any]) -> float:
+    """A node visit's measured compute: its CPU seconds (older results: wall seconds).
+
+    CPU time, not wall time: the runs share a 2-core machine, and a node's wall time
+    also counts the time it waited for a core, which depends on what else ran.
+    """
+    return float(metrics.get("train-cpu-seconds", metrics.get("train-seconds", 0.0)))
+
+
 def transfer_s(nbytes: float, capacity: Capacity) -> float:
     """Seconds to move ``nbytes`` over the node's link."""
     return 8.0 * nbytes / (capacity.link_mbps * 1e6)

@@ -25,7 +25,7 @@ from strategies import SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
 
 from . import results
-from .capacity import NodeCapacities, WindowSizer, hop_time_s
+from .capacity import NodeCapacities, WindowSizer, compute_s, hop_time_s
 from .chaos import ChaosGrid
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import resolve
@@ -117,7 +117,7 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                 "hop_s": round(hop.get("seconds", 0.0), 4), "bytes_p2p": p2p,
                 "capacity": capacity.as_dict(), "passed_over": hop.get("passed_over", []),
                 # a failed hop costs the time the server waited for it
-                "network_time_s": hop_time_s(reported.get("train-seconds", 0.0), moved, capacity)
+                "network_time_s": hop_time_s(compute_s(reported), moved, capacity)
                 if merged else hop.get("seconds", 0.0)}
 
     recorder.describe = describe
@@ -171,7 +171,7 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         replies = ledgers[-len(tally.up_by_node):] if tally.up_by_node else []
         # every node moves the same model both ways: its share of the round's bytes
         share = (tally.down.bytes + tally.up.bytes) / max(len(replies), 1)
-        times = [hop_time_s(led.get("train-seconds", 0.0), share,
+        times = [hop_time_s(compute_s(led), share,
                             capacities(led.get("partition-id", 0.0), led)) for led in replies]
         return {"nodes": sorted(tally.up_by_node), "window": segments, "status": "merged",
                 "partitions": sorted(int(led["partition-id"]) for led in replies),

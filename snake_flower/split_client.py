@@ -42,7 +42,7 @@ STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT = "split-bottom", "split-momentum", "s
 @app.train("split")
 def train_split(msg: Message, context: Context) -> Message:
     """One message of a split-learning visit (see the module docstring)."""
-    began = time.perf_counter()  # this message's compute, summed over the visit
+    began = time.process_time()  # this message's CPU time, summed over the visit
     cfg = dict(msg.content["config"])
     partition_id, num_partitions = _partition(context)
     task = TASKS[cfg["task"]]
@@ -75,7 +75,7 @@ def train_split(msg: Message, context: Context) -> Message:
         metrics = {**counts, **ledger, **reported_capacity(context.node_config), "steps": batch,
                    "num-examples": len(y),
                    "train-seconds": time.time() - float(progress.get("started", time.time())),
-                   "compute-seconds": float(progress.get("compute", 0.0)) + time.perf_counter() - began}
+                   "compute-seconds": float(progress.get("compute", 0.0)) + time.process_time() - began}
         return Message(RecordDict({"arrays": ArrayRecord(bottom.state_dict()),
                                    "metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -88,7 +88,7 @@ def train_split(msg: Message, context: Context) -> Message:
     with torch.no_grad():
         activations = bottom(x_train[idx[rows]])
     state = context.state[STATE_VISIT]
-    state["compute"] = float(progress.get("compute", 0.0)) + time.perf_counter() - began
+    state["compute"] = float(progress.get("compute", 0.0)) + time.process_time() - began
     content = RecordDict({"activations": ArrayRecord({"activations": activations.contiguous()}),
                           "labels": ArrayRecord({"labels": y[rows].contiguous()}),
                           "metrics": MetricRecord(counts)})

@@ -141,7 +141,7 @@ def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y:
     ``align(outputs, y)`` turns a batch's outputs and labels into one row per
     prediction (``Task.align``; an LLM predicts every answer token).
     """
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     params = freeze_outside(model, trainable)
     held = hold_frozen_in(model, work.frozen_dtype)
     try:
@@ -149,6 +149,8 @@ def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y:
     finally:
         restore(held)  # a failed step too leaves the caller's model exact
     metrics["train-seconds"] = time.perf_counter() - start
+    # CPU seconds: on a shared machine the wall time also counts waiting for a core
+    metrics["train-cpu-seconds"] = time.process_time() - cpu
     return metrics, ledger
 
 

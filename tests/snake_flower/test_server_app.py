@@ -54,7 +54,7 @@ def test_results_follow_the_contract(loopback, nodes, tmp_path):
 def test_each_upload_is_the_window_alone(loopback, nodes, tmp_path):
     result = _run(loopback, nodes, tmp_path, window=1)
     # proto3 leaves zero doubles out, so stand-in values must be non-zero (size is fixed then)
-    metrics = MetricRecord({k: 1.0 for k in ("train-loss", "steps", "num-examples", "train-seconds",
+    metrics = MetricRecord({k: 1.0 for k in ("train-loss", "steps", "num-examples", "train-seconds", "train-cpu-seconds",
                                               *LEDGER_KEYS, "partition-id")})
     for row in result["rounds"]:
         window = _window_arrays(row["window"])
