@@ -148,3 +148,13 @@ def test_sync_tolerance_sends_less_and_the_clients_agree(loopback, nodes, tmp_pa
     lax = _run(loopback, nodes, tmp_path / "lax", hops=9, **{"sync-tolerance": 0.5})
     assert [r["status"] for r in lax["rounds"]] == ["merged"] * 9  # no node saw a stale copy
     assert sum(r["bytes_down"] for r in lax["rounds"]) < sum(r["bytes_down"] for r in strict["rounds"])
+
+
+def test_int8_payloads_and_frozen_layers_run_end_to_end(loopback, nodes, tmp_path):
+    plain = _run(loopback, nodes, tmp_path / "fp32")
+    quant = _run(loopback, nodes, tmp_path / "int8", **{"payload-dtype": "int8", "frozen-dtype": "int8"})
+    assert quant["rejected_replies"] == 0 and not quant["failures"]
+    assert sum(r["bytes_up"] + r["bytes_down"] for r in quant["rounds"]) < \
+        sum(r["bytes_up"] + r["bytes_down"] for r in plain["rounds"])
+    assert quant["memory"]["frozen_param_bytes"] < plain["memory"]["frozen_param_bytes"]
+    assert quant["final"]["accuracy"] > 0.1  # it learns (random: 0.1)

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from strategies import SnakeStrategy
+from strategies.payload import SCALE, encode
 
 SEGMENTS = {"s0": ["s0.w"], "s1": ["s1.w", "s1.b"], "s2": ["s2.w"], "head": ["head.w"]}
 ALL_KEYS = [k for keys in SEGMENTS.values() for k in keys]
@@ -28,9 +29,9 @@ def initial() -> ArrayRecord:
     return ArrayRecord({k: Array(np.full((2, 2), i, np.float32)) for i, k in enumerate(ALL_KEYS)})
 
 
-def one_hop(loopback, hop: int):
+def one_hop(loopback, hop: int, payload_dtype: str = "fp32"):
     """A strategy that has just sent hop ``hop``: (strategy, its message, the window keys)."""
-    strategy = SnakeStrategy(SEGMENTS, 1, seed=0, max_update_norm=MAX_NORM)
+    strategy = SnakeStrategy(SEGMENTS, 1, seed=0, max_update_norm=MAX_NORM, payload_dtype=payload_dtype)
     grid = loopback([11, 12], lambda msg: RecordDict({"info": MetricRecord({"rank": msg.metadata.dst_node_id})}))
     (msg,) = strategy.configure_train(hop, initial(), ConfigRecord({}), grid)
     keys = [k for name in strategy.hops[-1]["window"] for k in SEGMENTS[name]]
@@ -125,3 +126,70 @@ def test_the_honest_reply_is_merged(loopback, hop):
     merged, _ = strategy.aggregate_train(hop, [reply])
     assert merged is not None and strategy.rejected_replies == 0
     assert {k for k in ALL_KEYS if not np.array_equal(merged[k].numpy(), initial()[k].numpy())} == set(keys)
+
+
+# ---- int8 payloads: the encoding itself is attacked ------------------------------
+INT8_KINDS = ["missing-scale", "scale-shape", "scale-dtype", "scale-nonfinite", "scale-negative",
+              "scale-outside", "stray-scale", "not-int8", "int8-min", "scale-garbage"]
+
+
+def mutate_int8(arrays: dict[str, Array], keys: list[str], kind: str, key_index: int, data) -> dict[str, Array]:
+    arrays = dict(arrays)
+    key = keys[key_index % len(keys)]
+    scale = key + SCALE
+    if kind == "missing-scale":
+        arrays.pop(scale, None)
+    elif kind == "scale-shape":
+        shape = data.draw(st.lists(st.integers(0, 3), max_size=2).map(tuple).filter(lambda s: s != (2,)))
+        arrays[scale] = Array(np.ones(shape, np.float32))
+    elif kind == "scale-dtype":
+        dtype = data.draw(st.sampled_from([np.float64, np.float16, np.int32]))
+        arrays[scale] = Array(np.ones(2, dtype))
+    elif kind == "scale-nonfinite":
+        arrays[scale] = Array(np.array([data.draw(st.sampled_from([np.nan, np.inf, -np.inf])), 1.0], np.float32))
+    elif kind == "scale-negative":
+        arrays[scale] = Array(np.array([-data.draw(st.floats(1e-6, 1.0)), 0.1], np.float32))
+    elif kind == "scale-outside":  # a scaled int8 layer the node was not given
+        outside = data.draw(st.sampled_from([k for k in ALL_KEYS if k not in keys]))
+        arrays.update({outside: Array(np.ones((2, 2), np.int8)), outside + SCALE: Array(np.ones(2, np.float32))})
+        if data.draw(st.booleans()):
+            arrays.pop(outside)  # ... or only its scale
+    elif kind == "stray-scale":  # a scale for a key that does not exist at all
+        arrays[data.draw(st.text(min_size=1, max_size=8)) + SCALE] = Array(np.ones(2, np.float32))
+    elif kind == "not-int8":  # the right values, the wrong encoding
+        dtype = data.draw(st.sampled_from([np.float32, np.float16, np.int16]))
+        arrays[key] = Array((initial()[key].numpy() + 0.5).astype(dtype))
+    elif kind == "int8-min":
+        arrays[key] = Array(np.full((2, 2), -128, np.int8))
+    elif kind == "scale-garbage":
+        junk = data.draw(st.binary(max_size=32))
+        arrays[scale] = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=junk)
+    return arrays
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hop=st.integers(1, 12), kind=st.sampled_from(INT8_KINDS), key_index=st.integers(0, 10), data=st.data())
+def test_hostile_int8_replies_are_all_rejected(loopback, hop, kind, key_index, data):
+    strategy, msg, keys = one_hop(loopback, hop, "int8")
+    arrays = mutate_int8(dict(encode(ArrayRecord(honest(keys)), "int8").items()), keys, kind, key_index, data)
+    reply = Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({})}), reply_to=msg)
+    merged, _ = strategy.aggregate_train(hop, [reply])
+    assert merged is None, kind
+    assert strategy.rejected_replies == 1 and strategy.failures[-1]["reason"].startswith("rejected reply: ")
+    assert model_sha256(strategy._arrays) == model_sha256(initial())
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hop=st.integers(1, 12))
+def test_the_honest_int8_reply_is_merged_as_fp32(loopback, hop):
+    strategy, msg, keys = one_hop(loopback, hop, "int8")
+    sent = msg.content["arrays"]
+    assert all(sent[k].dtype == "int8" and k + SCALE in sent for k in ALL_KEYS)  # the downlink too
+    reply = Message(RecordDict({"arrays": encode(ArrayRecord(honest(keys)), "int8"),
+                                "metrics": MetricRecord({})}), reply_to=msg)
+    merged, _ = strategy.aggregate_train(hop, [reply])
+    assert merged is not None and strategy.rejected_replies == 0
+    assert list(merged.keys()) == ALL_KEYS and all(merged[k].dtype == "float32" for k in ALL_KEYS)
+    for k in keys:  # the master is fp32, within half a quantization step of the reply
+        want = honest(keys)[k].numpy()
+        assert np.allclose(merged[k].numpy(), want, atol=np.abs(want).max() / 254 + 1e-7)
