@@ -47,7 +47,7 @@ def run_dir(out: Path, setting: str, variant: str) -> Path:
 def table(out: Path, target: float) -> str:
     """Markdown: one row per run found under ``out``, with its deltas against the baseline."""
     lines = [f"| data | variant | final acc | Δ acc (pts) | hops to {target} | MB to {target} | "
-             f"× baseline MB | network s to {target} | frozen param bytes (peak hop) |",
+             f"MB / baseline's | network s to {target} | frozen param bytes (peak hop) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
         runs = {v: run_dir(out, setting, v) / "snake.json" for v in VARIANTS}
@@ -57,7 +57,7 @@ def table(out: Path, target: float) -> str:
         base = summarize(found["baseline"], target)
         for variant, result in found.items():
             s = summarize(result, target)
-            ratio = (f"{base['bytes_to_target'] / s['bytes_to_target']:.2f}× less"
+            ratio = (f"{s['bytes_to_target'] / base['bytes_to_target']:.2f}"
                      if s["bytes_to_target"] and base["bytes_to_target"] else "–")
             mb = f"{s['bytes_to_target'] / 1e6:.2f}" if s["bytes_to_target"] else "not reached"
             network = f"{s['network_time_to_target_s']:.0f}" if s["network_time_to_target_s"] else "–"

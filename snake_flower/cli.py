@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="overlay the accuracy curves of saved runs in one PNG")
     plot.add_argument("runs", nargs="+", help="LABEL=path/to/<strategy>.json, or just the path")
     plot.add_argument("--out", required=True, help="the PNG to write")
-    plot.add_argument("--x", choices=("visits", "megabytes", "network"), default="visits", help="x axis (default visits)")
+    plot.add_argument("--x", choices=("visits", "megabytes", "network"), default="visits",
+                      help="x axis (default visits)")
     plot.add_argument("--metric", choices=("accuracy", "perplexity"),
                       help="y axis (default: perplexity for task llm, else accuracy)")
     memory = sub.add_parser("memory", help="FedAvg and Snake memory per node of an LLM, from its "

@@ -1,7 +1,8 @@
 """Frozen layers held in a lower precision on the node while the window trains.
 
-``frozen-dtype = "fp16" | "bf16"`` casts every frozen floating parameter. ``"int8"`` holds every frozen floating weight with two or more dimensions
-as ``int8`` plus one fp32 scale per output channel (``scale = max|w| / 127`` over all
+``frozen-dtype = "fp16" | "bf16"`` casts every frozen floating parameter. ``"int8"`` holds
+every frozen floating weight with two or more dimensions as ``int8`` plus one fp32 scale per
+output channel (``scale = max|w| / 127`` over all
 dimensions but the first; ``q = round(w / scale)`` in ``[-127, 127]``). Each forward pass
 dequantizes it to fp32 (``q * scale``), so the window and every segment compute in fp32
 as before. One-dimensional frozen parameters (biases, norms) stay fp32: they are a small
@@ -90,7 +91,6 @@ def restore(hold: FrozenHold) -> None:
     finally:
         for p, data in hold.originals.items():
             p.data = data
-
 
 
 def hold_int8(model: nn.Module, originals: dict[nn.Parameter, torch.Tensor]) -> Held:
