@@ -14,6 +14,7 @@ deterministic, so a seeded run picks the same windows every time.
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .training import LocalWork, train_window
+from .training import Align, LocalWork, train_window
 
 # compute = 1.0: the FLOP rate one hop of the small Fashion-MNIST CNN sustained on the
 # 2-core development machine (29-47 GFLOP/s measured, depending on the window).
@@ -41,6 +42,7 @@ class Capacity:
     link_mbps: float = 100.0
 
     def as_dict(self) -> dict[str, float]:
+        """The run-config spelling (``compute``, ``memory-budget-mb``, ``link-mbps``)."""
         return {"compute": self.compute, "memory-budget-mb": self.memory_budget_mb,
                 "link-mbps": self.link_mbps}
 
@@ -69,15 +71,36 @@ def profile_capacity(profile: str, rank: int, num_nodes: int, seed: int, full_le
 
 
 def reported_capacity(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The capacity keys a node reported from its ``--node-config`` (possibly none)."""
-    return {key: float(metrics[key]) for key in KEYS if key in metrics}
+    """The capacity keys a node states in its ``--node-config`` (possibly none), checked.
+
+    Raises ``ValueError`` (one line, naming the key) for a value that is not a finite
+    number, a ``compute`` or ``link-mbps`` that is not > 0, or a negative memory budget.
+    """
+    stated = {}
+    for key in (k for k in KEYS if k in metrics):
+        try:
+            value = float(metrics[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"node-config: {key} must be a number, got {metrics[key]!r}") from None
+        lowest_ok = 0.0 if key == "memory-budget-mb" else math.nextafter(0.0, 1.0)
+        if not math.isfinite(value) or value < lowest_ok:
+            bound = ">= 0 (0 = no limit)" if key == "memory-budget-mb" else "> 0"
+            raise ValueError(f"node-config: {key} must be {bound}, got {metrics[key]!r}")
+        stated[key] = value
+    return stated
 
 
 def node_capacity(reported: Mapping[str, Any], rank: float, config: Mapping[str, Any],
                   num_nodes: int, full_ledger_mb: float) -> Capacity:
-    """What a node stated in its node-config, else its share of the ``capacity-profile``."""
-    rank = int(rank) if rank != float("inf") else 0
-    base = profile_capacity(config["capacity-profile"], rank, num_nodes, int(config["seed"]), full_ledger_mb)
+    """What a node stated in its node-config, else its share of the ``capacity-profile``.
+
+    A node that never reported its rank has no share: it gets the uniform capacity.
+    """
+    if not math.isfinite(rank):
+        base = Capacity()
+    else:
+        base = profile_capacity(config["capacity-profile"], int(rank), num_nodes, int(config["seed"]),
+                                full_ledger_mb)
     return Capacity(compute=float(reported.get("compute", base.compute)),
                     memory_budget_mb=float(reported.get("memory-budget-mb", base.memory_budget_mb)),
                     link_mbps=float(reported.get("link-mbps", base.link_mbps)))
@@ -113,15 +136,18 @@ class WindowSizer:
         One batch of the task's inputs and labels (``batch-size`` rows).
     config : Mapping[str, Any]
         The run-config: local work (``local-steps``, ``frozen-dtype``...) and ``hop-deadline-s``.
-    align
+    align : Align | None (default: None)
         The task's ``align`` (an LLM predicts every answer token).
+
+    The model is copied for each measurement only: its values may change between them
+    (the server evaluates into it), but ledgers and FLOPs depend on shapes alone.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Mapping[str, Any],
-                 align=None) -> None:  # noqa: ANN001 - Task.align's type
-        self.model, self.x, self.y, self.align = copy.deepcopy(model), x, y, align
+                 align: Align | None = None) -> None:
+        self.model, self.x, self.y, self.align = model, x, y, align
         self.work = LocalWork.from_config({**config, "local-steps": 1}, kd=False)
-        self.steps = int(config["local-steps"]) or int(config["local-epochs"])
+        self.steps = int(config["local-steps"])  # hop-deadline-s > 0 requires local-steps > 0
         self.deadline = float(config["hop-deadline-s"])
         self._cache: dict[tuple[str, ...], tuple[float, float]] = {}
 
@@ -155,8 +181,17 @@ class WindowSizer:
 class NodeCapacities:
     """``capacity(rank, reported)`` for a run: stated capacities first, then the profile.
 
-    The mixed profile's memory budgets are fractions of what training the whole model
-    takes, measured once (lazily) by ``sizer``.
+    Parameters
+    ----------
+    config : Mapping[str, Any]
+        The run-config (``capacity-profile``, ``seed``).
+    num_nodes : int
+        Partitions the profile deals capacities over, when a node does not say.
+    sizer : WindowSizer
+        Measures the whole model's ledger: the mixed profile's memory budgets are
+        fractions of it (measured once, when first needed).
+    segments : list[str]
+        Every segment of the model.
     """
 
     def __init__(self, config: Mapping[str, Any], num_nodes: int, sizer: WindowSizer,
@@ -169,5 +204,7 @@ class NodeCapacities:
 
     def __call__(self, rank: float, reported: Mapping[str, Any]) -> Capacity:
         needs_profile = self.config["capacity-profile"] != "uniform" and any(k not in reported for k in KEYS)
-        return node_capacity(reported, rank, self.config, self.num_nodes,
+        # the profile deals capacities over the partitions: the node knows how many there are
+        num_nodes = int(reported.get("num-partitions", self.num_nodes))
+        return node_capacity(reported, rank, self.config, num_nodes,
                              self.full_ledger_mb() if needs_profile else 0.0)

@@ -57,10 +57,11 @@ def _local_model(cfg: dict, context: Context, received: ArrayRecord):
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's stable rank (its partition id) and any stated capacities."""
-    partition_id, _ = _partition(context)
+    partition_id, num_partitions = _partition(context)
     # a deployed node's capacities (--node-config "compute=0.5 memory-budget-mb=64 link-mbps=20")
     capacity = reported_capacity(context.node_config)
-    return Message(RecordDict({"info": MetricRecord({"rank": partition_id, **capacity})}), reply_to=msg)
+    info = {"rank": partition_id, "num-partitions": num_partitions, **capacity}
+    return Message(RecordDict({"info": MetricRecord(info)}), reply_to=msg)
 
 
 @app.train()

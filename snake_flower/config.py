@@ -204,6 +204,8 @@ def validate(config: Mapping[str, Any]) -> None:
     sweepable = len(segments) - config["train-head"] - config["train-stem"]
     if config["strategy"] == "split" and not 1 <= config["cut"] < len(segments):
         raise ConfigError(f"cut: must leave at least one segment on each side, got {config['cut']}")
+    if config["window"] == "auto" and sweepable < 1:
+        raise ConfigError("window: 'auto' needs at least one segment to sweep (train-head/train-stem excluded)")
     if isinstance(config["window"], int) and config["window"] > sweepable:
         what = f"model {config['model']}" if config["task"] == "llm" else f"task {config['task']}"
         raise ConfigError(f"window: {config['window']} exceeds the {sweepable} segments that {what} "
@@ -213,6 +215,8 @@ def validate(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {config[key]!r}")
     if config["dirichlet-alpha"] <= 0:
         raise ConfigError(f"dirichlet-alpha: must be > 0, got {config['dirichlet-alpha']!r}")
+    if config["hop-deadline-s"] > 0 and config["window"] != "auto":
+        raise ConfigError("hop-deadline-s: only window = \"auto\" fits windows to a deadline; set window=auto")
     if config["hop-deadline-s"] > 0 and config["local-steps"] == 0:
         raise ConfigError("hop-deadline-s: estimating a hop's compute time needs local-steps > 0")
     if config["local-epochs"] == 0 and config["local-steps"] == 0:

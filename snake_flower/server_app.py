@@ -12,7 +12,7 @@ import copy
 import math
 from functools import partial
 from collections.abc import Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -64,13 +64,13 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
         metered = MeteredGrid(grid, poll_interval=flower_poll_interval(grid),
                               first_poll=flower_poll_interval(grid))
     _, _, x_test, y_test = task.load(config["data-dir"])
+    # a full batch of test inputs stands in for a node's: the ledger and FLOPs depend on shapes only
+    sizer = WindowSizer(model, x_test[:config["batch-size"]], y_test[:config["batch-size"]], config,
+                        align=task.align)
     if config["eval-samples"]:  # the first N test examples, the same for every strategy
         x_test, y_test = x_test[:config["eval-samples"]], y_test[:config["eval-samples"]]
     recorder = RunRecorder(name, config, model, (x_test, y_test), metered, num_rounds, visits_per_round,
                            score=partial(_score, task, config["eval-batch-size"]))
-    # a batch of test inputs stands in for a node's: the ledger and FLOPs depend on shapes only
-    rows = slice(0, config["batch-size"])
-    sizer = WindowSizer(model, x_test[rows], y_test[rows], config, align=task.align)
     num_nodes = max(config["min-nodes"], len(list(grid.get_node_ids())))
     capacities = NodeCapacities(config, num_nodes, sizer, list(segment_keys(model)))
     return model, metered, recorder, capacities
@@ -110,17 +110,18 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         p2p = tally.down.array_bytes
         moved = p2p if config["mode"] == "p2p" else tally.down.bytes + tally.up.bytes
         capacity = strategy.capacity_of(hop["node"])
-        merged = hop["status"] == "merged"
         return {"nodes": [hop["node"]], "window": hop["window"],
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
                 "segments_sent": hop["segments_sent"], "status": hop["status"],
                 "hop_s": round(hop.get("seconds", 0.0), 4), "bytes_p2p": p2p,
                 "capacity": capacity.as_dict(), "passed_over": hop.get("passed_over", []),
-                # a failed hop costs the time the server waited for it
-                "network_time_s": hop_time_s(compute_s(reported), moved, capacity)
-                if merged else hop.get("seconds", 0.0)}
+                # a failed hop costs the bytes it moved (its compute, if any, is not reported)
+                "network_time_s": hop_time_s(compute_s(reported), moved, capacity)}
 
     recorder.describe = describe
+    if config["window"] == "auto" and config["capacity-profile"] == "uniform" and not config["hop-deadline-s"]:
+        log(WARNING, "window auto: no memory budgets (capacity-profile uniform) and no hop-deadline-s; "
+            "every node trains the whole model unless its --node-config states memory-budget-mb")
     path, arrays, done = checkpoint_path(config), ArrayRecord(transport_state(model.state_dict())), 0
     if config["resume"] and path.exists():
         arrays, state = load_checkpoint(path, config)
@@ -159,8 +160,12 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     segments = list(segment_keys(model))
     ledgers: list[dict[str, float]] = []
 
+    this_round: list[dict[str, float]] = []  # the replies Flower aggregated in the round now ending
+
     def aggregate_metrics(records: list[RecordDict], weighting: str):
-        ledgers.extend(dict(r) for rd in records for r in rd.metric_records.values())
+        replies = [dict(r) for rd in records for r in rd.metric_records.values()]
+        ledgers.extend(replies)
+        this_round[:] = replies
         return aggregate_metricrecords(records, weighting)
 
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
@@ -168,14 +173,16 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                       min_available_nodes=1, train_metrics_aggr_fn=aggregate_metrics)
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
-        replies = ledgers[-len(tally.up_by_node):] if tally.up_by_node else []
-        # every node moves the same model both ways: its share of the round's bytes
-        share = (tally.down.bytes + tally.up.bytes) / max(len(replies), 1)
+        replies, this_round[:] = list(this_round), []  # Flower drops error replies before aggregating
+        # every node is sent the same model and sends one back: its share of the round's bytes
+        share = (tally.down.bytes + tally.up.bytes) / max(len(tally.down_by_node), 1)
         times = [hop_time_s(compute_s(led), share,
                             capacities(led.get("partition-id", 0.0), led)) for led in replies]
-        return {"nodes": sorted(tally.up_by_node), "window": segments, "status": "merged",
+        return {"nodes": sorted(tally.up_by_node), "window": segments,
+                "status": "merged" if replies else "failed",
                 "partitions": sorted(int(led["partition-id"]) for led in replies),
-                "network_time_s": max(times, default=0.0)}  # the round waits for its straggler
+                # the round waits for its straggler (nodes that failed report no compute: not counted)
+                "network_time_s": max(times, default=0.0)}
 
     recorder.describe = describe
     # The same ClientApp as Snake: the window is the whole model and nothing is stale.
@@ -212,8 +219,9 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         reported = visit.get("metrics", {})
         capacity = capacities(reported.get("partition-id", 0.0), reported)
         # the node's compute at its speed, the server's at the reference speed, every batch's transfer
+        # a failed visit costs the bytes it moved and the server's compute (the node's is not reported)
         network = (hop_time_s(reported.get("compute-seconds", 0.0), tally.down.bytes + tally.up.bytes, capacity)
-                   + visit.get("server-seconds", 0.0)) if visit["status"] == "merged" else visit.get("seconds", 0.0)
+                   + visit.get("server-seconds", 0.0))
         return {"nodes": [visit["node"]], "window": names[:config["cut"]], "status": visit["status"],
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
                 "steps": visit["steps"], "capacity": capacity.as_dict(), "network_time_s": network}

@@ -42,7 +42,6 @@ STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT = "split-bottom", "split-momentum", "s
 @app.train("split")
 def train_split(msg: Message, context: Context) -> Message:
     """One message of a split-learning visit (see the module docstring)."""
-    began = time.process_time()  # this message's CPU time, summed over the visit
     cfg = dict(msg.content["config"])
     partition_id, num_partitions = _partition(context)
     task = TASKS[cfg["task"]]
@@ -62,10 +61,13 @@ def train_split(msg: Message, context: Context) -> Message:
                                 weight_decay=work.weight_decay)
     meter = SavedActivations(params)
     meter.peak = int(progress.get("activation-peak", 0))
+    compute = float(progress.get("compute", 0.0))  # CPU seconds of the visit's training so far
     if batch > 0:
+        began = time.process_time()
         _restore_momentum(bottom, optimizer, context.state[STATE_MOMENTUM])
         grads = torch.from_numpy(msg.content["gradients"]["activations"].numpy().copy())
         _apply_gradients(bottom, optimizer, x_train[idx[batches[batch - 1]]], grads, work.clip_norm, meter)
+        compute += time.process_time() - began
 
     counts = {"batch": batch, "batches": len(batches), "partition-id": partition_id}
     if batch == len(batches):  # the visit's last message: hand back the trained bottom
@@ -75,7 +77,7 @@ def train_split(msg: Message, context: Context) -> Message:
         metrics = {**counts, **ledger, **reported_capacity(context.node_config), "steps": batch,
                    "num-examples": len(y),
                    "train-seconds": time.time() - float(progress.get("started", time.time())),
-                   "compute-seconds": float(progress.get("compute", 0.0)) + time.process_time() - began}
+                   "compute-seconds": compute}
         return Message(RecordDict({"arrays": ArrayRecord(bottom.state_dict()),
                                    "metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -85,10 +87,10 @@ def train_split(msg: Message, context: Context) -> Message:
         "round": visit, "batch": batch, "activation-peak": meter.peak,
         "started": float(progress.get("started", time.time()))})
     rows = batches[batch]
+    began = time.process_time()
     with torch.no_grad():
         activations = bottom(x_train[idx[rows]])
-    state = context.state[STATE_VISIT]
-    state["compute"] = float(progress.get("compute", 0.0)) + time.process_time() - began
+    context.state[STATE_VISIT]["compute"] = compute + time.process_time() - began
     content = RecordDict({"activations": ArrayRecord({"activations": activations.contiguous()}),
                           "labels": ArrayRecord({"labels": y[rows].contiguous()}),
                           "metrics": MetricRecord(counts)})

@@ -8,6 +8,7 @@ capacity (with a ``compute`` attribute), and whether a window fits it is asked o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -47,10 +48,13 @@ class WindowFitter:
         self._checked: set[int] = set()
 
     def capacity_of(self, node: int, rank: float) -> Any:
-        """The capacity of ``node`` (asked once)."""
-        if node not in self.capacities:
-            self.capacities[node] = self.capacity(rank, self.info.get(node, {}))
-        return self.capacities[node]
+        """The capacity of ``node`` (asked once its rank is known)."""
+        if node in self.capacities:
+            return self.capacities[node]
+        capacity = self.capacity(rank, self.info.get(node, {}))
+        if math.isfinite(rank):  # a node that has not reported its rank yet may do so later
+            self.capacities[node] = capacity
+        return capacity
 
     def by_capacity(self, nodes: Sequence[int], ranks: Mapping[int, float]) -> list[int]:
         """Fastest node first; equal speeds keep their order."""
@@ -59,7 +63,7 @@ class WindowFitter:
     def screen(self, nodes: Sequence[int], ranks: Mapping[int, float]) -> list[int]:
         """The nodes that fit a one-segment window somewhere; the others are skipped, logged."""
         for node in nodes:
-            if node in self._checked:
+            if node in self._checked or not math.isfinite(ranks.get(node, float("inf"))):
                 continue
             self._checked.add(node)
             reason = self._fits_somewhere(node, ranks.get(node, float("inf")))
@@ -68,6 +72,13 @@ class WindowFitter:
                 log(WARNING, "node %d is skipped: no window fits it anywhere (%s)", node, reason)
         chain = [node for node in nodes if node not in self.skipped]
         return chain or list(nodes)  # every node skipped: better over budget than no run
+
+    def pick(self, hop: int, scheduled: int, nodes: Sequence[int], ranks: Mapping[int, float],
+             available: Callable[[int], bool]) -> tuple[int, list[str], list[dict[str, Any]]]:
+        """``fit`` over the scheduled node, then the other ``available`` nodes in chain order."""
+        at = list(nodes).index(scheduled)
+        others = [node for node in [*nodes[at + 1:], *nodes[:at]] if available(node)]
+        return self.fit(hop, [scheduled, *others], ranks)
 
     def fit(self, hop: int, candidates: Sequence[int], ranks: Mapping[int, float]
             ) -> tuple[int, list[str], list[dict[str, Any]]]:

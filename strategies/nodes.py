@@ -61,7 +61,10 @@ def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: i
         asks = [Message(RecordDict({configrecord_key: ConfigRecord({"ask": "rank"})}),
                         dst_node_id=node, message_type=MessageType.QUERY) for node in new]
         for reply in grid.send_and_receive(asks, timeout=timeout):
-            if not reply.has_error():
+            if reply.has_error():  # e.g. a malformed --node-config: say so, not just "silent"
+                log(WARNING, "node %d answered the rank query with an error: %s",
+                    reply.metadata.src_node_id, (reply.error.reason.strip().splitlines() or [""])[-1][:300])
+            else:
                 for record in reply.content.metric_records.values():
                     if "rank" in record:
                         ranks[reply.metadata.src_node_id] = float(record["rank"])
@@ -123,6 +126,10 @@ class NodeBackoff:
         self.until.pop(node, None)
         self.streak.pop(node, None)
 
+    def available(self, node: int, hop: int) -> bool:
+        """Has ``node`` sat out its time by ``hop``?"""
+        return self.until.get(node, 0) <= hop
+
     def pick(self, hop: int, ordered: Sequence[int], turn: Callable[[int, Sequence[int]], int]) -> int:
         """``turn(hop)``'s node, or if it sits out, the node of the nearest later turn that does not.
 
@@ -130,7 +137,7 @@ class NodeBackoff:
         """
         for ahead in range(2 * len(ordered) + 1):  # a shuffled cycle may hide a node for < 2 cycles
             node = turn(hop + ahead, ordered)
-            if self.until.get(node, 0) <= hop:
+            if self.available(node, hop):
                 return node
         return turn(hop, ordered)
 

@@ -145,9 +145,8 @@ class SnakeStrategy(Strategy):
         node = self.backoff.pick(hop, nodes, self.schedule.node_at)
         if self.auto:  # the scheduled node first, then the others in chain order
             assert self.fitter is not None
-            at = nodes.index(node)
-            others = [n for n in nodes[at + 1:] + nodes[:at] if self.backoff.until.get(n, 0) <= hop]
-            node, window, passed = self.fitter.fit(hop, [node, *others], self.node_ranks)
+            node, window, passed = self.fitter.pick(hop, node, nodes, self.node_ranks,
+                                                    lambda other: self.backoff.available(other, hop))
         else:
             window, passed = self.schedule.window_at(hop), []
         self._arrays = arrays

@@ -63,7 +63,7 @@ def test_the_sizer_measures_the_ledger_a_node_measures():
 
 
 def test_misfit_names_the_limit_that_a_window_breaks():
-    sizer = _sizer(**{"hop-deadline-s": 1e-6})
+    sizer = _sizer(window="auto", **{"hop-deadline-s": 1e-6})
     ledger_mb, _ = sizer.measure(SEGMENTS)
     assert "memory-budget-mb" in sizer.misfit(SEGMENTS, Capacity(memory_budget_mb=ledger_mb / 2))
     assert "hop-deadline-s" in sizer.misfit(SEGMENTS, Capacity(memory_budget_mb=ledger_mb))
@@ -76,3 +76,17 @@ def test_profile_budgets_scale_with_the_full_models_ledger():
     full = caps.full_ledger_mb()
     budgets = [caps(r, {}).memory_budget_mb for r in range(8)]
     assert max(budgets) == pytest.approx(full, rel=1e-3) and min(budgets) == pytest.approx(full / 4, rel=1e-3)
+
+
+@pytest.mark.parametrize("stated, message", [({"compute": 0}, "compute must be > 0"),
+                                             ({"link-mbps": -1}, "link-mbps must be > 0"),
+                                             ({"memory-budget-mb": -5}, "memory-budget-mb must be >= 0"),
+                                             ({"compute": "fast"}, "compute must be a number")])
+def test_a_bad_stated_capacity_is_a_one_line_error(stated, message):
+    with pytest.raises(ValueError, match=message):
+        reported_capacity(stated)
+
+
+def test_a_node_without_a_rank_gets_no_share_of_the_profile():
+    config = resolve({"task": "synthetic", "capacity-profile": "mixed"})
+    assert node_capacity({}, float("inf"), config, 8, 10.0) == Capacity()

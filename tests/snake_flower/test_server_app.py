@@ -157,4 +157,5 @@ def test_int8_payloads_and_frozen_layers_run_end_to_end(loopback, nodes, tmp_pat
     assert sum(r["bytes_up"] + r["bytes_down"] for r in quant["rounds"]) < \
         sum(r["bytes_up"] + r["bytes_down"] for r in plain["rounds"])
     assert quant["memory"]["frozen_param_bytes"] < plain["memory"]["frozen_param_bytes"]
-    assert quant["final"]["accuracy"] > 0.1  # it learns (random: 0.1)
+    # the synthetic task's accuracy moves in steps of 1/300: within 5 test examples of fp32
+    assert abs(quant["final"]["accuracy"] - plain["final"]["accuracy"]) <= 5 / 300 + 1e-9
