@@ -57,15 +57,20 @@ def plot_accuracy(runs: dict[str, dict[str, Any]], path: str | Path, x: str = "v
     task = next(iter(runs.values()))["task"] if runs else ""
     metric = metric or ("perplexity" if task == "llm" else "accuracy")
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    lowest = float("inf")
     for name, result in runs.items():
-        ax.plot(*_curve(result, x, metric), label=name, marker="." if len(result["rounds"]) < 40 else None)
+        xs, ys = _curve(result, x, metric)
+        lowest = min([lowest, *xs])
+        ax.plot(xs, ys, label=name, marker="." if len(result["rounds"]) < 40 else None)
     if metric == "accuracy":
         ax.set(ylabel="test accuracy", ylim=(0, 1))
     else:
         ax.set(ylabel=f"held-out {metric}")
     ax.set(xlabel=XLABELS[x], title=f"{task}: {metric}")
-    if x in ("megabytes", "network"):  # split learning moves ~100x what Snake and FedAvg move
-        ax.set_xscale("symlog" if metric != "accuracy" or x == "network" else "log")
+    if x == "megabytes":  # split learning moves ~100x what Snake and FedAvg move
+        ax.set_xscale("symlog" if metric != "accuracy" else "log")
+    elif x == "network" and lowest > 0:  # results written before the model have 0 s everywhere
+        ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right" if metric == "accuracy" else "upper right")
     return _save(fig, path)
