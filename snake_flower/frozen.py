@@ -22,17 +22,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from strategies.payload import quantize
+
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric int8 ``(q, scale)`` of ``weight`` (``ndim >= 2``).
 
-    An all-zero channel gets scale 0 and ``q = 0``, so it dequantizes to exact zeros.
+    The same quantizer as int8 payloads (:func:`strategies.payload.quantize`). An all-zero
+    channel gets scale 0 and ``q = 0``, so it dequantizes to exact zeros.
     """
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=tuple(range(1, w.dim()))) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).view(-1, *[1] * (w.dim() - 1))
-    q = torch.round(w / safe).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    q, scale = quantize(weight.detach().float().cpu().numpy())
+    return torch.from_numpy(q), torch.from_numpy(scale)
 
 
 class Int8Dequant(nn.Module):

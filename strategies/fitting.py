@@ -87,21 +87,36 @@ class WindowFitter:
         Returns the node, its window and the candidates passed over (``{"node", "reason"}``).
         When none fits, the first candidate trains one segment, over its capacity (logged).
         """
-        assert self.misfit is not None
         passed: list[dict[str, Any]] = []
         for node in candidates:
-            capacity, reason = self.capacity_of(node, ranks.get(node, float("inf"))), None
-            for size in range(len(self.schedule.body), 0, -1):
-                window = self.schedule.sized_window_at(hop, size)
-                reason = self.misfit(window, capacity)
-                if reason is None:
-                    return node, window, passed
+            window, reason = self._largest(hop, self.capacity_of(node, ranks.get(node, float("inf"))))
+            if window is not None:
+                return node, window, passed
             passed.append({"node": node, "reason": f"no window fits: {reason}"})
             log(INFO, "hop %d: node %d passed over, no window at this position fits it (%s)",
                 hop + 1, node, reason)
         log(WARNING, "hop %d: no node fits any window at this position; node %d trains one segment "
             "over its capacity", hop + 1, candidates[0])
         return candidates[0], self.schedule.sized_window_at(hop, 1), passed
+
+    def _largest(self, hop: int, capacity: Any) -> tuple[list[str] | None, str | None]:
+        """The largest window at ``hop``'s position that fits, or ``None`` and why not.
+
+        Ledger and FLOPs only grow with the size at a given position, so the sizes are
+        bisected: a few measurements per position, not one per size (an LLM has dozens).
+        """
+        assert self.misfit is not None
+        reason = self.misfit(self.schedule.sized_window_at(hop, 1), capacity)
+        if reason is not None:
+            return None, reason
+        fits, too_big = 1, len(self.schedule.body) + 1
+        while too_big - fits > 1:
+            size = (fits + too_big) // 2
+            if self.misfit(self.schedule.sized_window_at(hop, size), capacity) is None:
+                fits = size
+            else:
+                too_big = size
+        return self.schedule.sized_window_at(hop, fits), None
 
     def _fits_somewhere(self, node: int, rank: float) -> str | None:
         """Why no one-segment window at any position fits the node, or ``None``."""
