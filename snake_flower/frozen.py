@@ -53,7 +53,7 @@ class Int8Dequant(nn.Module):
         return q.float() * self.scale.view(-1, *[1] * (q.dim() - 1))
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # int8: hold_int8
 Held = list[tuple[nn.Module, str, list[str]]]  # module, weight name, its parameters' order
 
 

@@ -177,7 +177,7 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         # every node is sent the same model and sends one back: its share of the round's bytes
         share = (tally.down.bytes + tally.up.bytes) / max(len(tally.down_by_node), 1)
         times = [hop_time_s(compute_s(led), share,
-                            capacities(led.get("partition-id", 0.0), led)) for led in replies]
+                            capacities(led["partition-id"], led)) for led in replies]
         return {"nodes": sorted(tally.up_by_node), "window": segments,
                 "status": "merged" if replies else "failed",
                 "partitions": sorted(int(led["partition-id"]) for led in replies),
@@ -217,7 +217,8 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
         visit = strategy.visits[-1]
         reported = visit.get("metrics", {})
-        capacity = capacities(reported.get("partition-id", 0.0), reported)
+        # the node's rank, not partition 0's, when a failed visit reported nothing
+        capacity = capacities(strategy.node_ranks.get(visit["node"], float("inf")), reported)
         # the node's compute at its speed, the server's at the reference speed, every batch's transfer
         # a failed visit costs the bytes it moved and the server's compute (the node's is not reported)
         network = (hop_time_s(reported.get("compute-seconds", 0.0), tally.down.bytes + tally.up.bytes, capacity)

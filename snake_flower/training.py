@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .frozen import DTYPES, hold_frozen_in, restore, scale_tensors  # noqa: F401 (DTYPES re-exported)
+from .frozen import hold_frozen_in, restore, scale_tensors
 
 
 Align = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
