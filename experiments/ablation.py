@@ -19,8 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from snake_flower.compare import summarize
-from snake_flower.jobs import child_command, run_side_by_side
+from snake_flower.harness.compare import summarize
+from snake_flower.harness.jobs import child_command, run_side_by_side
 
 CONFIG = "experiments/fashion-mnist-noniid.toml"
 SETTINGS = {"iid": "partitioner=iid", "dir0.5": "partitioner=dirichlet dirichlet-alpha=0.5",

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from snake_flower.deploy import LoopbackDeployment
+from snake_flower.deploy.loopback import LoopbackDeployment
 
 OVERRIDES = {"task": "synthetic", "window": 1, "local-steps": 5, "eval-samples": 200, "min-nodes": 3}
 

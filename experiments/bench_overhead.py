@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from snake_flower.config import resolve
-from snake_flower.data import partition_indices
-from snake_flower.task import TASKS, build_model
-from snake_flower.training import LocalWork, train_window
+from snake_flower.tasks.data import partition_indices
+from snake_flower.tasks.task import TASKS, build_model
+from snake_flower.training.loop import LocalWork, train_window
 
 
 def bare_loop(steps: int, runs: int) -> list[float]:

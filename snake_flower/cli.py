@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import CHOICES, ConfigError, load_toml, parse_overrides, resolve
-from .data import DataError, partition_from_config
+from snake_flower.config import CHOICES, ConfigError, load_toml, parse_overrides, resolve
+from snake_flower.tasks.data import DataError, partition_from_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
         config["min-nodes"] = args.num_supernodes  # simulation: start once every node is up
     if config["min-nodes"] > args.num_supernodes:
         raise ConfigError(f"min-nodes: {config['min-nodes']} exceeds --num-supernodes {args.num_supernodes}")
-    from .task import task_for
+    from snake_flower.tasks.task import task_for
 
     task = task_for(config)
     _, y_train, _, _ = task.load(config["data-dir"])  # fail now, not inside a Ray actor
@@ -95,11 +95,11 @@ def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    from .client_app import app as client_app
-    from .dispatch import quick_pickup
-    from .server_app import make_server_app
+    from snake_flower.client_app import app as client_app
+    from snake_flower.runtime.dispatch import quick_pickup
+    from snake_flower.server_app import make_server_app
 
-    quick_pickup()  # split learning waits on every batch's round trip (see dispatch.py)
+    quick_pickup()  # split learning waits on every batch's round trip (see runtime/dispatch.py)
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": parallel or max(1, min(os.cpu_count() or 1, num_supernodes)),
@@ -136,7 +136,7 @@ def _load_results(config: dict[str, Any], code: int = 0) -> dict[str, Any] | Non
 
 def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """``compare --jobs N``: the strategies' runs as child processes, N at a time."""
-    from .jobs import child_command, run_side_by_side
+    from snake_flower.harness.jobs import child_command, run_side_by_side
 
     out = Path(configs[0]["out-dir"])
     for cfg in configs:
@@ -150,7 +150,7 @@ def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -
 
 def _report(args: argparse.Namespace) -> int:
     """``snake-flower report DIR``: the comparison's outputs again, from its saved runs."""
-    from .compare import write_comparison
+    from snake_flower.harness.compare import write_comparison
 
     out = Path(args.out)
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))
@@ -171,7 +171,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     """``snake-flower plot LABEL=RUN.json ...``: runs from different folders on one set of axes."""
-    from .plots import plot_accuracy
+    from snake_flower.harness.plots import plot_accuracy
 
     runs = {}
     for spec in args.runs:
@@ -201,9 +201,9 @@ def _int_option(name: str, value: str) -> int:
 
 def _memory(args: argparse.Namespace) -> int:
     """``snake-flower memory --model M``: the analytic per-node ledgers (design §5)."""
-    from .architectures import ArchitectureError
-    from .memory import MemoryOptions, MemoryOptionsError, analyze
-    from .memory_table import format_table
+    from snake_flower.harness.memory_table import format_table
+    from snake_flower.tasks.architectures import ArchitectureError
+    from snake_flower.training.memory import MemoryOptions, MemoryOptionsError, analyze
 
     try:
         options = MemoryOptions(window=_int_option("window", args.window), frozen_dtype=args.frozen_dtype,
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2
-    from .plots import plot_accuracy
+    from snake_flower.harness.plots import plot_accuracy
 
     if args.command == "compare" and args.jobs > 1:
         try:
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         name = config["strategy"]
         plot_accuracy({name: runs[name]}, Path(config["out-dir"]) / f"{name}.png")
         return 0
-    from .compare import write_comparison
+    from snake_flower.harness.compare import write_comparison
 
     summary = write_comparison(config["out-dir"], runs, config["target-accuracy"],
                                side_by_side=args.command == "compare" and args.jobs > 1)

@@ -13,24 +13,16 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from snake_flower.config import kd_enabled
+from snake_flower.runtime.chaos import maybe_fail
+from snake_flower.split_client import train_split
+from snake_flower.tasks.data import node_partition, partition_from_config
+from snake_flower.tasks.task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
+from snake_flower.training.capacity import reported_capacity
+from snake_flower.training.loop import LocalWork, train_window, visit_seed
 from strategies.payload import decode, encode
 
-from .capacity import reported_capacity
-from .chaos import maybe_fail
-from .config import kd_enabled
-from .data import partition_from_config
-from .task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
-from .training import LocalWork, train_window, visit_seed
-
 app = ClientApp()
-
-
-def _partition(context: Context) -> tuple[int, int]:
-    node = context.node_config
-    if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError("node-config needs partition-id and num-partitions "
-                         "(flower-supernode --node-config 'partition-id=0 num-partitions=N')")
-    return int(node["partition-id"]), int(node["num-partitions"])
 
 
 def _local_model(cfg: dict, context: Context, received: ArrayRecord):
@@ -57,7 +49,7 @@ def _local_model(cfg: dict, context: Context, received: ArrayRecord):
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's stable rank (its partition id) and any stated capacities."""
-    partition_id, num_partitions = _partition(context)
+    partition_id, num_partitions = node_partition(context.node_config)
     # a deployed node's capacities (--node-config "compute=0.5 memory-budget-mb=64 link-mbps=20")
     capacity = reported_capacity(context.node_config)
     info = {"rank": partition_id, "num-partitions": num_partitions, **capacity}
@@ -68,7 +60,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One Snake hop (or one FedAvg visit when the window is every segment)."""
     cfg = dict(msg.content["config"])
-    partition_id, num_partitions = _partition(context)
+    partition_id, num_partitions = node_partition(context.node_config)
     maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0)
     payload = str(cfg.get("payload-dtype", "fp32"))  # Snake's choice; FedAvg's config says fp32
     model, held, server_versions = _local_model(cfg, context, decode(msg.content["arrays"], payload))
@@ -99,5 +91,5 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
 
 
-# Split learning's handlers register on the same ClientApp.
-from . import split_client  # noqa: E402,F401
+# Split learning's node side (message type ``train.split``) answers on the same ClientApp.
+app.train("split")(train_split)

@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "sync": "delta",
     "sync-tolerance": 0.0,
     "max-update-norm": 0.0,
-    # heterogeneous nodes (capacity.py): window = "auto" fits each node's memory and compute
+    # heterogeneous nodes (training/capacity.py): window = "auto" fits each node's memory and compute
     "capacity-profile": "uniform",
     "hop-deadline-s": 0.0,
     # cs: the window is relayed through the server (counted down and up); p2p: node to node
@@ -171,7 +171,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 def validate(config: Mapping[str, Any]) -> None:
     """Check values that do not depend on the task (the task checks the window)."""
-    from .task import TASK_NAMES, frozen_segments  # local import: task pulls in torch
+    from snake_flower.tasks.task import TASK_NAMES, frozen_segments  # local import: task pulls in torch
 
     if config["task"] not in TASK_NAMES:
         raise ConfigError(f"task: unknown task {config['task']!r} (known: {', '.join(TASK_NAMES)})")
@@ -235,7 +235,7 @@ def validate(config: Mapping[str, Any]) -> None:
 
 def _segments(config: Mapping[str, Any]) -> tuple[str, ...]:
     """The task's segments; for ``llm``, also the checks that need its model."""
-    from .task import task_for
+    from snake_flower.tasks.task import task_for
 
     if config["task"] != "llm":
         if config["partitioner"] == "topic":
@@ -243,7 +243,7 @@ def _segments(config: Mapping[str, Any]) -> tuple[str, ...]:
         return task_for(config).segment_names
     if config["strategy"] == "split":
         raise ConfigError("strategy: split learning does not support task llm")
-    from .llm import ModelError, load_config
+    from snake_flower.tasks.llm import ModelError, load_config
 
     try:
         model = load_config(config["model"])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
-from functools import partial
 from collections.abc import Mapping
+from functools import partial
 from logging import INFO, WARNING
 from typing import Any
 
@@ -21,18 +21,18 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
+from snake_flower.config import resolve
+from snake_flower.runtime import results
+from snake_flower.runtime.chaos import ChaosGrid
+from snake_flower.runtime.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from snake_flower.runtime.metering import MeteredGrid, RoundMeter, flower_poll_interval
+from snake_flower.runtime.recorder import RunRecorder
+from snake_flower.tasks.base import Task
+from snake_flower.tasks.task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
+from snake_flower.training.capacity import NodeCapacities, WindowSizer, compute_s, hop_time_s
+from snake_flower.training.loop import SavedActivations, evaluate, memory_ledger, scheduled_lr
 from strategies import SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
-
-from . import results
-from .capacity import NodeCapacities, WindowSizer, compute_s, hop_time_s
-from .chaos import ChaosGrid
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from .config import resolve
-from .metering import MeteredGrid, RoundMeter, flower_poll_interval
-from .recorder import RunRecorder
-from .task import Task, build_model, segment_keys, swept_segment_keys, task_for, transport_state
-from .training import SavedActivations, evaluate, memory_ledger, scheduled_lr
 
 
 def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
@@ -56,7 +56,7 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
            visits_per_round: int = 1):
     task = task_for(config)
     model = build_model(task, config["seed"])
-    if config["leave-round"] > 0:  # chaos run: one node leaves for good (see chaos.py)
+    if config["leave-round"] > 0:  # chaos run: one node leaves for good (see runtime/chaos.py)
         grid = ChaosGrid(grid, config["leave-round"], config["leave-partition"])
     if config["fast-poll"]:
         metered = MeteredGrid(grid, poll_interval=poll)

@@ -30,20 +30,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from .client_app import _partition, app
-from .data import PARTITION_KEYS, partition_from_config
-from .task import TASKS, build_model
-from .capacity import reported_capacity
-from .training import LocalWork, SavedActivations, memory_ledger, visit_batches, visit_seed
+from snake_flower.tasks.data import PARTITION_KEYS, node_partition, partition_from_config
+from snake_flower.tasks.task import TASKS, build_model
+from snake_flower.training.capacity import reported_capacity
+from snake_flower.training.loop import LocalWork, SavedActivations, memory_ledger, visit_batches, visit_seed
 
 STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT = "split-bottom", "split-momentum", "split-visit"
 
 
-@app.train("split")
 def train_split(msg: Message, context: Context) -> Message:
     """One message of a split-learning visit (see the module docstring)."""
     cfg = dict(msg.content["config"])
-    partition_id, num_partitions = _partition(context)
+    partition_id, num_partitions = node_partition(context.node_config)
     task = TASKS[cfg["task"]]
     x_train, idx, y = _node_data(task.name, cfg["data-dir"], _partition_key(cfg), num_partitions,
                                  partition_id)

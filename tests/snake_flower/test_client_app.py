@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from snake_flower.config import resolve
-from snake_flower.task import TASKS, build_model, segment_keys
+from snake_flower.tasks.task import TASKS, build_model, segment_keys
 
 TASK = TASKS["synthetic"]
 
@@ -73,7 +73,7 @@ def test_node_without_partition_config_gets_a_clear_error(nodes):
 def test_int8_payload_is_3x_smaller_on_the_wire_and_the_node_keeps_what_the_server_merges(loopback, nodes):
     from flwr.common.serde import array_record_to_proto
 
-    from snake_flower.metering import MeteredGrid
+    from snake_flower.runtime.metering import MeteredGrid
     from strategies.payload import decode, encode
 
     window, names = ["conv3", "fc1", "head"], list(TASK.segment_names)
@@ -105,7 +105,7 @@ def test_int8_windows_of_the_fashion_mnist_cnn_are_over_3x_smaller(window, ratio
     # What the metering counts (the serialized ArrayRecord, checked above), for the main job's model
     from flwr.common.serde import array_record_to_proto
 
-    from snake_flower.task import small_cnn
+    from snake_flower.tasks.task import small_cnn
     from strategies.payload import encode
 
     model = small_cnn()

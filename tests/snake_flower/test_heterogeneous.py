@@ -8,10 +8,10 @@ import pytest
 from flwr.app import ArrayRecord
 from flwr.common.serde import array_record_to_proto
 
-from snake_flower.compare import report, summarize
 from snake_flower.config import resolve
+from snake_flower.harness.compare import report, summarize
 from snake_flower.server_app import run
-from snake_flower.task import TASKS, build_model, segment_keys
+from snake_flower.tasks.task import TASKS, build_model, segment_keys
 
 
 def _run(loopback, nodes, tmp_path, count=3, **overrides):

@@ -9,10 +9,10 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.common.serde import array_record_to_proto
 
 from snake_flower.config import resolve
-from snake_flower.metering import content_bytes
-from snake_flower.results import LEDGER_KEYS
+from snake_flower.runtime.metering import content_bytes
+from snake_flower.runtime.results import LEDGER_KEYS
 from snake_flower.server_app import run
-from snake_flower.task import TASKS, build_model, segment_keys
+from snake_flower.tasks.task import TASKS, build_model, segment_keys
 
 TOP_KEYS = {"strategy", "task", "config", "versions", "rounds", "provenance", "memory",
             "failures", "rejected_replies", "final"}
@@ -96,7 +96,7 @@ def _no_training_reply(content, node):
 @pytest.mark.parametrize("hops", [1])
 def test_all_hops_failing_leaves_the_initial_model(loopback, nodes, tmp_path, hops):
     result = _run(loopback, nodes, tmp_path, hops=hops, tamper=_no_training_reply, **{"hop-timeout": 0.1})
-    from snake_flower.results import model_sha256
+    from snake_flower.runtime.results import model_sha256
     initial = ArrayRecord(build_model(TASKS["synthetic"], 42).state_dict())
     assert result["final"]["model_sha256"] == model_sha256(initial)
     assert result["failures"][0]["reason"] == "no reply before the hop timeout"

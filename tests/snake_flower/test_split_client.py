@@ -10,9 +10,9 @@ from flwr.common.serde import array_record_to_proto
 from torch import nn
 
 from snake_flower.config import resolve
-from snake_flower.data import partition_indices
-from snake_flower.metering import MeteredGrid
-from snake_flower.task import TASKS, build_model, segment_keys
+from snake_flower.runtime.metering import MeteredGrid
+from snake_flower.tasks.data import partition_indices
+from snake_flower.tasks.task import TASKS, build_model, segment_keys
 from strategies import SplitStrategy
 
 TASK = TASKS["synthetic"]

@@ -1,0 +1,103 @@
+"""Head to head: ``summary.json``, ``report.md`` and plots from the runs' JSON files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from snake_flower.harness.plots import plot_accuracy, plot_memory
+from snake_flower.runtime import results
+
+
+def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
+    """One strategy's line of ``summary.json``."""
+    rows = run["rounds"]
+    cumulative = results.cumulative_bytes(rows, run.get("mode", "cs"))
+    network = results.cumulative_network_time(rows)
+    visits = results.cumulative_visits(rows)
+    reached = next((i for i, r in enumerate(rows) if r["accuracy"] is not None and r["accuracy"] >= target), None)
+    scores = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+    raw = sum(r.get("raw_bytes_down", 0) + r.get("raw_bytes_up", 0) for r in rows)
+    counted = sum(r["bytes_down"] + r["bytes_up"] for r in rows)
+    return {"final_accuracy": run["final"]["accuracy"], "best_accuracy": max(scores, default=None),
+            "reached_target": reached is not None,
+            "bytes_total": run["final"]["bytes_total"],
+            "bytes_to_target": cumulative[reached] if reached is not None else None,
+            "mode": run.get("mode", "cs"),
+            "network_time_s": network[-1] if network else 0.0,
+            "network_time_to_target_s": network[reached] if reached is not None else None,
+            "visits_to_target": visits[reached] if reached is not None else None,
+            "round_to_target": rows[reached]["round"] if reached is not None else None,
+            "node_peak_memory_bytes": run["memory"]["total_bytes"],
+            "wall_s": run["final"]["wall_s"], "rounds": len(rows), "node_visits": visits[-1] if visits else 0,
+            "failed_rounds": sum(1 for r in rows if r.get("status") == "failed"),
+            # counted bytes / raw bytes of the tensors carried (framing, configs, metrics)
+            "payload_efficiency": counted / raw if raw else None}
+
+
+def write_comparison(out: str | Path, runs: dict[str, dict[str, Any]], target: float,
+                     side_by_side: bool = False) -> dict[str, Any]:
+    """Write ``summary.json``, ``report.md`` and the PNG plots into ``out``.
+
+    ``side_by_side``: the runs shared the machine (``compare --jobs``), so their wall
+    times include waiting for the CPU.
+    """
+    out = Path(out)
+    summary = {"target_accuracy": target, "side_by_side": side_by_side,
+               "runs": {name: summarize(run, target) for name, run in runs.items()}}
+    results.write_json(out / "summary.json", summary)
+    plot_accuracy(runs, out / "accuracy_vs_round.png", x="visits")
+    plot_accuracy(runs, out / "accuracy_vs_mb.png", x="megabytes")
+    plot_accuracy(runs, out / "accuracy_vs_network_time.png", x="network")
+    plot_memory(runs, out / "memory_per_node.png")
+    (out / "report.md").write_text(report(summary, runs))
+    return summary
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _mb(value: int | None) -> str:
+    return "–" if value is None else f"{value / 1e6:.2f}"
+
+
+def report(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of the comparison, with plain statements of who reached the target."""
+    target = summary["target_accuracy"]
+    task = next(iter(runs.values()))["task"] if runs else ""
+    lines = [f"# {task}: {', '.join(runs)}", "",
+             f"Target accuracy: {target}. Bytes count every message's serialized content, both ways "
+             "(Snake in P2P mode: each transfer once). Network s: the network-time model, compute time "
+             "/ node speed + bytes / node link, summed along chains; a FedAvg round waits for its "
+             "slowest node.", "",
+             "| strategy | mode | final acc | best acc | reached target | visits to target | MB to target "
+             "| MB total | network s to target | network s total | node peak memory (MB) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summary["runs"].items():
+        lines.append(f"| {name} | {s.get('mode', 'cs')} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
+                     f"{'yes' if s['reached_target'] else 'no'} | {s['visits_to_target'] or '–'} | "
+                     f"{_mb(s['bytes_to_target'])} | {_mb(s['bytes_total'])} | "
+                     f"{_seconds(s.get('network_time_to_target_s'))} | {_seconds(s.get('network_time_s'))} | "
+                     f"{s['node_peak_memory_bytes'] / 1e6:.2f} | {s['wall_s']:.0f} |")
+    lines.append("")
+    for name, s in summary["runs"].items():
+        if s["reached_target"]:
+            lines.append(f"- {name} reached {target} at round {s['round_to_target']} "
+                         f"({s['visits_to_target']} node visits, {_mb(s['bytes_to_target'])} MB).")
+        else:
+            lines.append(f"- {name} did **not** reach {target} (best {s['best_accuracy']:.4f}).")
+        if s.get("failed_rounds"):
+            lines.append(f"- **{name}: {s['failed_rounds']} of {s['rounds']} rounds failed** "
+                         f"(reasons under `failures` in {name}.json); its figures are not those of a clean run.")
+    reached = {n: s["bytes_to_target"] for n, s in summary["runs"].items() if s["reached_target"]}
+    if "snake" in reached and "fedavg" in reached:
+        lines.append(f"- Snake / FedAvg bytes to target: {reached['snake'] / reached['fedavg']:.2f}.")
+    if summary.get("side_by_side"):
+        lines.append("- The runs were made side by side (`--jobs`), so each wall time includes waiting "
+                     "for the CPU; compare wall times only between runs made one at a time.")
+    lines += ["", "![accuracy vs node visits](accuracy_vs_round.png)",
+              "![accuracy vs MB](accuracy_vs_mb.png)",
+              "![accuracy vs network time](accuracy_vs_network_time.png)",
+              "![memory per node](memory_per_node.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,6 @@
+"""What the ServerApp keeps of a run around Flower: metering, records, checkpoints, chaos.
+
+``metering`` the Grid wrapper that counts bytes; ``recorder`` the per-round rows;
+``results`` the results contract (design §6); ``checkpoint`` resume; ``chaos`` fault
+injection; ``dispatch`` quicker message pickup in the simulation engine.
+"""

@@ -1,0 +1,70 @@
+"""Checkpoints: the server's whole state after every hop, written atomically.
+
+A checkpoint holds the full model, the strategy's state (schedule position,
+segment versions, provenance, failures, node backoff), the recorder's rows and
+meters, and the random state. ``resume = true`` continues from it with the same
+result as a run that was never stopped; a run killed while writing leaves the
+previous checkpoint whole, because the new one replaces it only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from snake_flower.config import ConfigError
+
+# Keys that may change between a run and its resumption: none alters the training.
+FREE_ON_RESUME = ("resume", "out-dir", "hop-timeout", "fast-poll", "num-server-rounds", "min-nodes")
+
+
+def checkpoint_path(config: Mapping[str, Any]) -> Path:
+    """``<out-dir>/<strategy>.ckpt``."""
+    return Path(config["out-dir"]) / f"{config['strategy']}.ckpt"
+
+
+def save_checkpoint(path: Path, arrays: ArrayRecord, state: Mapping[str, Any]) -> None:
+    """Write ``arrays`` and the JSON-able ``state`` to ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"arrays": arrays.to_torch_state_dict(), "torch-rng": torch.get_rng_state(),
+               "state": json.dumps({**state, "python-rng": random.getstate()})}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, config: Mapping[str, Any]) -> tuple[ArrayRecord, dict[str, Any]]:
+    """The model and state saved at ``path``, after checking they belong to ``config``'s run.
+
+    Restores the random state. Raises ``ConfigError`` (one line) for an unreadable
+    file or a run-config that differs in a key that alters the training.
+    """
+    try:
+        payload = torch.load(path, weights_only=True)
+        state = json.loads(payload["state"])
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError) as err:
+        raise ConfigError(f"resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
+    saved = state["config"]
+    changed = sorted(k for k in config if k not in FREE_ON_RESUME and saved.get(k) != config[k])
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"resume: {path} was written with {key}={saved.get(key)!r}, this run has "
+                          f"{key}={config[key]!r} ({len(changed)} key(s) differ)")
+    done = state["strategy"]["rounds-done"]
+    if config["num-server-rounds"] < done:
+        raise ConfigError(f"num-server-rounds: {config['num-server-rounds']} is fewer than the "
+                          f"{done} rounds the checkpoint {path} has done")
+    torch.set_rng_state(payload["torch-rng"])
+    version, internal, gauss = state.pop("python-rng")
+    random.setstate((version, tuple(internal), gauss))
+    return ArrayRecord(payload["arrays"]), state

@@ -1,0 +1,180 @@
+"""Data: offline-first loading and Flower Datasets partitioning.
+
+Fashion-MNIST is resolved in order: an explicit ``data-dir``, Debian's
+``dataset-fashion-mnist`` package, then the Hugging Face hub through the
+``datasets`` library when online. Otherwise a ``DataError`` says how to get it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+HUB_FASHION_MNIST = "zalando-datasets/fashion_mnist"
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class DataError(RuntimeError):
+    """The data set cannot be found; the message says how to get it."""
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    return ((x - 0.2860) / 0.3530).unsqueeze(1)  # Fashion-MNIST mean and std
+
+
+@lru_cache(maxsize=2)
+def load_fashion_mnist(data_dir: str = "") -> Split:
+    """Return ``(x_train, y_train, x_test, y_test)`` as normalised tensors."""
+    candidates = [Path(data_dir)] if data_dir else [Path(DEBIAN_FASHION_MNIST)]
+    for directory in candidates:
+        paths = [_find_idx(directory, stem) for stem in IDX_FILES]
+        if all(paths):
+            xtr, ytr, xte, yte = (read_idx(p) for p in paths)  # type: ignore[arg-type]
+            return (_images_to_tensor(xtr), torch.from_numpy(ytr.astype(np.int64)),
+                    _images_to_tensor(xte), torch.from_numpy(yte.astype(np.int64)))
+    if data_dir:
+        raise DataError(f"data-dir {data_dir}: no Fashion-MNIST IDX files ({', '.join(IDX_FILES)})")
+    return _load_fashion_mnist_from_hub()
+
+
+def _load_fashion_mnist_from_hub() -> Split:
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    how = ("install Debian's package (apt-get install dataset-fashion-mnist) or point data-dir "
+           "at a folder with the four IDX files")
+    if offline:
+        raise DataError(f"Fashion-MNIST not found in {DEBIAN_FASHION_MNIST} and the hub is offline: {how}")
+    try:
+        from datasets import load_dataset
+        hub = load_dataset(HUB_FASHION_MNIST)
+    except Exception as err:  # any network or hub failure means the same thing to the user
+        raise DataError(f"Fashion-MNIST not found locally and the hub failed ({type(err).__name__}): {how}") from None
+    split = [np.stack([np.asarray(im) for im in hub[s]["image"]]) for s in ("train", "test")]
+    return (_images_to_tensor(split[0]), torch.tensor(hub["train"]["label"]),
+            _images_to_tensor(split[1]), torch.tensor(hub["test"]["label"]))
+
+
+@lru_cache(maxsize=1)
+def load_cifar_shaped(data_dir: str = "") -> Split:
+    """CIFAR-10 from ``data-dir`` (torchvision's layout); else Fashion-MNIST as 3x32x32.
+
+    No registry serves CIFAR-10, so by default VGG-11 trains on Fashion-MNIST padded to
+    32x32 and repeated to three channels: the same code path as CIFAR-10.
+    """
+    if data_dir and (Path(data_dir) / "cifar-10-batches-py").is_dir():
+        from torchvision.datasets import CIFAR10
+
+        parts = [CIFAR10(data_dir, train=train, download=False) for train in (True, False)]
+        mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+        std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+        xs = [(torch.from_numpy(p.data).permute(0, 3, 1, 2).float() / 255.0 - mean) / std for p in parts]
+        ys = [torch.tensor(p.targets) for p in parts]
+        return xs[0], ys[0], xs[1], ys[1]
+    x_train, y_train, x_test, y_test = load_fashion_mnist(data_dir)
+    pad = torch.nn.functional.pad
+    return (pad(x_train, (2, 2, 2, 2)).repeat(1, 3, 1, 1), y_train,
+            pad(x_test, (2, 2, 2, 2)).repeat(1, 3, 1, 1), y_test)
+
+
+@lru_cache(maxsize=1)
+def load_synthetic(data_dir: str = "") -> Split:
+    """Ten noisy 8x8 prototypes: a small, learnable data set generated in memory."""
+    del data_dir
+    gen = torch.Generator().manual_seed(1234)
+    prototypes = torch.randn(10, 1, 8, 8, generator=gen)
+    labels = torch.arange(1500) % 10
+    x = prototypes[labels] + 0.8 * torch.randn(1500, 1, 8, 8, generator=gen)
+    return x[:1200], labels[:1200], x[1200:], labels[1200:]
+
+
+def partition_indices(labels: torch.Tensor, partitioner: str, num_partitions: int,
+                      partition_id: int, *, alpha: float = 0.5, classes_per_partition: int = 2,
+                      seed: int = 42) -> np.ndarray:
+    """Indices of one partition, chosen by a Flower Datasets partitioner."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    return _partitions(tuple(labels.tolist()), partitioner, num_partitions, alpha,
+                       classes_per_partition, seed)[partition_id]
+
+
+PARTITION_KEYS = ("partitioner", "dirichlet-alpha", "classes-per-partition", "seed")
+"""The run-config keys that decide a partition (``partition_from_config`` reads these)."""
+
+
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from a node's ``node_config``."""
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        raise ValueError("node-config needs partition-id and num-partitions "
+                         "(flower-supernode --node-config 'partition-id=0 num-partitions=N')")
+    return int(node_config["partition-id"]), int(node_config["num-partitions"])
+
+
+def partition_from_config(labels: torch.Tensor, config: Mapping[str, Any], num_partitions: int,
+                          partition_id: int) -> np.ndarray:
+    """``partition_indices`` with the partitioner settings of a run-config (kebab-case keys)."""
+    return partition_indices(labels, config["partitioner"], num_partitions, partition_id,
+                             alpha=float(config["dirichlet-alpha"]),
+                             classes_per_partition=int(config["classes-per-partition"]),
+                             seed=int(config["seed"]))
+
+
+@lru_cache(maxsize=4)
+def _partitions(labels: tuple[int, ...], partitioner: str, num_partitions: int, alpha: float,
+                classes_per_partition: int, seed: int) -> list[np.ndarray]:
+    if partitioner == "topic":
+        return _by_topic(np.asarray(labels), num_partitions)
+    if partitioner == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    elif partitioner == "dirichlet":
+        part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                    alpha=alpha, min_partition_size=10, seed=seed)
+    elif partitioner == "pathological":
+        part = PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
+                                       num_classes_per_partition=classes_per_partition, seed=seed)
+    else:
+        raise DataError(f"partitioner: unknown partitioner {partitioner!r}")
+    part.dataset = Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))})
+    return [np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)]
+
+
+def _by_topic(topics: np.ndarray, num_partitions: int) -> list[np.ndarray]:
+    """Natural non-IID: every topic whole on one partition, largest topics first, each to
+    the partition with the fewest examples so far (the same for every seed)."""
+    names, sizes = np.unique(topics, return_counts=True)
+    if len(names) < num_partitions:
+        raise DataError(f"partitioner topic: {len(names)} topics cannot fill {num_partitions} partitions")
+    owner, load = {}, [0] * num_partitions
+    for i in sorted(range(len(names)), key=lambda i: (-sizes[i], names[i])):
+        target = min(range(num_partitions), key=lambda p: (load[p], p))
+        owner[names[i]], load[target] = target, load[target] + sizes[i]
+    return [np.flatnonzero([owner[t] == p for t in topics]).astype(np.int64) for p in range(num_partitions)]

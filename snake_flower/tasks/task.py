@@ -1,0 +1,139 @@
+"""Tasks: a model cut into named segments, plus where its data comes from.
+
+A model is an ``nn.Sequential`` whose named children are the segments, so a
+``state_dict`` key's segment is the text before its first dot (``"conv2.0.weight"``
+belongs to ``"conv2"``). Buffers travel with their segment.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from snake_flower.tasks import data
+from snake_flower.tasks.base import Task
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+
+
+def small_cnn(in_channels: int = 1, width: int = 16, side: int = 28, classes: int = 10) -> nn.Sequential:
+    """Five segments: three conv blocks, a hidden dense layer and the head."""
+    feat = side // 8  # three 2x poolings
+    return nn.Sequential(OrderedDict(
+        conv1=_conv_block(in_channels, width),
+        conv2=_conv_block(width, 2 * width),
+        conv3=nn.Sequential(_conv_block(2 * width, 2 * width), nn.Flatten()),
+        fc1=nn.Sequential(nn.Linear(2 * width * feat * feat, 128), nn.ReLU()),
+        head=nn.Linear(128, classes),
+    ))
+
+
+def tiny_cnn() -> nn.Sequential:
+    """Same shape of model for 8x8 test images: five segments, ~2k parameters."""
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+        conv2=nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        conv3=nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()),
+        fc1=nn.Sequential(nn.Linear(32, 16), nn.ReLU()),
+        head=nn.Linear(16, 10),
+    ))
+
+
+def vgg11_cifar(classes: int = 10) -> nn.Sequential:
+    """torchvision's VGG-11 in its CIFAR form (9.2M parameters), cut at its five poolings.
+
+    ``avgpool`` and the three-layer classifier give way to one ``Linear(512, classes)``,
+    as in FL papers on CIFAR-10; the convolutions are torchvision's own modules.
+    """
+    from torchvision.models import vgg11
+
+    features = list(vgg11(weights=None, num_classes=classes).features)
+    pools = [i for i, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)]
+    starts = [0] + [p + 1 for p in pools[:-1]]
+    blocks = [nn.Sequential(*features[a:b + 1]) for a, b in zip(starts, pools)]
+    return nn.Sequential(OrderedDict(
+        **{f"block{i}": block for i, block in enumerate(blocks, 1)},
+        head=nn.Sequential(nn.Flatten(), nn.Linear(512, classes)),
+    ))
+
+
+SEGMENTS = ("conv1", "conv2", "conv3", "fc1", "head")
+VGG_SEGMENTS = ("block1", "block2", "block3", "block4", "block5", "head")
+
+TASKS: dict[str, Task] = {
+    "fashion-mnist": Task("fashion-mnist", SEGMENTS, small_cnn, data.load_fashion_mnist),
+    "synthetic": Task("synthetic", SEGMENTS, tiny_cnn, data.load_synthetic),
+    "vgg11": Task("vgg11", VGG_SEGMENTS, vgg11_cifar, data.load_cifar_shaped),
+}
+TASK_NAMES = (*TASKS, "llm")
+"""Every task a run-config may name; ``llm`` is built from its model keys by ``task_for``."""
+
+
+def task_for(config: Mapping[str, Any]) -> Task:
+    """The task of a run-config (``task``, and for ``llm`` its ``model`` and fine-tuning keys)."""
+    if config["task"] == "llm":
+        from snake_flower.tasks.llm_data import llm_task  # transformers is imported for LLM runs only
+
+        return llm_task(str(config["model"]), str(config["finetune"]), int(config["lora-rank"]),
+                        int(config["seq-len"]))
+    return TASKS[config["task"]]
+
+
+def build_model(task: Task, seed: int) -> nn.Sequential:
+    """The task's model with seeded initial weights (identical on every node).
+
+    A fresh copy of a per-process template: torchvision's VGG-11 takes about 2 s to
+    build (its stock 128.8M-parameter classifier is made first), and a node builds
+    its model on every hop, or on every batch in split learning.
+    """
+    return copy.deepcopy(_template(task, seed))
+
+
+@lru_cache(maxsize=2)
+def _template(task: Task, seed: int) -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = task.build()
+    if tuple(segment_keys(model)) != task.segment_names:
+        raise RuntimeError(f"task {task.name}: model segments {tuple(segment_keys(model))} "
+                           f"differ from {task.segment_names}")
+    return model
+
+
+def frozen_segments(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """Segments a Snake run never trains or sends (``frozen-segments``); FedAvg trains all."""
+    if config.get("strategy") != "snake":
+        return ()
+    return tuple(name.strip() for name in str(config.get("frozen-segments", "")).split(",") if name.strip())
+
+
+def swept_segment_keys(model: nn.Module, config: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``segment_keys`` without the ``frozen-segments`` (a pretrained model's embeddings, say,
+    which every node builds identically and which then never change)."""
+    frozen = frozen_segments(config)
+    return {name: keys for name, keys in segment_keys(model).items() if name not in frozen}
+
+
+def segment_keys(model: nn.Module) -> dict[str, list[str]]:
+    """Map each segment to its ``state_dict`` keys, in model order."""
+    out: dict[str, list[str]] = {}
+    for key in model.state_dict():
+        out.setdefault(key.split(".", 1)[0], []).append(key)
+    return out
+
+
+def transport_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict ready for an ``ArrayRecord``: NumPy has no bfloat16, so bf16 goes as fp32.
+
+    The cast is exact, and ``load_state_dict`` copies the values back into the
+    receiving parameter's own dtype.
+    """
+    return {key: value.float() if value.dtype == torch.bfloat16 else value for key, value in state.items()}

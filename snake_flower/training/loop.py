@@ -1,0 +1,271 @@
+"""Local training of a window of segments, and evaluation.
+
+The same ``train_window`` serves every strategy: Snake passes its window, FedAvg
+passes every segment. Segments outside the window are frozen (no gradient, not in
+the optimizer, eval mode for their buffers), so their values are left bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from snake_flower.training.frozen import hold_frozen_in, restore, scale_tensors
+
+Align = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """Everything that defines one visit's local training (equal for all strategies)."""
+
+    epochs: int = 1
+    steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0  # 0 disables clipping
+    kd_weight: float = 0.0  # 0 disables distillation
+    kd_temperature: float = 2.0
+    frozen_dtype: str = "fp32"  # what the frozen parameters are held in while the window trains
+
+    @classmethod
+    def from_config(cls, config: dict, kd: bool) -> "LocalWork":
+        """Build from a run-config (kebab-case keys); the lr is this visit's (``lr-decay``)."""
+        lr = scheduled_lr(float(config["lr"]), int(config.get("server-round", 1)),
+                          int(config.get("lr-rounds", config.get("num-server-rounds", 1))),
+                          config.get("lr-decay", "none"), float(config.get("lr-floor", 1.0)))
+        return cls(epochs=int(config["local-epochs"]), steps=int(config["local-steps"]),
+                   batch_size=int(config["batch-size"]), lr=lr,
+                   momentum=float(config["momentum"]), weight_decay=float(config["weight-decay"]),
+                   clip_norm=float(config["clip-norm"]),
+                   kd_weight=float(config["kd-weight"]) if kd else 0.0,
+                   kd_temperature=float(config["kd-temperature"]),
+                   frozen_dtype=str(config.get("frozen-dtype", "fp32")))
+
+
+def scheduled_lr(lr: float, server_round: int, rounds: int, decay: str = "none",
+                 floor: float = 0.1) -> float:
+    """The learning rate of round ``server_round`` of ``rounds``.
+
+    ``"cosine"`` falls from ``lr`` at the first round to ``floor * lr`` at the last, so the
+    last hops of a chain polish the model instead of tilting it towards the last
+    node's classes; ``"none"`` keeps ``lr``.
+    """
+    if decay == "none" or rounds <= 1:
+        return lr
+    if decay != "cosine":
+        raise ValueError(f"lr-decay: {decay!r} is not one of none, cosine")
+    progress = min(1.0, max(0.0, (server_round - 1) / (rounds - 1)))
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def freeze_outside(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parameter]:
+    """Freeze every segment not in ``trainable``; return the trainable parameters.
+
+    Only parameters in ``model.state_dict()`` train: a model may keep some out of it
+    (an LLM's LoRA base weights, a tied LM head owned by the embeddings), and what
+    does not travel must not change.
+    """
+    trainable = set(trainable)
+    travels = set(model.state_dict(keep_vars=True))
+    params: list[nn.Parameter] = []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, segment in model.named_children():
+        segment.train(name in trainable)
+        if name in trainable:
+            for key, p in segment.named_parameters(prefix=name):
+                if key in travels:
+                    p.requires_grad_(True)
+                    params.append(p)
+    return params
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                      weight: float, temperature: float) -> torch.Tensor:
+    """(1-λ)·CE + λ·T²·KL(softmax(t/T) ‖ softmax(s/T))."""
+    ce = F.cross_entropy(student, labels)
+    if weight == 0.0:
+        return ce
+    kl = F.kl_div(F.log_softmax(student / temperature, dim=-1),
+                  F.log_softmax(teacher / temperature, dim=-1), log_target=True,
+                  reduction="batchmean")
+    return (1.0 - weight) * ce + weight * temperature**2 * kl
+
+
+def _batches(n: int, work: LocalWork, gen: torch.Generator) -> Iterable[torch.Tensor]:
+    total = work.steps if work.steps > 0 else work.epochs * -(-n // work.batch_size)
+    done = 0
+    while done < total:
+        for idx in torch.randperm(n, generator=gen).split(work.batch_size):
+            if done == total:
+                return
+            yield idx
+            done += 1
+
+
+def visit_seed(seed: int, server_round: int) -> int:
+    """The batch-order seed of one visit: equal rounds draw equal batches in every strategy."""
+    return int(seed) * 100_003 + int(server_round)
+
+
+def visit_batches(n: int, work: LocalWork, seed: int) -> list[torch.Tensor]:
+    """Index tensors of every batch of one visit, drawn exactly as ``train_window`` draws them.
+
+    Split learning needs batch ``t`` again one message later (the node recomputes its
+    forward pass), so it redraws the visit's batches from the same seed.
+    """
+    return list(_batches(n, work, torch.Generator().manual_seed(seed)))
+
+
+def _identity(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits, y
+
+
+def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y: torch.Tensor,
+                 work: LocalWork, seed: int, align: Align | None = None
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """Train the ``trainable`` segments in place; return training metrics and memory ledger.
+
+    ``align(outputs, y)`` turns a batch's outputs and labels into one row per
+    prediction (``Task.align``; an LLM predicts every answer token).
+    """
+    start, cpu = time.perf_counter(), time.process_time()
+    params = freeze_outside(model, trainable)
+    held = hold_frozen_in(model, work.frozen_dtype)
+    try:
+        metrics, ledger = _train_held(model, params, x, y, work, seed, align or _identity)
+    finally:
+        restore(held)  # a failed step too leaves the caller's model exact
+    metrics["train-seconds"] = time.perf_counter() - start
+    # CPU seconds: on a shared machine the wall time also counts waiting for a core
+    metrics["train-cpu-seconds"] = time.process_time() - cpu
+    return metrics, ledger
+
+
+def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
+                work: LocalWork, seed: int, align: Align) -> tuple[dict[str, float], dict[str, float]]:
+    """``train_window``'s steps, with the frozen layers held in ``work.frozen_dtype``."""
+    teacher = None
+    if work.kd_weight > 0.0:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the model as received
+        hold_frozen_in(teacher, work.frozen_dtype)  # a copy of a held model: held alike
+    optimizer = torch.optim.SGD(params, lr=work.lr, momentum=work.momentum,
+                                weight_decay=work.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    total_loss, steps = 0.0, 0
+    meter = SavedActivations(model.parameters())  # frozen weights are not activations
+    for idx in _batches(len(y), work, gen):
+        xb = x[idx]
+        with meter:
+            logits, yb = align(model(xb), y[idx])
+        if teacher is not None:
+            with torch.no_grad():
+                target, _ = align(teacher(xb), y[idx])
+            loss = distillation_loss(logits, target, yb, work.kd_weight, work.kd_temperature)
+        else:
+            loss = F.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if work.clip_norm > 0:
+            nn.utils.clip_grad_norm_(params, work.clip_norm)
+        optimizer.step()
+        total_loss += loss.item()
+        steps += 1
+    model.eval()
+    metrics = {"train-loss": total_loss / max(steps, 1), "steps": float(steps),
+               "num-examples": float(len(y))}
+    return metrics, memory_ledger(model, params, optimizer, meter.peak)
+
+
+class SavedActivations:
+    """Peak bytes autograd saves for backward in one forward pass, parameters excluded.
+
+    Autograd also saves weights: a frozen linear layer downstream of the window keeps its
+    weight (or a transposed view of it) to pass the gradient back to its input. Those bytes
+    are already in the ledger as parameter bytes, so a saved tensor whose storage is a
+    parameter's, trainable or frozen, is not an activation. With ``frozen-dtype = "int8"``
+    the int8 weights are parameters, but the fp32 weight dequantized from one for a frozen
+    layer downstream of the window is a fresh tensor autograd keeps until backward: it is
+    memory the step holds, and it is counted here.
+
+    Parameters
+    ----------
+    params : Iterable[torch.Tensor]
+        Every parameter of the model that runs inside the meter, trainable and frozen.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self._storages = {_storage_key(p) for p in params}
+        self.peak, self._now = 0, 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if _storage_key(tensor) not in self._storages:
+            self._now += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def __enter__(self) -> "SavedActivations":
+        self._now = 0
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+        self.peak = max(self.peak, self._now)
+
+
+def _storage_key(tensor: torch.Tensor) -> int | tuple[str, int]:
+    # A view (weight.t(), a slice) has its own data_ptr but its base's storage.
+    if tensor.device.type == "meta":  # no storage at all (training/memory.py): the tensor a view stems from
+        return "meta", id(tensor._base if tensor._base is not None else tensor)
+    return tensor.untyped_storage().data_ptr()
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_ledger(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                  activation_bytes: int) -> dict[str, float]:
+    """Design §5 ledger of one hop, in bytes (floats, as Flower metrics want)."""
+    trainable = {id(p) for p in params}
+    # int8 frozen weights: 1 B each plus their fp32 per-channel scales
+    frozen = [p for p in model.parameters() if id(p) not in trainable] + scale_tensors(model)
+    grads = [p.grad for p in params if p.grad is not None]
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    ledger = {"trainable-param-bytes": _nbytes(params), "frozen-param-bytes": _nbytes(frozen),
+              "grad-bytes": _nbytes(grads), "optimizer-bytes": _nbytes(state),
+              "activation-bytes": activation_bytes}
+    ledger["total-bytes"] = sum(ledger.values())
+    ledger["peak-rss-bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {k: float(v) for k, v in ledger.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             align: Align | None = None) -> dict[str, float]:
+    """Accuracy and mean cross-entropy per prediction over ``(x, y)`` (see ``train_window``).
+
+    An LLM's predictions are its answer tokens: accuracy is next-token accuracy, and
+    perplexity is ``exp(loss)``.
+    """
+    model.eval()
+    align = align or _identity
+    loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(y), batch_size):
+        logits, yb = align(model(x[start:start + batch_size]), y[start:start + batch_size])
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(-1) == yb).sum())
+        count += len(yb)
+    return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1)}

@@ -1,0 +1,107 @@
+"""A real deployment on loopback: flower-superlink, three flower-supernodes, ``flwr run .``.
+
+The commands are the README's "Deploy" section. Each test checks the results the
+ServerApp wrote and that every process the deployment started, and every child of
+those it traced, is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from snake_flower.config import resolve
+from snake_flower.deploy.certs import make_node_keys
+from snake_flower.deploy.loopback import CONNECTION, LoopbackDeployment
+from snake_flower.deploy.processes import ProcessFamily, alive
+from snake_flower.server_app import run
+
+pytestmark = [pytest.mark.deployment,
+              pytest.mark.skipif(not (Path(sys.executable).parent / "flower-superlink").exists(),
+                                 reason="Flower's CLI is not installed in this environment")]
+
+# A small run: three hops of a few steps each, so the test measures the deployment, not training.
+OVERRIDES = {"task": "synthetic", "num-server-rounds": 3, "window": 1, "local-steps": 5,
+             "eval-samples": 200, "min-nodes": 3, "hop-timeout": 120.0}
+# One torch thread in every ClientApp, as in this test process (tests/conftest.py), so that
+# the deployed run and the in-process one compute bit for bit the same.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def _check_run(result: dict, rounds: int) -> None:
+    rows = result["rounds"]
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    assert [r["status"] for r in rows] == ["merged"] * rounds and result["failures"] == []
+    assert sorted(p for r in rows for p in r["partitions"]) == [0, 1, 2]  # each node once per cycle
+    model_bytes = result["final"]["model_bytes"]
+    assert all(r["bytes_down"] > 0 and 0 < r["bytes_up"] < model_bytes for r in rows)
+    assert result["final"]["bytes_total"] == sum(r["bytes_down"] + r["bytes_up"] + r["bytes_control"]
+                                                 for r in rows)
+    assert len(result["final"]["model_sha256"]) == 64
+    assert result["config"]["min-nodes"] == 3  # the run-config override reached the ServerApp
+
+
+def _in_process_sha(loopback, nodes, out: Path) -> str:
+    """The same run with the ServerApp and ClientApps in this process."""
+    config = resolve({**OVERRIDES, "out-dir": str(out)})
+    three = nodes(3)
+    run(loopback(list(three.contexts), three), config)
+    return json.loads((out / "snake.json").read_text())["final"]["model_sha256"]
+
+
+def test_plain_deployment_runs_snake_and_stops_every_process(tmp_path, loopback, nodes):
+    deployment = LoopbackDeployment(tmp_path / "deploy", num_nodes=3, env=ONE_THREAD)
+    with deployment:
+        result = deployment.run(OVERRIDES, timeout=420)
+        running = deployment.family.members()
+    roots = {m.root for m in running}
+    assert roots == {"superlink", "supernode-0", "supernode-1", "supernode-2"}
+    assert len(running) >= 8  # each daemon and its flower-superexec
+    assert not [m for m in running if alive(m)]
+    assert not [m for m in deployment.family.seen.values() if alive(m)]
+
+    _check_run(result, 3)
+    assert result["final"]["model_sha256"] == _in_process_sha(loopback, nodes, tmp_path / "ref")
+    config_toml = (deployment.flwr_home / "config.toml").read_text()
+    assert f"[superlink.{CONNECTION}]" in config_toml and "insecure = true" in config_toml
+
+
+def test_tls_deployment_with_supernode_auth_refuses_an_unregistered_node(tmp_path):
+    # each node states its capacities in its --node-config; order=capacity visits the fastest first
+    stated = [{"compute": 0.5, "link-mbps": 40.0}, {"compute": 1.0, "link-mbps": 20.0},
+              {"compute": 2.0, "link-mbps": 10.0}]
+    deployment = LoopbackDeployment(tmp_path / "deploy", num_nodes=3, tls=True, auth=True, env=ONE_THREAD,
+                                    capacities=stated)
+    with deployment:
+        stranger = deployment.start_supernode(0, make_node_keys(deployment.workdir / "keys", "stranger"),
+                                              name="stranger")
+        result = deployment.run({**OVERRIDES, "order": "capacity"}, timeout=420)
+        stranger.wait(timeout=120)
+        running = deployment.family.members()
+    assert not [m for m in running if alive(m)]
+
+    _check_run(result, 3)
+    assert [r["partitions"][0] for r in result["rounds"]] == [2, 1, 0]
+    for row in result["rounds"]:
+        assert {k: row["capacity"][k] for k in ("compute", "link-mbps")} == stated[row["partitions"][0]]
+    assert {n for r in result["rounds"] for n in r["nodes"]} == set(deployment.node_ids.values())
+    assert stranger.returncode == 1
+    assert "Exit Code: 305" in deployment.family.log_path("stranger").read_text()  # failed to activate
+    superlink = deployment.superlink_command()
+    assert "--enable-supernode-auth" in superlink and "--insecure" not in superlink
+    config_toml = (deployment.flwr_home / "config.toml").read_text()
+    assert "root-certificates" in config_toml and "insecure" not in config_toml
+
+
+def test_supernode_auth_without_tls_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="needs TLS"):
+        LoopbackDeployment(tmp_path, auth=True)
+    # ... and by Flower itself: the SuperLink will not start
+    deployment = LoopbackDeployment(tmp_path)
+    with ProcessFamily(tmp_path / "logs", env=deployment.env) as family:
+        superlink = family.start("superlink", [*deployment.superlink_command(), "--enable-supernode-auth"])
+        assert superlink.wait(timeout=60) == 1
+    assert "Exit Code: 104" in family.log_path("superlink").read_text()
