@@ -1,5 +1,19 @@
-"""snake_flower: Snake Learning (sequential, layer-window training) as a Flower app."""
+"""snake_flower: Snake Learning (sequential, layer-window training) as a Flower plugin.
 
+The public API:
+
+- ``segment_model(model)``: cut any PyTorch model into contiguous segments;
+- ``SnakeStrategy(segments, window)``: the Flower strategy (server side);
+- ``make_client_app(model_fn, train_data_fn)``: the Flower ClientApp (node side), for
+  Snake and FedAvg alike;
+- ``train_window(model, window, loader)``: one hop's training, for your own ``@app.train``;
+- ``Task``: what a ``task = "package.module:factory"`` plugin returns to ``snake-flower``.
+"""
+
+from snake_flower.node import make_client_app
+from snake_flower.segments import segment_model
+from snake_flower.tasks.base import Task
+from snake_flower.training.window import train_window
 from strategies import SnakeStrategy
 
-__all__ = ["SnakeStrategy"]
+__all__ = ["SnakeStrategy", "Task", "make_client_app", "segment_model", "train_window"]

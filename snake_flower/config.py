@@ -171,9 +171,9 @@ def _coerce(key: str, value: Any) -> Any:
 
 def validate(config: Mapping[str, Any]) -> None:
     """Check values that do not depend on the task (the task checks the window)."""
-    from snake_flower.tasks.task import TASK_NAMES, frozen_segments  # local import: task pulls in torch
+    from snake_flower.tasks.task import TASK_NAMES, frozen_segments, is_plugin  # local: task pulls in torch
 
-    if config["task"] not in TASK_NAMES:
+    if config["task"] not in TASK_NAMES and not is_plugin(config["task"]):
         raise ConfigError(f"task: unknown task {config['task']!r} (known: {', '.join(TASK_NAMES)})")
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
@@ -235,8 +235,10 @@ def validate(config: Mapping[str, Any]) -> None:
 
 def _segments(config: Mapping[str, Any]) -> tuple[str, ...]:
     """The task's segments; for ``llm``, also the checks that need its model."""
-    from snake_flower.tasks.task import task_for
+    from snake_flower.tasks.task import is_plugin, task_for
 
+    if is_plugin(config["task"]):
+        return _plugin_segments(config)
     if config["task"] != "llm":
         if config["partitioner"] == "topic":
             raise ConfigError(f"partitioner: 'topic' needs task llm, not {config['task']!r}")
@@ -255,6 +257,20 @@ def _segments(config: Mapping[str, Any]) -> tuple[str, ...]:
         raise ConfigError(f"seq-len: {config['seq-len']} exceeds the {positions} positions of "
                           f"model {config['model']}")
     return segments
+
+
+def _plugin_segments(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """A plugin task's segments (its model built once); split learning stays built-in only."""
+    from snake_flower.tasks.task import PluginError, build_model, segment_keys, task_for
+
+    if config["strategy"] == "split":
+        raise ConfigError(f"strategy: split learning runs the built-in tasks only, not plugin {config['task']}")
+    if config["partitioner"] == "topic":
+        raise ConfigError(f"partitioner: 'topic' needs task llm, not {config['task']!r}")
+    try:
+        return tuple(segment_keys(build_model(task_for(config), int(config["seed"]))))
+    except PluginError as err:
+        raise ConfigError(str(err)) from None
 
 
 def kd_enabled(config: Mapping[str, Any]) -> bool:

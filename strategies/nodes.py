@@ -60,9 +60,13 @@ def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: i
         timeout = query_timeout * (1 if ranks else FIRST_QUERY_PATIENCE)
         asks = [Message(RecordDict({configrecord_key: ConfigRecord({"ask": "rank"})}),
                         dst_node_id=node, message_type=MessageType.QUERY) for node in new]
+        errored: set[int] = set()
         for reply in grid.send_and_receive(asks, timeout=timeout):
             if reply.has_error():  # e.g. a malformed --node-config: say so, not just "silent"
-                log(WARNING, "node %d answered the rank query with an error: %s",
+                errored.add(reply.metadata.src_node_id)
+                log(WARNING, "node %d answered the rank query with an error (it goes last, ordered by its "
+                    "id; its ClientApp needs an @app.query() that replies with a MetricRecord holding "
+                    "'rank'): %s",
                     reply.metadata.src_node_id, (reply.error.reason.strip().splitlines() or [""])[-1][:300])
             else:
                 for record in reply.content.metric_records.values():
@@ -73,8 +77,10 @@ def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: i
                                                                 if k != "rank"}
         for node in new:
             if node not in ranks:
-                log(WARNING, "node %d did not report its rank within %.0f s: it goes last, "
-                    "ordered by its id (which differs from run to run)", node, timeout)
+                if node not in errored:
+                    log(WARNING, "node %d stayed silent: no rank within %.0f s (or a reply without "
+                        "'rank'); it goes last, ordered by its id (which differs from run to run)",
+                        node, timeout)
                 ranks[node] = float("inf")
     return sorted(nodes, key=lambda node: (ranks[node], node))
 

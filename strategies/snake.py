@@ -4,6 +4,11 @@ One server round is one hop: one node trains one window of segments on its own
 data and sends back that window alone. The strategy merges it into the full model
 and returns the full ``ArrayRecord``, because ``Strategy.start`` replaces the
 global model with whatever ``aggregate_train`` returns.
+
+Evaluation is centralized: ``start(..., evaluate_fn=...)`` scores the global model on the
+server; no node is sent an evaluate message (a node's copy is current only where it
+trained). The node side of the protocol is ``snake_flower.make_client_app``
+(docs/protocol.md lists every key).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from .fitting import WindowFitter
 from .nodes import NodeBackoff, ordered_nodes
 from .payload import PAYLOAD_DTYPES, PayloadError, decode, encode
 from .schedule import SnakeSchedule
-from .window import check_window, merge_window, relative_drift, select, update_norm, window_keys
+from .window import (MUST_SEND, check_segments, check_window, merge_window, relative_drift, select,
+                     unknown_keys, update_norm, window_keys)
 
 SYNCS = ("delta", "window")
 
@@ -87,7 +93,11 @@ class SnakeStrategy(Strategy):
                  arrayrecord_key: str = "arrays", configrecord_key: str = "config") -> None:
         if sync not in SYNCS:
             raise ValueError(f"sync: {sync!r} is not one of {', '.join(SYNCS)}")
+        check_segments(segments)
         self.segments = {name: list(keys) for name, keys in segments.items()}
+        if len(self.segments) < 3:
+            log(WARNING, "SnakeStrategy: only %d segment(s): every window is (nearly) the whole model; "
+                "segment_model(model, min_segments=4) cuts finer", len(self.segments))
         self.auto = window == "auto"
         if self.auto and misfit is None:
             raise ValueError("window: 'auto' needs a misfit function (node capacities)")
@@ -134,6 +144,19 @@ class SnakeStrategy(Strategy):
         log(INFO, "\t└── %s sweep (period %d hops), %s order, %s sync",
             "serpentine" if s.period > len(s.body) - s.window + 1 else "forward",
             s.period, s.order, self.sync)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Any:
+        """Flower's ``Strategy.start``, after checking that every segment key is in ``initial_arrays``.
+
+        Keys of ``initial_arrays`` in no segment (a tied weight's alias, say) are never sent
+        nor changed. Evaluation is centralized: pass ``evaluate_fn``; no node is asked
+        to evaluate (see ``configure_evaluate``).
+        """
+        unknown = unknown_keys(self.segments, initial_arrays)
+        if unknown:
+            raise ValueError(f"segments: {len(unknown)} key(s) not in initial_arrays, e.g. {unknown[:3]} "
+                             f"(build the segments and the arrays from the same model)")
+        return super().start(grid, initial_arrays, *args, **kwargs)
 
     # ---- training ----------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -220,7 +243,11 @@ class SnakeStrategy(Strategy):
     # ---- evaluation is centralized (ServerApp's evaluate_fn) ---------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Snake evaluates centrally on the server; no node is asked."""
+        """Snake evaluates centrally on the server; no node is asked.
+
+        A node holds its own copy of the model, current only where it trained, so a
+        ClientApp's ``@app.evaluate`` is never called: pass ``evaluate_fn`` to ``start``.
+        """
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -243,7 +270,7 @@ class SnakeStrategy(Strategy):
     def _decoded(self, records: list[ArrayRecord]) -> tuple[ArrayRecord | None, str | None]:
         """The reply's one record decoded to fp32, or why it cannot be."""
         if len(records) != 1:
-            return None, f"expected one ArrayRecord, got {len(records)}"
+            return None, f"expected one ArrayRecord, got {len(records)}; {MUST_SEND}"
         try:
             return decode(records[0], self.payload_dtype, reference=self._arrays), None
         except PayloadError as err:

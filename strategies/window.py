@@ -13,10 +13,38 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+MUST_SEND = ("a node must reply with one ArrayRecord holding exactly the state_dict keys of its "
+             "window's segments, and a MetricRecord with num-examples (docs/protocol.md)")
+
 
 def window_keys(segments: Mapping[str, Sequence[str]], window: Iterable[str]) -> list[str]:
     """All ``state_dict`` keys of the window's segments, in model order."""
     return [key for name in window for key in segments[name]]
+
+
+def check_segments(segments: Mapping[str, Sequence[str]]) -> None:
+    """Refuse segments a Snake run cannot use, with a one-line ``ValueError``.
+
+    Every segment needs at least one key, and no key may be in two segments.
+    """
+    if not segments:
+        raise ValueError("segments: none given (segment_model(model) cuts a model into segments)")
+    owner: dict[str, str] = {}
+    for name, keys in segments.items():
+        if not name:
+            raise ValueError("segments: a segment name may not be empty")
+        if isinstance(keys, str) or not list(keys):
+            raise ValueError(f"segments: segment {name!r} has no state_dict keys (a parameterless module "
+                             f"such as a ReLU is no segment; segment_model(model) skips them)")
+        for key in keys:
+            if key in owner:
+                raise ValueError(f"segments: key {key!r} is in both {owner[key]!r} and {name!r}")
+            owner[key] = name
+
+
+def unknown_keys(segments: Mapping[str, Sequence[str]], arrays: ArrayRecord) -> list[str]:
+    """Keys of ``segments`` that ``arrays`` (the initial model) does not have."""
+    return [key for keys in segments.values() for key in keys if key not in arrays]
 
 
 def select(arrays: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:
@@ -27,12 +55,12 @@ def select(arrays: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:
 def check_window(reply: ArrayRecord | None, reference: ArrayRecord, keys: Sequence[str]) -> str | None:
     """Why ``reply`` may not be merged as window ``keys`` of ``reference``; ``None`` if it may."""
     if reply is None:
-        return "reply carries no ArrayRecord"
+        return f"reply carries no ArrayRecord; {MUST_SEND}"
     expected, got = set(keys), set(reply.keys())
     if got != expected:
         extra, missing = sorted(got - expected), sorted(expected - got)
         parts = ([f"extra keys {extra[:3]}"] if extra else []) + ([f"missing keys {missing[:3]}"] if missing else [])
-        return "; ".join(parts)
+        return f"{'; '.join(parts)}; {MUST_SEND}"
     for key in keys:
         mine, theirs = reference[key], reply[key]
         if tuple(theirs.shape) != tuple(mine.shape):

@@ -17,13 +17,23 @@ from snake_flower.tasks import data
 
 @dataclass(frozen=True)
 class Task:
-    """What a run trains: model, segment order and data."""
+    """What a run trains: model, segment order and data.
+
+    The built-in tasks are ``Task`` objects, and so is a plugin: ``task =
+    "package.module:factory"`` in a run-config calls ``factory()``, which returns a ``Task``
+    (README, "Your own task in snake-flower run/compare"). A run seeds the weights
+    (``seed``), builds the model with ``build()``, splits ``load(data_dir)``'s training
+    set among the nodes with the run's ``partitioner`` and evaluates on its test set.
+    """
 
     name: str
-    segment_names: tuple[str, ...]
-    build: Callable[[], nn.Sequential]
+    segment_names: tuple[str, ...] | None
+    """The model's top-level children, in order, each a segment; ``None``: the segments
+    ``snake_flower.segment_model(model)`` finds (nested, dotted names)."""
+    build: Callable[[], nn.Module]
+    """Builds the model (weights are seeded by the caller); ``model(x)`` gives logits."""
     load: Callable[[str], data.Split]
-    """``load(data_dir) -> (x_train, y_train, x_test, y_test)``."""
+    """``load(data_dir) -> (x_train, y_train, x_test, y_test)``, tensors; ``y`` class ids."""
     align: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     """``align(outputs, y) -> (logits, labels)``, one row per prediction (an LLM: one per
     answer token); ``None`` when ``model(x)`` already gives one row per label."""

@@ -8,6 +8,7 @@ belongs to ``"conv2"``). Buffers travel with their segment.
 from __future__ import annotations
 
 import copy
+import importlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from functools import lru_cache
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from snake_flower.segments import segment_model
 from snake_flower.tasks import data
 from snake_flower.tasks.base import Task
 
@@ -79,6 +81,8 @@ TASK_NAMES = (*TASKS, "llm")
 
 def task_for(config: Mapping[str, Any]) -> Task:
     """The task of a run-config (``task``, and for ``llm`` its ``model`` and fine-tuning keys)."""
+    if is_plugin(config["task"]):
+        return plugin_task(config["task"])
     if config["task"] == "llm":
         from snake_flower.tasks.llm_data import llm_task  # transformers is imported for LLM runs only
 
@@ -87,7 +91,32 @@ def task_for(config: Mapping[str, Any]) -> Task:
     return TASKS[config["task"]]
 
 
-def build_model(task: Task, seed: int) -> nn.Sequential:
+class PluginError(ValueError):
+    """A ``task = "package.module:factory"`` that cannot be loaded (one-line message)."""
+
+
+def is_plugin(name: str) -> bool:
+    """Whether a ``task`` value names a plugin factory (``"package.module:factory"``)."""
+    return ":" in str(name)
+
+
+@lru_cache(maxsize=8)
+def plugin_task(spec: str) -> Task:
+    """The ``Task`` that ``factory()`` of ``"package.module:factory"`` returns (once per process)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise PluginError(f"task: cannot load {spec!r}: {type(err).__name__}: {err}") from None
+    task = factory()
+    missing = [name for name in ("name", "segment_names", "build", "load") if not hasattr(task, name)]
+    if missing:
+        raise PluginError(f"task: {spec} returned a {type(task).__name__} without {', '.join(missing)} "
+                          f"(return a snake_flower.Task)")
+    return task
+
+
+def build_model(task: Task, seed: int) -> nn.Module:
     """The task's model with seeded initial weights (identical on every node).
 
     A fresh copy of a per-process template: torchvision's VGG-11 takes about 2 s to
@@ -102,7 +131,10 @@ def _template(task: Task, seed: int) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
         torch.manual_seed(seed)
         model = task.build()
-    if tuple(segment_keys(model)) != task.segment_names:
+    if task.segment_names is None:  # nested segments: every later segment_keys(model) reads these
+        model.snake_segments = segment_model(model)
+        return model
+    if tuple(segment_keys(model)) != tuple(task.segment_names):
         raise RuntimeError(f"task {task.name}: model segments {tuple(segment_keys(model))} "
                            f"differ from {task.segment_names}")
     return model
@@ -123,7 +155,14 @@ def swept_segment_keys(model: nn.Module, config: Mapping[str, Any]) -> dict[str,
 
 
 def segment_keys(model: nn.Module) -> dict[str, list[str]]:
-    """Map each segment to its ``state_dict`` keys, in model order."""
+    """Map each segment to its ``state_dict`` keys, in model order.
+
+    A plugin task's model carries the segments ``segment_model`` found (``snake_segments``);
+    a built-in task's segments are its top-level children.
+    """
+    found = getattr(model, "snake_segments", None)
+    if found is not None:
+        return {name: list(keys) for name, keys in found.items()}
     out: dict[str, list[str]] = {}
     for key in model.state_dict():
         out.setdefault(key.split(".", 1)[0], []).append(key)

@@ -8,6 +8,7 @@ the optimizer, eval mode for their buffers), so their values are left bit-identi
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import resource
 import time
@@ -77,6 +78,9 @@ def freeze_outside(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parame
     does not travel must not change.
     """
     trainable = set(trainable)
+    nested = getattr(model, "snake_segments", None)  # a plugin task's segments (tasks.task)
+    if nested is not None:
+        return freeze_outside_keys(model, {key for name in trainable for key in nested[name]})
     travels = set(model.state_dict(keep_vars=True))
     params: list[nn.Parameter] = []
     for p in model.parameters():
@@ -88,6 +92,27 @@ def freeze_outside(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parame
                 if key in travels:
                     p.requires_grad_(True)
                     params.append(p)
+    return params
+
+
+def freeze_outside_keys(model: nn.Module, trainable: set[str]) -> list[nn.Parameter]:
+    """Freeze every parameter whose ``state_dict`` key is not in ``trainable``; return the rest.
+
+    For segments of any depth (``snake_flower.segment_model``). A module whose state is all
+    frozen goes to eval mode with everything inside it (a BatchNorm keeps its statistics, a
+    dropout inside a frozen block stays off); the rest of the model trains.
+    """
+    params = []
+    for key, p in model.named_parameters():
+        p.requires_grad_(key in trainable)
+        if key in trainable:
+            params.append(p)
+    model.train()
+    for prefix, module in model.named_modules():
+        state = [f"{prefix}.{n}" if prefix else n
+                 for n, _ in itertools.chain(module.named_parameters(), module.named_buffers())]
+        if state and not any(key in trainable for key in state):
+            module.eval()
     return params
 
 
