@@ -1,0 +1,206 @@
+"""``make_client_app`` with a model that is not in our registry, under SnakeStrategy and FedAvg.
+
+The nodes run in-process behind a LoopbackGrid (tests/conftest.py): the real ClientApp,
+real Flower messages and ``Strategy.start``, no Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from snake_flower import SnakeStrategy, make_client_app, segment_model, train_window
+
+NODES = 3
+
+
+class Blocks(nn.Module):
+    """Nested blocks with BatchNorm: segments get dotted names like ``body.1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(12, 24)
+        self.body = nn.ModuleList([nn.Sequential(nn.Linear(24, 24), nn.BatchNorm1d(24), nn.ReLU())
+                                   for _ in range(3)])
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        for block in self.body:
+            x = block(x)
+        return self.head(x)
+
+
+def _data(seed: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(4, 12, generator=torch.Generator().manual_seed(99)) * 2
+    y = torch.randint(0, 4, (n,), generator=gen)
+    return centres[y] + torch.randn(n, 12, generator=gen), y
+
+
+def _train_data(context: Context) -> DataLoader:
+    x, y = _data(int(context.node_config["partition-id"]))
+    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+
+
+class Nodes:
+    """NODES nodes running one ClientApp, each with its own context."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
+                                          node_config={"partition-id": i, "num-partitions": NODES})
+                         for i in range(NODES)}
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, msg: Message) -> RecordDict | Error:
+        node = msg.metadata.dst_node_id
+        self.calls.append((msg.metadata.message_type, node))
+        try:
+            return self.app(msg, self.contexts[node]).content
+        except Exception as err:  # noqa: BLE001 - a crashing ClientApp is an error reply in Flower
+            return Error(code=1, reason=f"{type(err).__name__}: {err}")
+
+
+def _central_eval():
+    x, y = _data(1234, 512)
+    model = Blocks()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        model.eval()
+        with torch.no_grad():
+            return MetricRecord({"loss": float(F.cross_entropy(model(x), y))})
+
+    return evaluate
+
+
+def _initial() -> tuple[nn.Module, ArrayRecord]:
+    torch.manual_seed(0)
+    model = Blocks()
+    return model, ArrayRecord(model.state_dict())
+
+
+def test_snake_trains_a_nested_model_every_hop_merged_and_loss_falls(loopback):
+    model, arrays = _initial()
+    segments = segment_model(model)
+    assert any("." in name for name in segments)  # nested names reach the client
+    nodes = Nodes(make_client_app(Blocks, _train_data, lr=0.05, local_steps=8))
+    strategy = SnakeStrategy(segments, window=1, seed=0, query_timeout=1.0)
+    result = strategy.start(grid=loopback(nodes.contexts, nodes), initial_arrays=arrays, num_rounds=8,
+                            evaluate_fn=_central_eval())
+    assert [hop["status"] for hop in strategy.hops] == ["merged"] * 8
+    losses = [result.evaluate_metrics_serverapp[r]["loss"] for r in sorted(result.evaluate_metrics_serverapp)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    # delta sync from the second visit on: a node gets less than the whole model (no "Missing key(s)")
+    assert any(0 < len(hop["segments_sent"]) < len(segments) for hop in strategy.hops[NODES:])
+    assert {node for kind, node in nodes.calls if kind == "query"} == set(nodes.contexts)
+
+
+def test_fedavg_through_the_same_client_replies_with_every_key(loopback):
+    model, arrays = _initial()
+    nodes = Nodes(make_client_app(Blocks, _train_data, lr=0.05, local_steps=8))
+    strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=NODES, min_train_nodes=NODES)
+    result = strategy.start(grid=loopback(nodes.contexts, nodes), initial_arrays=arrays, num_rounds=3,
+                            evaluate_fn=_central_eval())
+    assert list(result.arrays.keys()) == list(arrays.keys())
+    assert len(result.train_metrics_clientapp) == 3  # every round aggregated: no error reply
+    losses = [result.evaluate_metrics_serverapp[r]["loss"] for r in sorted(result.evaluate_metrics_serverapp)]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _snake_message(window: list[str], segments, arrays: ArrayRecord, **extra) -> Message:
+    cfg = ConfigRecord({"server-round": 1, "window": window, "sync": "delta", "payload-dtype": "fp32",
+                        "segments-sent": list(segments), "segment-versions": [0] * len(segments), **extra})
+    return Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=100, message_type=MessageType.TRAIN)
+
+
+def test_kd_only_on_a_snake_window_never_for_fedavg_or_relay(loopback, monkeypatch):
+    import snake_flower.node as node_module
+
+    seen = []
+    real = node_module.train_window
+    monkeypatch.setattr(node_module, "train_window",
+                        lambda *a, **kw: seen.append(kw["kd_weight"]) or real(*a, **kw))
+    model, arrays = _initial()
+    segments = segment_model(model)
+    nodes = Nodes(make_client_app(Blocks, _train_data, local_steps=1, kd_weight=0.5))
+    window = [next(iter(segments))]
+    nodes(_snake_message(window, segments, arrays))
+    nodes(_snake_message(window, segments, arrays, strategy="relay"))
+    nodes(_snake_message(list(segments), segments, arrays))  # relay: every segment
+    fedavg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "kd-weight": 0.5})}),
+                     dst_node_id=101, message_type=MessageType.TRAIN)
+    reply = nodes(fedavg)
+    assert seen == [0.5, 0.0, 0.0, 0.0]
+    assert list(reply["arrays"].keys()) == list(arrays.keys()) and reply["metrics"]["num-examples"] == 32  # one step of 32
+
+
+def test_window_or_segments_that_differ_from_the_server_get_one_line_errors():
+    model, arrays = _initial()
+    segments = segment_model(model)
+    nodes = Nodes(make_client_app(Blocks, _train_data, local_steps=1))
+    error = nodes(_snake_message(["nope"], segments, arrays))
+    assert isinstance(error, Error) and "not among this node's segments" in error.reason
+    cfg_short = _snake_message([next(iter(segments))], segments, arrays)
+    cfg_short.content["config"]["segment-versions"] = [0]
+    error = nodes(cfg_short)
+    assert isinstance(error, Error) and "segments SnakeStrategy was given" in error.reason
+    with pytest.raises(TypeError, match="unknown option 'learning_rate'"):
+        make_client_app(Blocks, _train_data, learning_rate=0.1)
+
+
+def test_train_window_freezes_everything_outside_a_nested_window():
+    torch.manual_seed(0)
+    model = Blocks()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    segments = segment_model(model)
+    name = next(n for n in segments if n.startswith("body"))
+    x, y = _data(0)
+    metrics = train_window(model, [name], DataLoader(TensorDataset(x, y), batch_size=32), segments=segments,
+                           local_steps=5, lr=0.1)
+    assert metrics["steps"] == 5 and metrics["num-examples"] == 160
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= set(segments[name]), changed  # BatchNorm statistics of the rest too
+    with pytest.raises(ValueError, match="not among this model's"):
+        train_window(model, ["missing"], [(x, y)], segments=segments)
+
+
+def test_strategy_refuses_bad_segments_in_one_line(caplog):
+    with pytest.raises(ValueError, match="segment 'relu' has no state_dict keys"):
+        SnakeStrategy({"a": ["w"], "relu": [], "b": ["v"]})
+    with pytest.raises(ValueError, match="key 'w' is in both 'a' and 'b'"):
+        SnakeStrategy({"a": ["w"], "b": ["w", "v"], "c": ["u"]})
+    with pytest.raises(ValueError, match="none given"):
+        SnakeStrategy({})
+    with caplog.at_level(logging.WARNING):
+        strategy = SnakeStrategy({"a": ["w"], "b": ["v"]})
+    assert "only 2 segment(s)" in caplog.text
+    _, arrays = _initial()
+    with pytest.raises(ValueError, match=r"1 key\(s\) not in initial_arrays, e.g. \['v'\]"):
+        strategy.start(grid=None, initial_arrays=ArrayRecord({"w": arrays["head.bias"]}), num_rounds=1)
+
+
+def test_a_reply_without_the_window_says_what_a_node_must_send(loopback):
+    model, arrays = _initial()
+    segments = segment_model(model)
+    strategy = SnakeStrategy(segments, window=1, query_timeout=1.0)
+    contexts = {7: None}
+
+    def handler(msg: Message) -> RecordDict:
+        if msg.metadata.message_type == MessageType.QUERY:
+            return RecordDict({"info": MetricRecord({"rank": 0.0})})
+        return RecordDict({"metrics": MetricRecord({"num-examples": 1.0})})  # no ArrayRecord
+
+    strategy.start(grid=loopback(contexts, handler), initial_arrays=arrays, num_rounds=1)
+    reason = strategy.failures[0]["reason"]
+    assert "a node must reply with one ArrayRecord holding exactly the state_dict keys" in reason
+    assert strategy.rejected_replies == 1
