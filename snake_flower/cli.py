@@ -90,6 +90,8 @@ def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> 
     """Run the ServerApp and ClientApp in Flower's Ray simulation engine.
 
     ``parallel`` ClientApps train at once (0: one per core, at most one per node).
+    The only caller of ``flwr.simulation.run_simulation``, which flwr marks deprecated:
+    keep it here, so that replacing it (or pointing it at a Ray cluster) is one change.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -127,6 +129,12 @@ def _load_results(config: dict[str, Any], code: int = 0) -> dict[str, Any] | Non
         print(f"snake-flower: error: the {name} run failed (exit {code}); {where}", file=sys.stderr)
         return None
     result = json.loads(path.read_text())
+    rounds = result.get("rounds", [])
+    if rounds and not any(row.get("status") == "merged" for row in rounds):  # nothing was learnt
+        first = (result.get("failures") or [{"reason": "no reason recorded"}])[0]["reason"]
+        print(f"snake-flower: error: the {name} run failed: all {len(rounds)} rounds failed "
+              f"(first: {first}); see {path}", file=sys.stderr)
+        return None
     final = result["final"]
     failed = len(result.get("failures", []))
     print(f"{name}: accuracy {final['accuracy']:.4f}, {final['bytes_total'] / 1e6:.2f} MB moved, "

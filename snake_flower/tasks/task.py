@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from functools import lru_cache
@@ -105,7 +107,7 @@ def plugin_task(spec: str) -> Task:
     """The ``Task`` that ``factory()`` of ``"package.module:factory"`` returns (once per process)."""
     module_name, _, attr = spec.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = getattr(_import(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise PluginError(f"task: cannot load {spec!r}: {type(err).__name__}: {err}") from None
     task = factory()
@@ -114,6 +116,17 @@ def plugin_task(spec: str) -> Task:
         raise PluginError(f"task: {spec} returned a {type(task).__name__} without {', '.join(missing)} "
                           f"(return a snake_flower.Task)")
     return task
+
+
+def _import(module_name: str) -> Any:
+    """Import a plugin's module; from the working directory too, as ``python -m`` would."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name.split(".")[0] or os.getcwd() in sys.path:
+            raise
+        sys.path.append(os.getcwd())  # the snake-flower script's sys.path lacks it
+        return importlib.import_module(module_name)
 
 
 def build_model(task: Task, seed: int) -> nn.Module:
