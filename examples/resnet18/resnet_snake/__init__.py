@@ -1,0 +1,1 @@
+"""resnet_snake: Snake Learning on torchvision's ResNet-18 with automatic segments."""
