@@ -28,7 +28,7 @@ from .nodes import NodeBackoff, ordered_nodes
 from .payload import PAYLOAD_DTYPES, PayloadError, decode, encode
 from .schedule import SnakeSchedule
 from .window import (MUST_SEND, check_segments, check_window, merge_window, relative_drift, select,
-                     unknown_keys, update_norm, window_keys)
+                     tied_aliases, unknown_keys, update_norm, window_keys)
 
 SYNCS = ("delta", "window")
 
@@ -135,6 +135,7 @@ class SnakeStrategy(Strategy):
         self._connected: set[int] = set()
         self._restored_backoff: list[list[Any]] = []
         self._arrays: ArrayRecord | None = None
+        self.aliases: dict[str, str] = {}  # tied weights: alias key -> owner key (set by start)
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -156,6 +157,10 @@ class SnakeStrategy(Strategy):
         if unknown:
             raise ValueError(f"segments: {len(unknown)} key(s) not in initial_arrays, e.g. {unknown[:3]} "
                              f"(build the segments and the arrays from the same model)")
+        self.aliases = tied_aliases(self.segments, initial_arrays)
+        if self.aliases:  # so that load_state_dict(arrays) never restores a stale tied weight
+            log(INFO, "SnakeStrategy: %d tied key(s) follow their owner: %s", len(self.aliases),
+                ", ".join(f"{alias} = {owner}" for alias, owner in list(self.aliases.items())[:3]))
         return super().start(grid, initial_arrays, *args, **kwargs)
 
     # ---- training ----------------------------------------------------------
@@ -225,6 +230,9 @@ class SnakeStrategy(Strategy):
             self.rejected_replies += 1
             return self._fail(hop, f"rejected reply: {reason}")
         merged = merge_window(self._arrays, window_arrays)  # fp32: the master copy
+        for alias, owner in self.aliases.items():  # a tied weight's alias holds its owner's values
+            if owner in window_arrays:
+                merged[alias] = merged[owner]
         for name in window:
             self.versions[name] += 1
             self.provenance[name] = {"node": node, "round": server_round,

@@ -47,6 +47,30 @@ def unknown_keys(segments: Mapping[str, Sequence[str]], arrays: ArrayRecord) -> 
     return [key for keys in segments.values() for key in keys if key not in arrays]
 
 
+def tied_aliases(segments: Mapping[str, Sequence[str]], arrays: ArrayRecord) -> dict[str, str]:
+    """Keys in no segment that hold a segment key's exact values: a tied weight's alias -> its owner.
+
+    ``segment_model`` leaves a tied weight's alias (an LM head tied to the embeddings) out of
+    every segment, but ``model.state_dict()`` still has it. Arrays with a single repeated
+    value (zeros, ones) are never matched: two of them are equal by coincidence, not tying.
+    """
+    covered = [key for keys in segments.values() for key in keys]
+    owners: dict[tuple[str, tuple[int, ...], bytes], str] = {}
+    for key in covered:
+        if key in arrays:
+            array = arrays[key]
+            owners.setdefault((array.dtype, tuple(array.shape), bytes(array.data)), key)
+    aliases = {}
+    for key in arrays.keys():
+        if key in set(covered):
+            continue
+        array = arrays[key]
+        owner = owners.get((array.dtype, tuple(array.shape), bytes(array.data)))
+        if owner is not None and np.unique(array.numpy()).size > 1:
+            aliases[key] = owner
+    return aliases
+
+
 def select(arrays: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:
     """A new record holding only ``keys`` (the Arrays are shared, not copied)."""
     return ArrayRecord({key: arrays[key] for key in keys})

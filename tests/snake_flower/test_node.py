@@ -204,3 +204,45 @@ def test_a_reply_without_the_window_says_what_a_node_must_send(loopback):
     reason = strategy.failures[0]["reason"]
     assert "a node must reply with one ArrayRecord holding exactly the state_dict keys" in reason
     assert strategy.rejected_replies == 1
+
+
+class TiedLM(nn.Module):
+    """Embeddings and an output head that share one weight, as most language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.mix = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).mean(1)
+        for layer in self.mix:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def _tokens(context: Context) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(int(context.node_config["partition-id"]))
+    x = torch.randint(0, 16, (64, 4), generator=gen)
+    return [(x[i:i + 16], x[i:i + 16, 0]) for i in range(0, 64, 16)]
+
+
+def test_a_tied_weight_is_never_sent_and_its_alias_follows_the_owner(loopback):
+    torch.manual_seed(0)
+    model = TiedLM()
+    segments = segment_model(model)
+    assert "head.weight" not in [k for keys in segments.values() for k in keys]
+    arrays = ArrayRecord(model.state_dict())  # still holds the alias
+    nodes = Nodes(make_client_app(TiedLM, _tokens, lr=0.5, local_steps=4))
+    strategy = SnakeStrategy(segments, window=1, train_head=False, sweep="forward", seed=0, query_timeout=1.0)
+    grid = loopback(nodes.contexts, nodes)
+    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=4)
+    assert [hop["status"] for hop in strategy.hops] == ["merged"] * 4
+    assert strategy.aliases == {"head.weight": "embed.weight"}
+    downloads = [m.content["arrays"] for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert downloads and not any("head.weight" in record for record in downloads)
+    final = result.arrays
+    assert final["head.weight"].numpy().tobytes() == final["embed.weight"].numpy().tobytes()
+    assert final["embed.weight"].numpy().tobytes() != arrays["embed.weight"].numpy().tobytes()  # it trained
