@@ -76,3 +76,24 @@ def test_state_moves_to_new_node_ids_by_key():
     again.restore(rows, {3.0: 555, 4.0: 556})  # after a restart, the same rank has a new id
     assert again.until == {555: 8} and again.streak == {555: 1}
     assert again.failed(555, hop=8) == 4  # the streak carried over
+
+
+def test_the_rank_warning_says_whether_a_node_errored_or_stayed_silent(caplog):
+    from flwr.app import Error
+
+    class ErrorGrid(RankGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            replies = super().send_and_receive([m for m in messages if m.metadata.dst_node_id != 7])
+            broken = [m for m in messages if m.metadata.dst_node_id == 7]
+            return replies + [Message(Error(code=1, reason="No query function registered"), reply_to=m)
+                              for m in broken]
+
+    grid = ErrorGrid({7: 0, 8: 1, 9: 2}, silent={9})
+    with caplog.at_level("WARNING"):
+        ordered_nodes(grid, {}, min_nodes=3, query_timeout=0.01)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("node 7 answered the rank query with an error") and
+               "No query function registered" in line for line in lines), lines
+    assert any(line.startswith("node 9 stayed silent") for line in lines), lines
+    assert not any(line.startswith("node 7 stayed silent") for line in lines), lines
