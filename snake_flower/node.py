@@ -28,7 +28,7 @@ from torch import nn
 from snake_flower.segments import segment_model
 from snake_flower.tasks.task import transport_state
 from snake_flower.training.loop import evaluate as _evaluate_tensors
-from snake_flower.training.window import train_window
+from snake_flower.training.window import split_batch, train_window
 from strategies.payload import decode, encode
 
 ModelFn = Callable[[], nn.Module]
@@ -150,7 +150,8 @@ class _Node:
             model.load_state_dict(context.state["snake-model"].to_torch_state_dict())
         _load(model, decode(_arrays(msg), str(cfg.get("payload-dtype", "fp32"))))
         loss = correct = count = 0.0
-        for inputs, labels in self.evaluate_data_fn(context):
+        for batch in self.evaluate_data_fn(context):
+            inputs, labels = split_batch(batch)
             result = _evaluate_tensors(model, inputs, labels, batch_size=len(labels))
             loss += result["loss"] * len(labels)
             correct += result["accuracy"] * len(labels)

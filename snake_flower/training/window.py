@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,25 @@ def window_param_keys(segments: Mapping[str, Sequence[str]], window: Iterable[st
         raise ValueError(f"window: segments {unknown[:3]} are not among this model's "
                          f"{len(segments)} segments ({', '.join(list(segments)[:4])}, ...)")
     return {key for name in window for key in segments[name]}
+
+
+INPUT_KEYS = ("img", "image", "pixel_values", "x", "inputs", "input")
+LABEL_KEYS = ("label", "labels", "y", "target", "targets", "fine_label")
+
+
+def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """``(inputs, labels)`` of a batch: a tuple or list (first two items), or a dict as Flower
+    Datasets loaders give (``{"img": ..., "label": ...}``; see ``INPUT_KEYS``/``LABEL_KEYS``)."""
+    if isinstance(batch, Mapping):
+        inputs = next((batch[k] for k in INPUT_KEYS if k in batch), None)
+        labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        if inputs is None or labels is None:
+            raise ValueError(f"train data: a dict batch needs an input key ({', '.join(INPUT_KEYS)}) and a "
+                             f"label key ({', '.join(LABEL_KEYS)}); got {sorted(batch)[:5]}")
+        return inputs, labels
+    if isinstance(batch, Sequence) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(f"train data: expected batches of (inputs, labels), got a {type(batch).__name__}")
 
 
 def _batches(loader: Iterable, steps: int, epochs: int) -> Iterator:
@@ -61,7 +81,8 @@ def train_window(model: nn.Module, window: Iterable[str], loader: Iterable, *,
     window : Iterable[str]
         Names of the segments to train.
     loader : Iterable
-        Batches of ``(inputs, labels)``, e.g. a ``torch.utils.data.DataLoader``.
+        Batches of ``(inputs, labels)``, e.g. a ``torch.utils.data.DataLoader``, or dicts
+        such as ``{"img": ..., "label": ...}`` from Flower Datasets (see ``split_batch``).
     segments : Mapping[str, Sequence[str]] | None
         Segment name -> ``state_dict`` keys; ``None`` means ``segment_model(model)``.
     lr, momentum, weight_decay : float
@@ -81,13 +102,27 @@ def train_window(model: nn.Module, window: Iterable[str], loader: Iterable, *,
         ``train-loss`` (mean over steps), ``steps`` and ``num-examples`` (examples seen).
     """
     segments = segments if segments is not None else segment_model(model)
+    window = list(window)
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        return _train(model, window, loader, segments, lr, momentum, weight_decay, local_steps,
+                      local_epochs, clip_norm, kd_weight, kd_temperature)
+    finally:  # the caller's requires_grad flags, as they were
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def _train(model: nn.Module, window: list[str], loader: Iterable, segments: Mapping[str, Sequence[str]],
+           lr: float, momentum: float, weight_decay: float, local_steps: int, local_epochs: int,
+           clip_norm: float, kd_weight: float, kd_temperature: float) -> dict[str, float]:
     params = freeze_outside_keys(model, window_param_keys(segments, window))
     if not params:
-        raise ValueError(f"window {list(window)}: no trainable parameter in it")
+        raise ValueError(f"window {window}: no trainable parameter in it")
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if kd_weight > 0 else None
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     total, steps, examples = 0.0, 0, 0
-    for inputs, labels in _batches(loader, local_steps, local_epochs):
+    for batch in _batches(loader, local_steps, local_epochs):
+        inputs, labels = split_batch(batch)
         logits = model(inputs)
         if teacher is not None:
             with torch.no_grad():
@@ -104,6 +139,4 @@ def train_window(model: nn.Module, window: Iterable[str], loader: Iterable, *,
         steps += 1
         examples += len(labels)
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
     return {"train-loss": total / max(steps, 1), "steps": float(steps), "num-examples": float(examples)}

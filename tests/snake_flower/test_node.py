@@ -246,3 +246,17 @@ def test_a_tied_weight_is_never_sent_and_its_alias_follows_the_owner(loopback):
     final = result.arrays
     assert final["head.weight"].numpy().tobytes() == final["embed.weight"].numpy().tobytes()
     assert final["embed.weight"].numpy().tobytes() != arrays["embed.weight"].numpy().tobytes()  # it trained
+
+
+def test_train_window_takes_dict_batches_and_restores_requires_grad():
+    torch.manual_seed(0)
+    model = Blocks()
+    model.stem.weight.requires_grad_(False)  # the caller's own choice survives the hop
+    segments = segment_model(model)
+    x, y = _data(0, 64)
+    batches = [{"img": x[i:i + 32], "label": y[i:i + 32]} for i in (0, 32)]
+    metrics = train_window(model, [next(iter(segments))], batches, segments=segments)
+    assert metrics["steps"] == 2 and metrics["num-examples"] == 64
+    assert [p.requires_grad for p in model.parameters()].count(False) == 1
+    with pytest.raises(ValueError, match="a dict batch needs an input key"):
+        train_window(model, [next(iter(segments))], [{"pixels": x, "label": y}], segments=segments)
