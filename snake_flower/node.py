@@ -50,7 +50,9 @@ def make_client_app(model_fn: ModelFn, train_data_fn: DataFn, *,
         Builds the model (called with ``torch.manual_seed(seed)`` set); maps inputs to logits.
     train_data_fn : Callable[[Context], Iterable]
         This node's training batches of ``(inputs, labels)``, e.g. a ``DataLoader`` over the
-        partition ``context.node_config["partition-id"]``.
+        partition ``context.node_config["partition-id"]``; dict batches such as Flower
+        Datasets give (``{"img": ..., "label": ...}``) work too. Called on every hop: cache
+        what is slow to load.
     segments : Mapping[str, list[str]] | None
         The segments, exactly as given to ``SnakeStrategy``; ``None`` means
         ``segment_model(model_fn())`` with its defaults.
