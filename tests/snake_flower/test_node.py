@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from snake_flower import SnakeStrategy, make_client_app, segment_model, train_window
+from snake_flower import SnakeStrategy, make_client_app, segment_model
 
 NODES = 3
 
@@ -157,23 +157,6 @@ def test_window_or_segments_that_differ_from_the_server_get_one_line_errors():
         make_client_app(Blocks, _train_data, learning_rate=0.1)
 
 
-def test_train_window_freezes_everything_outside_a_nested_window():
-    torch.manual_seed(0)
-    model = Blocks()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    segments = segment_model(model)
-    name = next(n for n in segments if n.startswith("body"))
-    x, y = _data(0)
-    metrics = train_window(model, [name], DataLoader(TensorDataset(x, y), batch_size=32), segments=segments,
-                           local_steps=5, lr=0.1)
-    assert metrics["steps"] == 5 and metrics["num-examples"] == 160
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and changed <= set(segments[name]), changed  # BatchNorm statistics of the rest too
-    with pytest.raises(ValueError, match="not among this model's"):
-        train_window(model, ["missing"], [(x, y)], segments=segments)
-
-
 def test_strategy_refuses_bad_segments_in_one_line(caplog):
     with pytest.raises(ValueError, match="segment 'relu' has no state_dict keys"):
         SnakeStrategy({"a": ["w"], "relu": [], "b": ["v"]})
@@ -246,17 +229,3 @@ def test_a_tied_weight_is_never_sent_and_its_alias_follows_the_owner(loopback):
     final = result.arrays
     assert final["head.weight"].numpy().tobytes() == final["embed.weight"].numpy().tobytes()
     assert final["embed.weight"].numpy().tobytes() != arrays["embed.weight"].numpy().tobytes()  # it trained
-
-
-def test_train_window_takes_dict_batches_and_restores_requires_grad():
-    torch.manual_seed(0)
-    model = Blocks()
-    model.stem.weight.requires_grad_(False)  # the caller's own choice survives the hop
-    segments = segment_model(model)
-    x, y = _data(0, 64)
-    batches = [{"img": x[i:i + 32], "label": y[i:i + 32]} for i in (0, 32)]
-    metrics = train_window(model, [next(iter(segments))], batches, segments=segments)
-    assert metrics["steps"] == 2 and metrics["num-examples"] == 64
-    assert [p.requires_grad for p in model.parameters()].count(False) == 1
-    with pytest.raises(ValueError, match="a dict batch needs an input key"):
-        train_window(model, [next(iter(segments))], [{"pixels": x, "label": y}], segments=segments)
