@@ -95,6 +95,9 @@ def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> 
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Without an address ray.init joins the newest `ray start` cluster on the machine (its
+    # address is in /tmp/ray/ray_current_cluster), which then refuses our num_cpus: start our own
+    os.environ.setdefault("RAY_ADDRESS", "local")
     from flwr.simulation import run_simulation
 
     from snake_flower.client_app import app as client_app
