@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
        "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-       "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "local"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+       "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+       # our own Ray instance, never the newest `ray start` cluster on the machine
+       "RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "local"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
 def _free_port() -> int:
