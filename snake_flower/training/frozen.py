@@ -16,6 +16,7 @@ the one backward reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -59,52 +60,75 @@ Held = list[tuple[nn.Module, str, list[str]]]  # module, weight name, its parame
 
 @dataclass
 class FrozenHold:
-    """What ``hold_frozen_in`` changed: the fp32 data of each parameter, and the parametrized weights."""
+    """What ``hold_frozen_in`` changed, and how each held parameter gets its exact values back.
+
+    ``originals`` keeps the fp32 data of a parameter the caller holds no exact copy of;
+    ``from_exact`` names, for the others, their ``state_dict`` key and dtype in the caller's
+    exact copy, so that nothing but the held dtype lives during the hop.
+    """
 
     originals: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
+    from_exact: dict[nn.Parameter, tuple[str, torch.dtype]] = field(default_factory=dict)
     parametrized: Held = field(default_factory=list)
 
 
-def hold_frozen_in(model: nn.Module, frozen_dtype: str) -> FrozenHold:
+Keep = Callable[[nn.Parameter], None]
+
+
+def hold_frozen_in(model: nn.Module, frozen_dtype: str,
+                   exact: Mapping[str, torch.Tensor] | None = None) -> FrozenHold:
     """Hold every frozen parameter in ``frozen_dtype``; return what ``restore`` needs.
 
-    The node's copy of the model stays exact: what it keeps and sends is restored
-    from the originals, not cast back. With ``"int8"`` the one-dimensional frozen
+    The node's copy of the model stays exact: what it keeps and sends is restored, not
+    cast back. A parameter whose ``state_dict`` key is in ``exact`` (the node's stored
+    copy) is restored from there, and its fp32 data is let go now; any other keeps its
+    original alive until ``restore``. With ``"int8"`` the one-dimensional frozen
     parameters stay fp32 (see the module docstring).
     """
     hold = FrozenHold()
+    keys = {p: key for key, p in model.named_parameters()} if exact is not None else {}
+
+    def keep(p: nn.Parameter) -> None:
+        key = keys.get(p)
+        if key is not None and key in exact:
+            hold.from_exact[p] = (key, p.dtype)
+        else:
+            hold.originals[p] = p.data
+
     if frozen_dtype == "int8":
-        hold.parametrized = hold_int8(model, hold.originals)
+        hold.parametrized = hold_int8(model, keep)
         return hold
     dtype = DTYPES[frozen_dtype]
     for p in model.parameters():
         if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
-            hold.originals[p] = p.data
+            keep(p)
             p.data = p.data.to(dtype)
     return hold
 
 
-def restore(hold: FrozenHold) -> None:
-    """Undo ``hold_frozen_in``: the exact fp32 originals, the plain modules."""
+def restore(hold: FrozenHold, exact: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Undo ``hold_frozen_in``: the exact values (kept originals, or ``exact``), the plain modules."""
     try:
         release_int8(hold.parametrized)
     finally:
         for p, data in hold.originals.items():
             p.data = data
+        for p, (key, dtype) in hold.from_exact.items():
+            value = torch.as_tensor(exact[key])
+            # a copy: the parameter must never alias the stored copy it trains away from
+            p.data = value.to(dtype=dtype, copy=True).reshape(p.shape)
 
 
-def hold_int8(model: nn.Module, originals: dict[nn.Parameter, torch.Tensor]) -> Held:
+def hold_int8(model: nn.Module, keep: Keep) -> Held:
     """Quantize every frozen floating weight of ``model`` with ``ndim >= 2`` in place.
 
-    The fp32 data of each one goes into ``originals`` (for ``restore``); returns the
+    ``keep(p)`` records how each one gets its exact values back (for ``restore``); returns the
     ``(module, name, order)`` of every parametrized weight. A weight shared by several modules
     (a tied LM head) is quantized once and parametrized in each of them.
     """
     held: Held = []
     dequant: dict[nn.Parameter, Int8Dequant] = {}
     for module in list(model.modules()):
-        if parametrize.is_parametrized(module):  # the teacher: a copy of a held model
-            continue
         order = list(module._parameters)
         for name, p in list(module._parameters.items()):
             shared = p in dequant  # already int8: a tied weight met again in another module
@@ -112,7 +136,8 @@ def hold_int8(model: nn.Module, originals: dict[nn.Parameter, torch.Tensor]) -> 
                 continue
             if not shared:
                 q, scale = quantize_int8(p.data)
-                originals[p], dequant[p] = p.data, Int8Dequant(scale)
+                keep(p)
+                dequant[p] = Int8Dequant(scale)
                 p.data = q
             # unsafe: the original (int8) and the weight (fp32) differ in dtype on purpose
             parametrize.register_parametrization(module, name, dequant[p], unsafe=True)
@@ -127,6 +152,30 @@ def release_int8(held: Held) -> None:
         # the weight comes back last; put it back in place, or state_dict's key order changes
         for key in [key for key in order if key in module._parameters]:
             module._parameters[key] = module._parameters.pop(key)
+
+
+class ArrayView(Mapping[str, torch.Tensor]):
+    """A read-only ``state_dict`` over stored arrays (an ``ArrayRecord``), decoded one key at a time.
+
+    ``hold_frozen_in`` and ``restore`` read the node's stored copy through it, so the exact
+    values of the frozen layers exist once, in the store, and only one tensor at a time is
+    decoded to restore them.
+    """
+
+    def __init__(self, arrays: Mapping) -> None:
+        self.arrays = arrays
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[key].numpy())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.arrays
+
+    def __iter__(self):
+        return iter(self.arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
 
 
 def scale_tensors(model: nn.Module) -> list[torch.Tensor]:
