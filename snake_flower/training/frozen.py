@@ -50,8 +50,11 @@ class Int8Dequant(nn.Module):
         self.register_buffer("scale", scale)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """The fp32 weight ``q * scale`` (a fresh tensor each call, not a parameter)."""
-        return q.float() * self.scale.view(-1, *[1] * (q.dim() - 1))
+        """The fp32 weight ``q * scale`` (a fresh tensor each call, not a parameter).
+
+        Scaled in place: one fp32 weight at a time, not two (``q.float()`` and the product).
+        """
+        return q.float().mul_(self.scale.view(-1, *[1] * (q.dim() - 1)))
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # int8: hold_int8
@@ -62,17 +65,20 @@ Held = list[tuple[nn.Module, str, list[str]]]  # module, weight name, its parame
 class FrozenHold:
     """What ``hold_frozen_in`` changed, and how each held parameter gets its exact values back.
 
-    ``originals`` keeps the fp32 data of a parameter the caller holds no exact copy of;
-    ``from_exact`` names, for the others, their ``state_dict`` key and dtype in the caller's
-    exact copy, so that nothing but the held dtype lives during the hop.
+    ``lossless`` holds the parameters whose values the held dtype represents exactly (a node
+    whose copy came as fp16 or int8 payloads and holds it in the same dtype): their
+    original dtype, and for int8 their scales, are all ``restore`` needs. ``from_exact``
+    names, for others, their ``state_dict`` key in the caller's exact copy. Only what is
+    in neither keeps its fp32 data alive in ``originals`` during the hop.
     """
 
     originals: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
     from_exact: dict[nn.Parameter, tuple[str, torch.dtype]] = field(default_factory=dict)
+    lossless: dict[nn.Parameter, tuple[torch.dtype, torch.Tensor | None]] = field(default_factory=dict)
     parametrized: Held = field(default_factory=list)
 
 
-Keep = Callable[[nn.Parameter], None]
+Keep = Callable[[nn.Parameter, torch.Tensor, torch.Tensor | None], None]
 
 
 def hold_frozen_in(model: nn.Module, frozen_dtype: str,
@@ -80,17 +86,22 @@ def hold_frozen_in(model: nn.Module, frozen_dtype: str,
     """Hold every frozen parameter in ``frozen_dtype``; return what ``restore`` needs.
 
     The node's copy of the model stays exact: what it keeps and sends is restored, not
-    cast back. A parameter whose ``state_dict`` key is in ``exact`` (the node's stored
-    copy) is restored from there, and its fp32 data is let go now; any other keeps its
-    original alive until ``restore``. With ``"int8"`` the one-dimensional frozen
-    parameters stay fp32 (see the module docstring).
+    cast back from a rounded value. A parameter that the held dtype represents exactly
+    is restored from the held value itself; one whose ``state_dict`` key is in ``exact``
+    (the node's stored copy) is restored from there; either way its fp32 data is let go
+    now. Any other keeps its original alive until ``restore``. With ``"int8"`` the
+    one-dimensional frozen parameters stay fp32 (see the module docstring).
     """
     hold = FrozenHold()
     keys = {p: key for key, p in model.named_parameters()} if exact is not None else {}
 
-    def keep(p: nn.Parameter) -> None:
+    def keep(p: nn.Parameter, held: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Record how ``p`` comes back from ``held`` (int8: times ``scale``) to its exact values."""
+        back = held.to(p.dtype) if scale is None else Int8Dequant(scale)(held)
         key = keys.get(p)
-        if key is not None and key in exact:
+        if torch.equal(back, p.data):
+            hold.lossless[p] = (p.dtype, scale)
+        elif key is not None and key in exact:
             hold.from_exact[p] = (key, p.dtype)
         else:
             hold.originals[p] = p.data
@@ -101,18 +112,22 @@ def hold_frozen_in(model: nn.Module, frozen_dtype: str,
     dtype = DTYPES[frozen_dtype]
     for p in model.parameters():
         if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
-            keep(p)
-            p.data = p.data.to(dtype)
+            held = p.data.to(dtype)
+            keep(p, held, None)
+            p.data = held
     return hold
 
 
 def restore(hold: FrozenHold, exact: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Undo ``hold_frozen_in``: the exact values (kept originals, or ``exact``), the plain modules."""
+    """Undo ``hold_frozen_in``: the exact values (from the held ones, ``exact`` or the kept
+    originals) and the plain modules."""
     try:
         release_int8(hold.parametrized)
     finally:
         for p, data in hold.originals.items():
             p.data = data
+        for p, (dtype, scale) in hold.lossless.items():
+            p.data = p.data.to(dtype) if scale is None else Int8Dequant(scale)(p.data)
         for p, (key, dtype) in hold.from_exact.items():
             value = torch.as_tensor(exact[key])
             # a copy: the parameter must never alias the stored copy it trains away from
@@ -122,7 +137,7 @@ def restore(hold: FrozenHold, exact: Mapping[str, torch.Tensor] | None = None) -
 def hold_int8(model: nn.Module, keep: Keep) -> Held:
     """Quantize every frozen floating weight of ``model`` with ``ndim >= 2`` in place.
 
-    ``keep(p)`` records how each one gets its exact values back (for ``restore``); returns the
+    ``keep(p, q, scale)`` records how each one gets its exact values back (for ``restore``); returns the
     ``(module, name, order)`` of every parametrized weight. A weight shared by several modules
     (a tied LM head) is quantized once and parametrized in each of them.
     """
@@ -136,7 +151,7 @@ def hold_int8(model: nn.Module, keep: Keep) -> Held:
                 continue
             if not shared:
                 q, scale = quantize_int8(p.data)
-                keep(p)
+                keep(p, q, scale)
                 dequant[p] = Int8Dequant(scale)
                 p.data = q
             # unsafe: the original (int8) and the weight (fp32) differ in dtype on purpose
