@@ -57,6 +57,44 @@ class Int8Dequant(nn.Module):
         return q.float().mul_(self.scale.view(-1, *[1] * (q.dim() - 1)))
 
 
+def native_dtype(flags: set[str] | None = None) -> str:
+    """The 2-byte dtype this CPU computes natively, for ``frozen-dtype = "auto"``.
+
+    ``bf16`` where the CPU has native bfloat16 (``avx512_bf16`` or ``amx_bf16``), ``fp16``
+    where it has native half precision (``avx512_fp16``, or Arm's ``asimdhp``), else
+    ``fp32``. Elsewhere a 2-byte dtype is emulated: on an AMD EPYC with ``avx512_bf16`` but
+    no ``avx512_fp16``, a 768x576 @ 576x1536 matmul on one thread takes 15.9 ms in fp32,
+    2.8 ms in bf16 and 556 ms in fp16.
+    """
+    flags = cpu_flags() if flags is None else flags
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return "bf16"
+    if flags & {"avx512_fp16", "asimdhp"}:
+        return "fp16"
+    return "fp32"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_dtype(frozen_dtype: str, task: str) -> str:
+    """``frozen-dtype`` as a node holds it: ``"auto"`` is ``native_dtype()`` for task ``llm``
+    (whose segments compute in their own dtype) and ``fp32`` for the others."""
+    if frozen_dtype != "auto":
+        return frozen_dtype
+    return native_dtype() if task == "llm" else "fp32"
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # int8: hold_int8
 Held = list[tuple[nn.Module, str, list[str]]]  # module, weight name, its parameters' order
 

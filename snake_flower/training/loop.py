@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snake_flower.training.frozen import hold_frozen_in, restore, scale_tensors
+from snake_flower.training.frozen import hold_frozen_in, resolve_dtype, restore, scale_tensors
 from snake_flower.training.teacher import ReceivedTeacher
 
 Align = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -50,7 +50,8 @@ class LocalWork:
                    clip_norm=float(config["clip-norm"]),
                    kd_weight=float(config["kd-weight"]) if kd else 0.0,
                    kd_temperature=float(config["kd-temperature"]),
-                   frozen_dtype=str(config.get("frozen-dtype", "fp32")))
+                   frozen_dtype=resolve_dtype(str(config.get("frozen-dtype", "fp32")),
+                                              str(config.get("task", ""))))
 
 
 def scheduled_lr(lr: float, server_round: int, rounds: int, decay: str = "none",

@@ -49,6 +49,7 @@ def test_results_follow_the_contract(loopback, nodes, tmp_path):
     assert len(result["final"]["model_sha256"]) == 64
     assert set(result["provenance"]) <= set(TASKS["synthetic"].segment_names)
     assert result["config"]["num-server-rounds"] == 6 and "flwr" in result["versions"]
+    assert result["versions"]["cpu"] and "cpu-flags" in result["versions"]  # auto frozen dtypes depend on it
 
 
 def test_each_upload_is_the_window_alone(loopback, nodes, tmp_path):

@@ -11,7 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from snake_flower.config import resolve
 from snake_flower.tasks.task import small_cnn
-from snake_flower.training.frozen import hold_frozen_in, quantize_int8, restore
+from snake_flower.training.frozen import hold_frozen_in, native_dtype, quantize_int8, resolve_dtype, restore
 from snake_flower.training.loop import LocalWork, train_window
 
 WINDOW = ["conv1", "head"]  # one segment + head
@@ -145,3 +145,22 @@ def test_int8_frozen_peak_falls_with_the_ledger_on_vgg11(live_bytes):
     assert peaks["fp32"] - peaks["int8"] >= 0.6 * ledger_drop
     largest = max(p.numel() * 4 for p in base.parameters())
     assert peaks["int8"] <= ledgers["int8"]["total-bytes"] + largest + 2**20
+
+
+@pytest.mark.parametrize(("flags", "dtype"), [
+    ({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"),  # this project's EPYC: bf16
+    ({"avx512f", "avx512_fp16"}, "fp16"), ({"fp", "asimdhp"}, "fp16"),
+    ({"avx2", "f16c"}, "fp32"), (set(), "fp32"),  # f16c converts, it does not compute
+])
+def test_auto_picks_the_dtype_the_cpu_computes_natively(flags, dtype):
+    assert native_dtype(flags) == dtype
+
+
+def test_auto_is_native_for_llm_and_fp32_for_the_other_tasks():
+    config = {"lr": 0.05, "local-epochs": 1, "local-steps": 1, "batch-size": 4, "momentum": 0.0,
+              "weight-decay": 0.0, "clip-norm": 1.0, "kd-weight": 0.0, "kd-temperature": 2.0,
+              "frozen-dtype": "auto"}
+    assert LocalWork.from_config({**config, "task": "llm"}, kd=False).frozen_dtype == native_dtype()
+    assert LocalWork.from_config({**config, "task": "vgg11"}, kd=False).frozen_dtype == "fp32"
+    assert resolve_dtype("int8", "llm") == "int8"
+    assert resolve({})["frozen-dtype"] == "auto"
