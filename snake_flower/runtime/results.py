@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord
 from flwr.common.serde import array_record_to_proto
 
 LEDGER_KEYS = ("trainable-param-bytes", "frozen-param-bytes", "grad-bytes", "optimizer-bytes",
-               "activation-bytes", "teacher-bytes", "total-bytes", "peak-rss-bytes")
+               "activation-bytes", "total-bytes", "peak-rss-bytes")
 
 
 def model_sha256(arrays: ArrayRecord) -> str:

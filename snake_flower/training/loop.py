@@ -189,8 +189,8 @@ def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y
     model.eval()
     metrics = {"train-loss": total_loss / max(steps, 1), "steps": float(steps),
                "num-examples": float(len(y))}
-    teacher_bytes = teacher.held_bytes if teacher is not None else 0
-    return metrics, memory_ledger(model, params, optimizer, meter.peak, teacher_bytes)
+    teacher_window, teacher_outputs = (teacher.window_bytes, teacher.output_bytes) if teacher else (0, 0)
+    return metrics, memory_ledger(model, params, optimizer, meter.peak, teacher_window, teacher_outputs)
 
 
 class SavedActivations:
@@ -242,20 +242,22 @@ def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def memory_ledger(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-                  activation_bytes: int, teacher_bytes: int = 0) -> dict[str, float]:
+                  activation_bytes: int, teacher_window: int = 0, teacher_outputs: int = 0
+                  ) -> dict[str, float]:
     """Design §5 ledger of one hop, in bytes (floats, as Flower metrics want).
 
-    ``teacher_bytes`` is what distillation holds (``ReceivedTeacher.held_bytes``): the
-    window as received plus one batch of teacher outputs.
+    Distillation's teacher (``ReceivedTeacher``) holds the window as received, counted as
+    frozen parameters (``teacher_window``), and one batch of its outputs, which live through
+    the step like activations (``teacher_outputs``).
     """
     trainable = {id(p) for p in params}
     # int8 frozen weights: 1 B each plus their fp32 per-channel scales
     frozen = [p for p in model.parameters() if id(p) not in trainable] + scale_tensors(model)
     grads = [p.grad for p in params if p.grad is not None]
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    ledger = {"trainable-param-bytes": _nbytes(params), "frozen-param-bytes": _nbytes(frozen),
+    ledger = {"trainable-param-bytes": _nbytes(params), "frozen-param-bytes": _nbytes(frozen) + teacher_window,
               "grad-bytes": _nbytes(grads), "optimizer-bytes": _nbytes(state),
-              "activation-bytes": activation_bytes, "teacher-bytes": teacher_bytes}
+              "activation-bytes": activation_bytes + teacher_outputs}
     ledger["total-bytes"] = sum(ledger.values())
     ledger["peak-rss-bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {k: float(v) for k, v in ledger.items()}

@@ -44,11 +44,6 @@ class ReceivedTeacher:
         self.window_bytes = sum(_nbytes(t) for t in received.values())
         self.output_bytes = 0  # the largest batch of outputs so far
 
-    @property
-    def held_bytes(self) -> int:
-        """What distillation holds at its peak: the received window and one batch of outputs."""
-        return self.window_bytes + self.output_bytes
-
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The received model's outputs for ``x`` (the student's modes are left as they were)."""
