@@ -37,6 +37,7 @@ class LocalWork:
     kd_weight: float = 0.0  # 0 disables distillation
     kd_temperature: float = 2.0
     frozen_dtype: str = "fp32"  # what the frozen parameters are held in while the window trains
+    optimizer: str = "sgd"  # runs train with SGD; "adam" is the paper's memory setting (memory --measure)
 
     @classmethod
     def from_config(cls, config: dict, kd: bool) -> "LocalWork":
@@ -163,8 +164,7 @@ def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y
     """``train_window``'s steps, with the frozen layers held in ``work.frozen_dtype``."""
     # the teacher is the model as received: the shared frozen layers plus a copy of the window
     teacher = ReceivedTeacher(model) if work.kd_weight > 0.0 else None
-    optimizer = torch.optim.SGD(params, lr=work.lr, momentum=work.momentum,
-                                weight_decay=work.weight_decay)
+    optimizer = _optimizer(params, work)
     gen = torch.Generator().manual_seed(seed)
     total_loss, steps = 0.0, 0
     meter = SavedActivations(model.parameters())  # frozen weights are not activations
@@ -191,6 +191,15 @@ def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y
                "num-examples": float(len(y))}
     teacher_window, teacher_outputs = (teacher.window_bytes, teacher.output_bytes) if teacher else (0, 0)
     return metrics, memory_ledger(model, params, optimizer, meter.peak, teacher_window, teacher_outputs)
+
+
+def _optimizer(params: list[nn.Parameter], work: LocalWork) -> torch.optim.Optimizer:
+    """A fresh optimizer for one visit: SGD with momentum, or Adam (two fp32 moments a parameter)."""
+    if work.optimizer == "adam":
+        return torch.optim.Adam(params, lr=work.lr, weight_decay=work.weight_decay)
+    if work.optimizer != "sgd":
+        raise ValueError(f"optimizer: {work.optimizer!r} is not one of sgd, adam")
+    return torch.optim.SGD(params, lr=work.lr, momentum=work.momentum, weight_decay=work.weight_decay)
 
 
 class SavedActivations:
