@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                              "peak RSS beside its ledger (random weights; batch 8 x seq 96 by default)")
     memory.add_argument("--optimizer", default="sgd", help="--measure: sgd (default, as runs train) or adam (the paper's)")
     memory.add_argument("--steps", default="2", help="--measure: training steps of the hop (default 2)")
+    memory.add_argument("--strategies", default="fedavg,snake",
+                        help="--measure: which to run (default fedavg,snake; FedAvg on OPT-1.3B needs ~24 GB)")
     return parser
 
 
@@ -215,7 +217,8 @@ def _measure(args: argparse.Namespace) -> int:
         options = MeasureOptions(model=args.model, batch=batch, seq=seq, steps=_int_option("steps", args.steps),
                                  optimizer=args.optimizer, frozen_dtype=args.frozen_dtype or "auto",
                                  window=_int_option("window", args.window))
-        report = measure(options)
+        arms = tuple(name for name in args.strategies.split(",") if name)
+        report = measure(options, arms)
     except (ConfigError, MeasureError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2

@@ -87,6 +87,9 @@ def measure(options: MeasureOptions, arms: tuple[str, ...] = ARMS, timeout: floa
     """
     from snake_flower.tasks.architectures import ArchitectureError, load_config
 
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown or not arms:
+        raise MeasureError(f"strategies: {','.join(unknown) or 'none'} not among {', '.join(ARMS)}")
     try:
         load_config(options.model)
     except ArchitectureError as err:

@@ -70,7 +70,7 @@ def test_measured_table():
 
 @pytest.mark.parametrize(("argv", "match"), [
     (["--optimizer", "lion"], "optimizer"), (["--frozen-dtype", "int8"], "frozen-dtype"),
-    (["--steps", "0"], "steps"), (["--model", "gpt-9"], "model"),
+    (["--steps", "0"], "steps"), (["--model", "gpt-9"], "model"), (["--strategies", "split"], "strategies"),
 ])
 def test_measure_errors_are_one_line_and_exit_2(capsys, argv, match):
     args = ["memory", "--measure", "--model", "tiny-opt", *argv]
