@@ -83,3 +83,12 @@ def test_bad_options_raise():
     with pytest.raises(MeasureError, match="batch"):
         MeasureOptions(batch=0)
     assert json.loads(json.dumps(TINY.__dict__))["model"] == "tiny-opt"
+
+
+def test_a_post_norm_opt_without_a_final_norm_runs_as_segments():
+    config = miniature(load_config("opt-350m"))  # normalises inside its blocks: no final norm
+    assert config.do_layer_norm_before is False
+    model = build_node_model(config, torch.bfloat16, "fedavg", window=1)
+    assert model.head.norm is None
+    logits = model(torch.randint(3, config.vocab_size, (2, 8)))
+    assert logits.shape == (2, 8, config.vocab_size) and torch.isfinite(logits).all()
