@@ -103,3 +103,21 @@ def test_kd_grows_a_nodes_peak_by_at_most_the_window_and_the_teacher_outputs(win
     grown = {key: ledgers[0.7][key] - ledgers[0.0][key] for key in ledgers[0.0]}
     assert grown["frozen-param-bytes"] == window_bytes and grown["activation-bytes"] == outputs
     assert grown["total-bytes"] == window_bytes + outputs
+
+
+@pytest.mark.parametrize(("finetune", "window"), [("full", ["embed", "layer01"]), ("lora", ["layer01"])])
+def test_teacher_of_an_llm_with_tied_embeddings_or_lora_is_the_received_model(finetune, window):
+    from snake_flower.tasks.llm import build_segments
+
+    torch.manual_seed(0)
+    model = build_segments("tiny-opt", finetune)  # full: the LM head shares embed's matrix
+    x = torch.randint(3, 200, (2, 12))
+    freeze_outside(model, window)
+    received = copy.deepcopy(model).eval()
+    teacher = ReceivedTeacher(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    assert torch.equal(teacher(x), received(x))
+    assert not torch.equal(model.eval()(x), received(x))
