@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     memory.add_argument("--model", required=True,
                         help="opt-1.3b, llama-3-8b, smollm2-135m, tiny-opt, or a folder with a config.json")
     memory.add_argument("--window", default="1", help="decoder layers Snake trains at once (default 1)")
-    memory.add_argument("--frozen-dtype", default="fp16", help="fp16 (default), bf16, fp32 or int8")
+    memory.add_argument("--frozen-dtype", help="fp16 (default), bf16, fp32 or int8; with --measure "
+                                               "auto (default: bf16/fp16 where the CPU has it), fp16, bf16, fp32")
     memory.add_argument("--finetune", default="full", help="full (default) or lora")
     memory.add_argument("--lora-rank", default="8", help="LoRA rank (default 8)")
     memory.add_argument("--lora-targets", default="q_proj,v_proj",
@@ -56,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     memory.add_argument("--batch", default="0", help="sequences per step, to count activations (default 0: not counted)")
     memory.add_argument("--seq", default="0", help="tokens per sequence, to count activations (default 0)")
     memory.add_argument("--json", action="store_true", help="print the report as JSON")
+    memory.add_argument("--measure", action="store_true",
+                        help="run one real hop per strategy, each in a fresh process, and measure its "
+                             "peak RSS beside its ledger (random weights; batch 8 x seq 96 by default)")
+    memory.add_argument("--optimizer", default="sgd", help="--measure: sgd (default, as runs train) or adam (the paper's)")
+    memory.add_argument("--steps", default="2", help="--measure: training steps of the hop (default 2)")
+    memory.add_argument("--strategies", default="fedavg,snake",
+                        help="--measure: which to run (default fedavg,snake; FedAvg on OPT-1.3B needs ~24 GB)")
     return parser
 
 
@@ -210,14 +218,35 @@ def _int_option(name: str, value: str) -> int:
         raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
 
 
+def _measure(args: argparse.Namespace) -> int:
+    """``snake-flower memory --measure --model M``: one real hop per strategy, peak RSS and ledger."""
+    from snake_flower.harness.memory_table import format_measured
+    from snake_flower.training.measure import MeasureError, MeasureOptions, measure
+
+    try:
+        batch, seq = _int_option("batch", args.batch) or 8, _int_option("seq", args.seq) or 96
+        options = MeasureOptions(model=args.model, batch=batch, seq=seq, steps=_int_option("steps", args.steps),
+                                 optimizer=args.optimizer, frozen_dtype=args.frozen_dtype or "auto",
+                                 window=_int_option("window", args.window))
+        arms = tuple(name for name in args.strategies.split(",") if name)
+        report = measure(options, arms)
+    except (ConfigError, MeasureError) as err:
+        print(f"snake-flower: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else format_measured(report))
+    return 0
+
+
 def _memory(args: argparse.Namespace) -> int:
     """``snake-flower memory --model M``: the analytic per-node ledgers (design §5)."""
     from snake_flower.harness.memory_table import format_table
     from snake_flower.tasks.architectures import ArchitectureError
     from snake_flower.training.memory import MemoryOptions, MemoryOptionsError, analyze
 
+    if args.measure:
+        return _measure(args)
     try:
-        options = MemoryOptions(window=_int_option("window", args.window), frozen_dtype=args.frozen_dtype,
+        options = MemoryOptions(window=_int_option("window", args.window), frozen_dtype=args.frozen_dtype or "fp16",
                                 finetune=args.finetune, lora_rank=_int_option("lora-rank", args.lora_rank),
                                 lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
                                 batch=_int_option("batch", args.batch), seq=_int_option("seq", args.seq))

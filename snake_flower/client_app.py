@@ -19,6 +19,7 @@ from snake_flower.split_client import train_split
 from snake_flower.tasks.data import node_partition, partition_from_config
 from snake_flower.tasks.task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
 from snake_flower.training.capacity import reported_capacity
+from snake_flower.training.frozen import ArrayView
 from snake_flower.training.loop import LocalWork, train_window, visit_seed
 from strategies.payload import decode, encode
 
@@ -64,6 +65,11 @@ def train(msg: Message, context: Context) -> Message:
     maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0)
     payload = str(cfg.get("payload-dtype", "fp32"))  # Snake's choice; FedAvg's config says fp32
     model, held, server_versions = _local_model(cfg, context, decode(msg.content["arrays"], payload))
+    del msg.content["arrays"]  # loaded: release the received arrays
+    exact = None
+    if cfg.get("strategy") != "fedavg":  # the node's copy, stored now: frozen layers restore from it
+        context.state["model"] = ArrayRecord(transport_state(model.state_dict()))
+        exact = ArrayView(context.state["model"])
 
     task = task_for(cfg)
     x_train, y_train, _, _ = task.load(cfg["data-dir"])
@@ -72,7 +78,8 @@ def train(msg: Message, context: Context) -> Message:
     window = list(cfg["window"])
     work = LocalWork.from_config(cfg, kd=kd_enabled(cfg))
     metrics, ledger = train_window(model, window, x_train[idx], y_train[idx], work,
-                                   seed=visit_seed(cfg["seed"], cfg["server-round"]), align=task.align)
+                                   seed=visit_seed(cfg["seed"], cfg["server-round"]), align=task.align,
+                                   exact=exact)
 
     state = transport_state(model.state_dict())
     keys = [key for name, seg in segment_keys(model).items() if name in window for key in seg]

@@ -26,7 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "finetune": "full",
     "lora-rank": 8,
     "seq-len": 128,
-    "frozen-dtype": "fp32",
+    # auto: bf16 or fp16 where the CPU computes it natively (task llm), else fp32
+    "frozen-dtype": "auto",
     "frozen-segments": "",
     # the snake
     "num-server-rounds": 128,
@@ -83,7 +84,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": ("snake", "fedavg", "split"),
     "partitioner": ("iid", "dirichlet", "pathological", "topic"),
     "finetune": ("full", "lora"),
-    "frozen-dtype": ("fp32", "fp16", "bf16", "int8"),
+    "frozen-dtype": ("auto", "fp32", "fp16", "bf16", "int8"),
     "payload-dtype": ("fp32", "fp16", "int8"),
     "sweep": ("serpentine", "forward"),
     "order": ("fixed", "shuffle", "capacity"),

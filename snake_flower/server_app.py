@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from snake_flower.config import resolve
+from snake_flower.config import kd_enabled, resolve
 from snake_flower.runtime import results
 from snake_flower.runtime.chaos import ChaosGrid
 from snake_flower.runtime.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
@@ -66,7 +66,7 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
     _, _, x_test, y_test = task.load(config["data-dir"])
     # a full batch of test inputs stands in for a node's: the ledger and FLOPs depend on shapes only
     sizer = WindowSizer(model, x_test[:config["batch-size"]], y_test[:config["batch-size"]], config,
-                        align=task.align)
+                        align=task.align, kd=kd_enabled(config))
     if config["eval-samples"]:  # the first N test examples, the same for every strategy
         x_test, y_test = x_test[:config["eval-samples"]], y_test[:config["eval-samples"]]
     recorder = RunRecorder(name, config, model, (x_test, y_test), metered, num_rounds, visits_per_round,

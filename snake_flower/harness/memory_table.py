@@ -41,3 +41,24 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"the paper reports {paper['fedavg']} GB (FL) and {paper['snake']} GB (Snake), "
                          "activations excluded")
     return "\n".join(lines)
+
+
+def format_measured(report: dict[str, Any]) -> str:
+    """The report of ``measure.measure`` as a short table, in MiB."""
+    opts, mib = report["options"], 2**20
+    snake = report["snake"]
+    lines = [f"{report['model']}: one hop of {opts['steps']} {opts['optimizer']} steps on {opts['batch']} x "
+             f"{opts['seq']} tokens, each strategy in a fresh process (random weights)",
+             f"Snake trains {'+'.join(snake['window'])}, frozen layers held and kept in "
+             f"{snake['frozen_dtype']} (payload {snake['payload_dtype']}); FedAvg trains everything in fp32",
+             f"{'':8}{'baseline':>10}{'peak':>10}{'peak-base':>11}{'ledger':>10}{'ratio':>7}   (MiB)"]
+    for arm in ("fedavg", "snake"):
+        got = report[arm]
+        grown = got["peak_rss_bytes"] - got["baseline_rss_bytes"]
+        lines.append(f"{arm:8}{got['baseline_rss_bytes'] / mib:>10.0f}{got['peak_rss_bytes'] / mib:>10.0f}"
+                     f"{grown / mib:>11.0f}{got['total_bytes'] / mib:>10.0f}{grown / got['total_bytes']:>7.2f}")
+    ratio = report.get("snake_over_fedavg")
+    if ratio:
+        lines.append(f"Snake / FedAvg: {ratio['measured']:.2f} measured (peak - baseline), "
+                     f"{ratio['ledger']:.2f} by the ledger")
+    return "\n".join(lines)

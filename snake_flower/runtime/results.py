@@ -34,9 +34,24 @@ def model_bytes(arrays: ArrayRecord) -> int:
     return array_record_to_proto(arrays).ByteSize()
 
 
+def cpu() -> dict[str, str]:
+    """The CPU's model name and flags (``/proc/cpuinfo``): speed depends on them, e.g. whether
+    bf16 or fp16 is native (``frozen-dtype = "auto"``). Empty where there is no ``/proc``."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu": platform.processor() or platform.machine()}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("model name", "flags") and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    return {"cpu": fields.get("model name", platform.machine()), "cpu-flags": fields.get("flags", "")}
+
+
 def versions() -> dict[str, str]:
-    """Versions of the packages a result depends on."""
-    out = {"python": platform.python_version()}
+    """Versions of the packages a result depends on, and the CPU it ran on."""
+    out = {"python": platform.python_version(), **cpu()}
     for dist in ("flwr", "torch", "torchvision", "numpy", "flwr-datasets", "datasets", "ray"):
         try:
             out[dist] = metadata.version(dist)

@@ -54,6 +54,13 @@ PRESETS: dict[str, Preset] = {
         source="facebook/opt-1.3b", nominal_params=1.3e9,
         # the paper's peak memory per node for LLM fine-tuning (notes/paper.md)
         paper_gb={"fedavg": 19.37, "snake": 3.13}),
+    "opt-350m": Preset(
+        "opt",  # the one OPT that normalises after each block, and projects 512 <-> 1024
+        {"vocab_size": 50272, "hidden_size": 1024, "num_hidden_layers": 24, "ffn_dim": 4096,
+         "num_attention_heads": 16, "max_position_embeddings": 2048, "word_embed_proj_dim": 512,
+         "do_layer_norm_before": False, "activation_function": "relu", "dropout": 0.1,
+         "tie_word_embeddings": True, **_OPT_IDS},
+        source="facebook/opt-350m", nominal_params=3.5e8),
     "llama-3-8b": Preset(
         "llama",
         {"vocab_size": 128256, "hidden_size": 4096, "num_hidden_layers": 32,
@@ -89,7 +96,7 @@ def load_config(model: str) -> Any:
     Parameters
     ----------
     model : str
-        A preset name (``opt-1.3b``, ``llama-3-8b``, ``smollm2-135m``, ``tiny-opt``), or a
+        A preset name (``opt-1.3b``, ``opt-350m``, ``llama-3-8b``, ``smollm2-135m``, ``tiny-opt``), or a
         local folder (or its ``config.json``) as ``save_pretrained`` writes it.
 
     Returns

@@ -173,12 +173,13 @@ class _Embed(nn.Module):
 class _Head(nn.Module):
     """Final norm (plus OPT's output projection) and the LM head."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module, project_out: nn.Module | None = None) -> None:
+    def __init__(self, norm: nn.Module | None, lm_head: nn.Module, project_out: nn.Module | None = None) -> None:
         super().__init__()
         self.norm, self.project_out, self.lm_head = norm, project_out, lm_head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = self.norm(hidden)
+        if self.norm is not None:  # OPT-350m normalises inside its blocks and has no final norm
+            hidden = self.norm(hidden)
         if self.project_out is not None:
             hidden = self.project_out(hidden)
         # a tied LM head's weight belongs to embed, which may be in another dtype this hop

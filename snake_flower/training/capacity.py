@@ -138,15 +138,18 @@ class WindowSizer:
         The run-config: local work (``local-steps``, ``frozen-dtype``...) and ``hop-deadline-s``.
     align : Align | None (default: None)
         The task's ``align`` (an LLM predicts every answer token).
+    kd : bool (default: False)
+        Whether the run distils (``config.kd_enabled``): a node then also holds the window as
+        received and one batch of teacher outputs, and the ledger counts them.
 
     The model is copied for each measurement only: its values may change between them
     (the server evaluates into it), but ledgers and FLOPs depend on shapes alone.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Mapping[str, Any],
-                 align: Align | None = None) -> None:
+                 align: Align | None = None, kd: bool = False) -> None:
         self.model, self.x, self.y, self.align = model, x, y, align
-        self.work = LocalWork.from_config({**config, "local-steps": 1}, kd=False)
+        self.work = LocalWork.from_config({**config, "local-steps": 1}, kd=kd)
         self.steps = int(config["local-steps"])  # hop-deadline-s > 0 requires local-steps > 0
         self.deadline = float(config["hop-deadline-s"])
         self._cache: dict[tuple[str, ...], tuple[float, float]] = {}

@@ -7,19 +7,19 @@ the optimizer, eval mode for their buffers), so their values are left bit-identi
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import resource
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snake_flower.training.frozen import hold_frozen_in, restore, scale_tensors
+from snake_flower.training.frozen import hold_frozen_in, resolve_dtype, restore, scale_tensors
+from snake_flower.training.teacher import ReceivedTeacher
 
 Align = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -38,6 +38,7 @@ class LocalWork:
     kd_weight: float = 0.0  # 0 disables distillation
     kd_temperature: float = 2.0
     frozen_dtype: str = "fp32"  # what the frozen parameters are held in while the window trains
+    optimizer: str = "sgd"  # runs train with SGD; "adam" is the paper's memory setting (memory --measure)
 
     @classmethod
     def from_config(cls, config: dict, kd: bool) -> "LocalWork":
@@ -51,7 +52,8 @@ class LocalWork:
                    clip_norm=float(config["clip-norm"]),
                    kd_weight=float(config["kd-weight"]) if kd else 0.0,
                    kd_temperature=float(config["kd-temperature"]),
-                   frozen_dtype=str(config.get("frozen-dtype", "fp32")))
+                   frozen_dtype=resolve_dtype(str(config.get("frozen-dtype", "fp32")),
+                                              str(config.get("task", ""))))
 
 
 def scheduled_lr(lr: float, server_round: int, rounds: int, decay: str = "none",
@@ -158,20 +160,24 @@ def _identity(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y: torch.Tensor,
-                 work: LocalWork, seed: int, align: Align | None = None
+                 work: LocalWork, seed: int, align: Align | None = None,
+                 exact: Mapping[str, torch.Tensor] | None = None
                  ) -> tuple[dict[str, float], dict[str, float]]:
     """Train the ``trainable`` segments in place; return training metrics and memory ledger.
 
     ``align(outputs, y)`` turns a batch's outputs and labels into one row per
-    prediction (``Task.align``; an LLM predicts every answer token).
+    prediction (``Task.align``; an LLM predicts every answer token). ``exact`` maps
+    ``state_dict`` keys to the exact values the node keeps (its stored copy): a frozen
+    parameter found there is held in ``work.frozen_dtype`` alone during the hop and is
+    restored from it afterwards; without it the fp32 originals stay alive for the restore.
     """
     start, cpu = time.perf_counter(), time.process_time()
     params = freeze_outside(model, trainable)
-    held = hold_frozen_in(model, work.frozen_dtype)
+    held = hold_frozen_in(model, work.frozen_dtype, exact)
     try:
         metrics, ledger = _train_held(model, params, x, y, work, seed, align or _identity)
     finally:
-        restore(held)  # a failed step too leaves the caller's model exact
+        restore(held, exact)  # a failed step too leaves the caller's model exact
     metrics["train-seconds"] = time.perf_counter() - start
     # CPU seconds: on a shared machine the wall time also counts waiting for a core
     metrics["train-cpu-seconds"] = time.process_time() - cpu
@@ -181,22 +187,19 @@ def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y:
 def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
                 work: LocalWork, seed: int, align: Align) -> tuple[dict[str, float], dict[str, float]]:
     """``train_window``'s steps, with the frozen layers held in ``work.frozen_dtype``."""
-    teacher = None
-    if work.kd_weight > 0.0:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the model as received
-        hold_frozen_in(teacher, work.frozen_dtype)  # a copy of a held model: held alike
-    optimizer = torch.optim.SGD(params, lr=work.lr, momentum=work.momentum,
-                                weight_decay=work.weight_decay)
+    # the teacher is the model as received: the shared frozen layers plus a copy of the window
+    teacher = ReceivedTeacher(model) if work.kd_weight > 0.0 else None
+    optimizer = _optimizer(params, work)
     gen = torch.Generator().manual_seed(seed)
     total_loss, steps = 0.0, 0
     meter = SavedActivations(model.parameters())  # frozen weights are not activations
     for idx in _batches(len(y), work, gen):
         xb = x[idx]
+        # the teacher runs first, while no activation is saved: only its outputs stay
+        target = align(teacher(xb), y[idx])[0] if teacher is not None else None
         with meter:
             logits, yb = align(model(xb), y[idx])
-        if teacher is not None:
-            with torch.no_grad():
-                target, _ = align(teacher(xb), y[idx])
+        if target is not None:
             loss = distillation_loss(logits, target, yb, work.kd_weight, work.kd_temperature)
         else:
             loss = F.cross_entropy(logits, yb)
@@ -207,10 +210,21 @@ def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y
         optimizer.step()
         total_loss += loss.item()
         steps += 1
+        del target, logits, loss
     model.eval()
     metrics = {"train-loss": total_loss / max(steps, 1), "steps": float(steps),
                "num-examples": float(len(y))}
-    return metrics, memory_ledger(model, params, optimizer, meter.peak)
+    teacher_window, teacher_outputs = (teacher.window_bytes, teacher.output_bytes) if teacher else (0, 0)
+    return metrics, memory_ledger(model, params, optimizer, meter.peak, teacher_window, teacher_outputs)
+
+
+def _optimizer(params: list[nn.Parameter], work: LocalWork) -> torch.optim.Optimizer:
+    """A fresh optimizer for one visit: SGD with momentum, or Adam (two fp32 moments a parameter)."""
+    if work.optimizer == "adam":
+        return torch.optim.Adam(params, lr=work.lr, weight_decay=work.weight_decay)
+    if work.optimizer != "sgd":
+        raise ValueError(f"optimizer: {work.optimizer!r} is not one of sgd, adam")
+    return torch.optim.SGD(params, lr=work.lr, momentum=work.momentum, weight_decay=work.weight_decay)
 
 
 class SavedActivations:
@@ -262,16 +276,22 @@ def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def memory_ledger(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-                  activation_bytes: int) -> dict[str, float]:
-    """Design §5 ledger of one hop, in bytes (floats, as Flower metrics want)."""
+                  activation_bytes: int, teacher_window: int = 0, teacher_outputs: int = 0
+                  ) -> dict[str, float]:
+    """Design §5 ledger of one hop, in bytes (floats, as Flower metrics want).
+
+    Distillation's teacher (``ReceivedTeacher``) holds the window as received, counted as
+    frozen parameters (``teacher_window``), and one batch of its outputs, which live through
+    the step like activations (``teacher_outputs``).
+    """
     trainable = {id(p) for p in params}
     # int8 frozen weights: 1 B each plus their fp32 per-channel scales
     frozen = [p for p in model.parameters() if id(p) not in trainable] + scale_tensors(model)
     grads = [p.grad for p in params if p.grad is not None]
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    ledger = {"trainable-param-bytes": _nbytes(params), "frozen-param-bytes": _nbytes(frozen),
+    ledger = {"trainable-param-bytes": _nbytes(params), "frozen-param-bytes": _nbytes(frozen) + teacher_window,
               "grad-bytes": _nbytes(grads), "optimizer-bytes": _nbytes(state),
-              "activation-bytes": activation_bytes}
+              "activation-bytes": activation_bytes + teacher_outputs}
     ledger["total-bytes"] = sum(ledger.values())
     ledger["peak-rss-bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {k: float(v) for k, v in ledger.items()}

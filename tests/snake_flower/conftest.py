@@ -20,10 +20,14 @@ class InProcessNodes:
 
     def __call__(self, msg) -> RecordDict | Error:
         node = msg.metadata.dst_node_id
+        sent = msg.content  # Flower hands each node its own copy: the node may release its records
+        msg.content = RecordDict(dict(sent.items()))
         try:
             content = client_app(msg, self.contexts[node]).content
         except Exception as err:  # a crashing ClientApp becomes an error reply, as in Flower
             return Error(code=1, reason=f"{type(err).__name__}: {err}")
+        finally:
+            msg.content = sent
         return self.tamper(content, node) if self.tamper else content
 
 

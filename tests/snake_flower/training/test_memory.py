@@ -201,7 +201,7 @@ def test_cli_table(capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--model", "nope"], "is not a preset (opt-1.3b, llama-3-8b, smollm2-135m, tiny-opt)"),
+    (["--model", "nope"], "is not a preset (opt-1.3b, opt-350m, llama-3-8b, smollm2-135m, tiny-opt)"),
     (["--model", "tiny-opt", "--window", "x"], "window: expected an integer"),
     (["--model", "tiny-opt", "--window", "9"], "window: 9 exceeds"),
     (["--model", "tiny-opt", "--frozen-dtype", "fp8"], "frozen-dtype"),
