@@ -120,10 +120,14 @@ def main(argv: Sequence[str]) -> int:
               f"{POLL_RANGE[0]:g}-{POLL_RANGE[1]:g} s", file=sys.stderr)
         return 2
     try:
+        resolve(parse_overrides(args.warm_config))
+    except ConfigError as err:
+        print(f"snake-flower supernode: error: --warm-config: {err}", file=sys.stderr)
+        return 2
+    try:
         for patch in ("supernode-sleeps", "object-pulls", "executor"):
             check(patch)
-        resolve(parse_overrides(args.warm_config))
-    except ConfigError as err:  # UncheckedFlower included
+    except ConfigError as err:  # UncheckedFlower
         print(f"snake-flower supernode: error: {err}", file=sys.stderr)
         return 2
     flower = _flower_args(flower_argv)

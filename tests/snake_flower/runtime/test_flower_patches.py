@@ -1,13 +1,42 @@
-"""The simulation engine's quicker message pickup: same messages, same order, less waiting."""
+"""Every patch of Flower's internals: checked against the recorded flwr versions, and what each does.
+
+The simulation engine's quicker message pickup: same messages, same order, less waiting.
+The SuperNode's capped sleeps and the object-pull back-off. A changed signature, source or
+constant, or an unrecorded flwr version, stops every patch with a one-line error.
+"""
 
 from __future__ import annotations
 
 import threading
+import time
 from queue import Queue
 
+import pytest
 from flwr.server.superlink.fleet.vce import vce_api
+from flwr.supercore import constant
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supernode import start_client_internal
 
-from snake_flower.runtime.dispatch import MAX_WAIT, add_messages_to_queue_quickly, quick_pickup
+from snake_flower import cli
+from snake_flower.runtime import flower_patches
+from snake_flower.runtime.flower_fingerprints import CHECKED
+from snake_flower.runtime.flower_patches import (PATCHES, PICKUP_MAX_WAIT, STOCK_ENV, CappedTime, UncheckedFlower,
+                                                 add_messages_to_queue_quickly, check, fingerprint,
+                                                 patch_object_pulls, patch_pickup, patch_supernode_sleeps)
+
+PULLERS = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks(monkeypatch):
+    """Each test checks afresh, with stock Flower not asked for; patched functions are restored."""
+    monkeypatch.delenv(STOCK_ENV, raising=False)
+    for function in PULLERS:
+        monkeypatch.setattr(function, "__kwdefaults__", dict(function.__kwdefaults__))
+    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
+    flower_patches._check.cache_clear()
+    yield
+    flower_patches._check.cache_clear()
 
 
 class FakeState:
@@ -51,10 +80,87 @@ def test_every_message_is_picked_up_in_order_with_adaptive_waits():
     assert queue.empty()
     ms = [round(w * 1000) for w in stop.waits]
     assert ms == [1, 1, 1, 2, 4, 8, 16, 20, 20, 1, 2]
-    assert max(stop.waits) == MAX_WAIT < 0.1  # Flower's loop always waits 0.1 s
+    assert max(stop.waits) == PICKUP_MAX_WAIT < 0.1  # Flower's loop always waits 0.1 s
 
 
 def test_quick_pickup_replaces_the_engines_loop(monkeypatch):
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
-    assert quick_pickup()
+    assert patch_pickup()
     assert vce_api.add_messages_to_queue is add_messages_to_queue_quickly
+
+
+def test_the_installed_flower_is_exactly_as_recorded():
+    recorded = CHECKED[flower_patches.flwr_version()]  # KeyError: a version nobody checked
+    for refs in PATCHES.values():
+        for ref in refs:
+            assert fingerprint(ref) == recorded[ref], ref
+        assert set(refs) <= set(recorded)
+    assert set(CHECKED) == {"1.41.0", "1.42.0"}
+    assert recorded["flwr.supercore.constant:PULL_INITIAL_BACKOFF"] == "1"  # what the patch lowers
+
+
+def test_a_changed_constant_or_signature_stops_the_patch(monkeypatch):
+    monkeypatch.setattr(constant, "PULL_BACKOFF_CAP", 30)
+    with pytest.raises(UncheckedFlower, match="PULL_BACKOFF_CAP"):
+        check("object-pulls")
+    flower_patches._check.cache_clear()
+
+    def _push_messages(state, object_store, send, push_object, poll=0.5):  # one argument more
+        del state, object_store, send, push_object, poll
+    monkeypatch.setattr(start_client_internal, "_push_messages", _push_messages)
+    with pytest.raises(UncheckedFlower, match="_push_messages") as err:
+        patch_supernode_sleeps(0.1)
+    assert start_client_internal.time is time  # nothing was patched
+    assert "SNAKE_FLOWER_STOCK_FLOWER=1" in str(err.value)
+
+
+def test_the_same_signature_with_another_body_stops_the_patch(monkeypatch):
+    original = inflatable_utils.pull_objects
+
+    def pull_objects(object_ids, pull_object_fn, *, max_concurrent_pulls=0, max_time=None,
+                     max_tries_per_object=None, initial_backoff=1, backoff_cap=10):
+        return original(object_ids, pull_object_fn)
+    monkeypatch.setattr(inflatable_utils, "pull_objects", pull_objects)
+    with pytest.raises(UncheckedFlower, match="pull_objects.*sha256"):
+        patch_object_pulls()
+
+
+def test_an_unchecked_flwr_version_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setattr(flower_patches, "flwr_version", lambda: "1.99.0")
+    for patch in PATCHES:
+        with pytest.raises(UncheckedFlower) as err:
+            check(patch)
+        message = str(err.value)
+        assert "\n" not in message and "flwr 1.99.0" in message and "1.41.0, 1.42.0" in message
+        assert STOCK_ENV in message
+    assert cli.main(["run", "--run-config", "task=synthetic", "--out", "/nonexistent"]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed.startswith("snake-flower: error: flwr 1.99.0 is not a version") and "\n" not in printed
+    monkeypatch.setenv(STOCK_ENV, "1")  # the way out: stock Flower, no patch, no check
+    check("pickup")
+    assert not patch_object_pulls()
+
+
+def test_object_pulls_start_their_back_off_at_20_ms_everywhere_in_the_process():
+    assert all(f.__kwdefaults__["initial_backoff"] == 1 for f in PULLERS)  # Flower's
+    assert patch_object_pulls()
+    for function in PULLERS:
+        assert function.__kwdefaults__["initial_backoff"] == 0.02
+        assert function.__kwdefaults__["backoff_cap"] == 0.5
+
+
+def test_stock_flower_leaves_everything_alone(monkeypatch):
+    monkeypatch.setenv(STOCK_ENV, "1")
+    assert not patch_object_pulls() and not patch_supernode_sleeps(0.1)
+    assert all(f.__kwdefaults__["initial_backoff"] == 1 for f in PULLERS)
+    assert start_client_internal.time is time
+
+
+def test_the_supernode_sleeps_at_most_the_poll_interval():
+    assert patch_supernode_sleeps(0.05)
+    capped = start_client_internal.time
+    assert isinstance(capped, CappedTime) and capped.time is time.time  # the rest is time's own
+    started = time.monotonic()
+    capped.sleep(3)  # the SuperNode's idle poll
+    assert time.monotonic() - started < 1.0
+    assert time.time is not None and getattr(time, "sleep") is not capped.sleep
