@@ -35,7 +35,8 @@ SUPEREXEC_START_TIMEOUT_S = 120.0
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="snake-flower supernode", description=__doc__.splitlines()[0],
+        prog="snake-flower supernode",
+        description="Flower's SuperNode for an edge node: forked ClientApps from a warm forkserver, no idle polls.",
         epilog="Every other argument goes to flower-supernode (see flower-supernode --help).")
     parser.add_argument("--poll-interval", type=float, default=0.1,
                         help="longest wait, in seconds, of the SuperNode's idle poll, its wait for a "
