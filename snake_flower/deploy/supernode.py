@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 
 from snake_flower.config import ConfigError, parse_overrides, resolve
-from snake_flower.runtime.flower_patches import STOCK_ENV, check, patch_object_pulls, patch_supernode_sleeps
+from snake_flower.runtime.flower_patches import check, patch_object_pulls, patch_supernode_sleeps
 
 POLL_RANGE = (0.01, 3.0)  # Flower's own SuperExec poll accepts 0.01-60 s; the SuperNode's idle poll is 3 s
 SUPEREXEC_START_TIMEOUT_S = 120.0
@@ -109,8 +109,7 @@ def _start_superexec_when_listening(command: list[str], env: dict[str, str], add
 def main(argv: Sequence[str]) -> int:
     """Run the launcher; returns an exit code (2: bad arguments or an unchecked flwr)."""
     args, flower_argv = _parser().parse_known_args(list(argv))
-    if args.stock:
-        os.environ[STOCK_ENV] = "1"
+    if args.stock:  # Flower's own SuperNode, SuperExec and flwr-clientapp: nothing of ours runs in them
         return _run_flower_supernode(flower_argv)
     if any(arg == "--isolation" or arg.startswith("--isolation=") for arg in flower_argv):
         print("snake-flower supernode: error: --isolation: the launcher runs its own SuperExec "

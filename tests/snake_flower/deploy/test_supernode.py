@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 
 import pytest
@@ -94,6 +95,7 @@ def test_stock_runs_flower_supernode_unpatched(no_supernode, monkeypatch):
     monkeypatch.setattr(flower_patches, "flwr_version", lambda: "1.43.0")  # any version
     assert supernode.main(["--stock", *NODE, "--insecure"]) == 0
     assert no_supernode == [["flower-supernode", *NODE, "--insecure"]]
+    assert STOCK_ENV not in os.environ  # stock Flower's processes import none of our patches
 
 
 @pytest.mark.parametrize("insecure, certificates, parent", [(True, None, 77), (False, "/c/ca.crt", None),

@@ -34,7 +34,8 @@ def test_the_forkserver_preload_holds_the_partitions_on_one_thread(tmp_path):
         _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(30) % 10)
     spec = json.dumps({"run-config": f"data-dir='{tmp_path}' partitioner='iid'", "partition-id": 2,
                        "num-partitions": 3})
-    env = {**os.environ, WARM_ENV: spec, "OMP_NUM_THREADS": "2"}
+    env = {**{k: v for k, v in os.environ.items() if k != "SNAKE_FLOWER_STOCK_FLOWER"}, WARM_ENV: spec,
+           "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300,
                          check=True).stdout.split()
     assert out == ["True", "1", "1", "0.02"]
