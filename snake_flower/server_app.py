@@ -125,6 +125,7 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                 "segments_sent": hop["segments_sent"], "status": hop["status"],
                 "hop_s": round(hop.get("seconds", 0.0), 4), "bytes_p2p": p2p,
                 "train_s": round(float(reported.get("train-seconds", 0.0)), 4),  # the node's, inside hop_s
+                "train_cpu_s": round(float(reported.get("train-cpu-seconds", 0.0)), 4),
                 "capacity": capacity.as_dict(), "passed_over": hop.get("passed_over", []),
                 # a failed hop costs the bytes it moved (its compute, if any, is not reported)
                 "network_time_s": hop_time_s(compute_s(reported), moved, capacity)}
