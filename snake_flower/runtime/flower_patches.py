@@ -117,7 +117,15 @@ def _check(patch: str, installed: str) -> None:
             found = f"unreadable ({type(err).__name__})"
         if found != CHECKED[installed][ref]:
             raise UncheckedFlower(f"flwr {installed}: {ref} is not the one patch {patch!r} was checked "
-                                  f"against ({found}); {way_out}")
+                                  f"against ({_difference(found, CHECKED[installed][ref])}); {way_out}")
+
+
+def _difference(found: str, recorded: str) -> str:
+    """Which part of a fingerprint changed, briefly."""
+    (signature, _, source), (was_signature, _, was_source) = found.rpartition(" "), recorded.rpartition(" ")
+    if signature != was_signature:
+        return "its signature or value changed"
+    return f"its source changed: {was_source} is now {source}"
 
 
 def _apply(patch: str, apply: Callable[[], None], what: str) -> bool:
