@@ -57,11 +57,11 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
            visits_per_round: int = 1):
     task = task_for(config)
     model = build_model(task, config["seed"])
+    if config["fast-poll"] and _deployed(grid):  # reply objects too: not Flower's 1-10 s back-off
+        patch_object_pulls()  # (runtime/flower_patches.py)
     if config["leave-round"] > 0:  # chaos run: one node leaves for good (see runtime/chaos.py)
         grid = ChaosGrid(grid, config["leave-round"], config["leave-partition"])
     if config["fast-poll"]:
-        if _deployed(grid):  # the reply's objects too: not Flower's 1-10 s back-off (runtime/flower_patches.py)
-            patch_object_pulls()
         metered = MeteredGrid(grid, poll_interval=poll)
     else:  # Flower's own fixed cadence, to measure what the fast poll saves
         metered = MeteredGrid(grid, poll_interval=flower_poll_interval(grid),
