@@ -1,29 +1,30 @@
-"""Per-hop latency of Snake in a real deployment, with Flower's 3 s Grid poll and with ours.
+"""Per-hop latency of Snake in a real deployment: stock Flower against the warm node launcher.
 
-Each run is a fresh ``LoopbackDeployment`` (one ``flower-superlink``, three
-``flower-supernode``s on loopback, ``flwr run .``; README, "Deploy") of a short Snake
-run whose hops do almost no training (``task=synthetic``, 5 local steps), so a hop's
-time is the deployment's latency: from the server sending the hop to the reply it
-accepts (``hop_s`` in the results). The arms run alternately, their order rotated from
-one repeat to the next, so that a noisy machine weighs on all of them alike:
+Each run is a fresh ``LoopbackDeployment`` (one ``flower-superlink``, three SuperNodes on
+loopback, ``flwr run .``; README, "Deploy") of the default app: Fashion-MNIST CNN, 100
+local steps per hop, real payloads. A hop is the server's ``hop_s``: from sending the hop
+to the reply it accepts. Two arms, run alternately (their order swapped from one repeat
+to the next, so that a noisy machine weighs on both alike):
 
-- ``flower``: ``fast-poll=false``, the ServerApp pulls replies at Flower's fixed 3 s;
-- ``fast``: ``fast-poll=true`` (the default), pulls back off from 2 ms to 0.1 s;
-- ``fast+superexec`` (with ``--superexec-poll S``): also every SuperExec polls for new
-  tasks every S seconds instead of 1 s, through Flower's own environment variable
-  ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (on the SuperNodes this is the wait before a
-  ClientApp process is started for a message that arrived).
+- ``stock``: ``flower-supernode`` as Flower ships it, ``fast-poll=false`` and
+  ``SNAKE_FLOWER_STOCK_FLOWER=1``: every patch off, the ServerApp's included;
+- ``launcher``: ``snake-flower supernode`` (warm forked ClientApps, SuperNode sleeps capped
+  at 0.1 s, object pulls from 0.02 s), ``fast-poll=true``.
 
-Prints the median and mean seconds per hop of each arm over every hop of every
-repeat, and the ratios to ``flower``. The final model is the same in every run
-(checked): the poll changes when a reply is seen, not what it holds.
+Every process gets ``OMP_NUM_THREADS=1`` (the launcher trains on one torch thread; so
+does stock Flower here). Prints, per arm, the median and mean hop, the median of the
+nodes' own training time (``train_s``, and its CPU seconds ``train_cpu_s``) and of the rest
+(``hop_s - train_s``), and checks
+that both arms end with the same model. ``--json OUT`` writes
+``{"arms": {"stock": {"median_hop_s": ..., "hops": N, ...}, "launcher": {...}}, ...}``.
 
-    python experiments/bench_deploy.py --hops 8 --repeats 4 --superexec-poll 0.05
+    python experiments/bench_deploy.py --hops 8 --repeats 2 --json results/bench_deploy.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -31,56 +32,75 @@ import time
 from pathlib import Path
 
 from snake_flower.deploy.loopback import LoopbackDeployment
+from snake_flower.runtime.flower_patches import STOCK_ENV
 
-OVERRIDES = {"task": "synthetic", "window": 1, "local-steps": 5, "eval-samples": 200, "min-nodes": 3}
+ARMS = {"stock": {"launcher": False, "fast-poll": False, "env": {STOCK_ENV: "1"}},
+        "launcher": {"launcher": True, "fast-poll": True, "env": {}}}
 
 
-def hop_times(workdir: Path, hops: int, fast_poll: bool, superexec_poll: float | None
-              ) -> tuple[list[float], str]:
-    """Seconds per hop of one deployed run, and its final model hash."""
-    env = {"OMP_NUM_THREADS": "1"}  # as in the tests; the hops hardly compute anyway
-    if superexec_poll is not None:
-        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll)
-    with LoopbackDeployment(workdir, num_nodes=3, env=env) as deployment:
-        result = deployment.run({**OVERRIDES, "num-server-rounds": hops, "eval-every": hops,
-                                 "fast-poll": fast_poll}, timeout=60.0 * hops + 300)
+def run_arm(workdir: Path, arm: str, hops: int) -> tuple[list[dict], str]:
+    """The rows of one deployed run of the default app, and its final model hash."""
+    spec = ARMS[arm]
+    env = {"OMP_NUM_THREADS": "1", **spec["env"]}
+    overrides = {"num-server-rounds": hops, "eval-every": hops, "min-nodes": 3, "fast-poll": spec["fast-poll"]}
+    with LoopbackDeployment(workdir, num_nodes=3, env=env, launcher=spec["launcher"]) as deployment:
+        result = deployment.run(overrides, timeout=120.0 * hops + 600)
     if result["failures"]:
         sys.exit(f"a hop failed in {workdir}: {result['failures'][0]}")
-    return [row["hop_s"] for row in result["rounds"]], result["final"]["model_sha256"]
+    return result["rounds"], result["final"]["model_sha256"]
+
+
+def summary(rows: list[dict]) -> dict[str, float | int]:
+    """Median and mean hop, the nodes' training time and the rest, over ``rows``."""
+    hops = [row["hop_s"] for row in rows]
+    train = [row["train_s"] for row in rows]
+    train_cpu = [row["train_cpu_s"] for row in rows]
+    return {"median_hop_s": round(statistics.median(hops), 3), "hops": len(hops),
+            "mean_hop_s": round(statistics.mean(hops), 3), "min_hop_s": round(min(hops), 3),
+            "max_hop_s": round(max(hops), 3), "median_train_s": round(statistics.median(train), 3),
+            "median_train_cpu_s": round(statistics.median(train_cpu), 3),
+            "median_rest_s": round(statistics.median(h - t for h, t in zip(hops, train)), 3)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hops", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--superexec-poll", type=float, default=None,
-                        help="add an arm with FLWR_SUPEREXEC_TASK_POLL_INTERVAL set to this (0.01-60 s)")
+    parser.add_argument("--hops", type=int, default=8, help="hops per run (default 8)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per arm (default 2)")
+    parser.add_argument("--json", help="write the figures to this JSON file")
     args = parser.parse_args()
-    arms = {"flower": (False, None), "fast": (True, None)}
-    if args.superexec_poll is not None:
-        arms["fast+superexec"] = (True, args.superexec_poll)
-    times: dict[str, list[float]] = {arm: [] for arm in arms}
-    hashes: set[str] = set()
+    rows: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    hashes: dict[str, set[str]] = {arm: set() for arm in ARMS}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            order = list(arms)[repeat % len(arms):] + list(arms)[:repeat % len(arms)]
+            order = list(ARMS) if repeat % 2 == 0 else list(reversed(ARMS))
             for arm in order:
-                hops, sha = hop_times(Path(tmp) / f"{arm}-{repeat}", args.hops, *arms[arm])
-                times[arm].extend(hops)
-                hashes.add(sha)
-                print(f"repeat {repeat + 1}/{args.repeats} {arm:15s} {[round(t, 2) for t in hops]}",
-                      flush=True)
-    if len(hashes) != 1:
-        sys.exit(f"the runs ended with different models: {sorted(h[:12] for h in hashes)}")
-    base = statistics.median(times["flower"]), statistics.mean(times["flower"])
+                arm_rows, sha = run_arm(Path(tmp) / f"{arm}-{repeat}", arm, args.hops)
+                rows[arm].extend(arm_rows)
+                hashes[arm].add(sha)
+                print(f"repeat {repeat + 1}/{args.repeats} {arm:8s} hop_s {[r['hop_s'] for r in arm_rows]} "
+                      f"train_s {[r['train_s'] for r in arm_rows]}", flush=True)
+    same_model = len(hashes["stock"] | hashes["launcher"]) == 1
+    report = {"arms": {arm: summary(arm_rows) for arm, arm_rows in rows.items()},
+              "hops_per_run": args.hops, "repeats": args.repeats, "nodes": 3,
+              "same_model": same_model, "model_sha256": sorted(hashes["stock"] | hashes["launcher"]),
+              "wall_s": round(time.time() - started)}
+    stock, launcher = report["arms"]["stock"], report["arms"]["launcher"]
     print(f"\n{args.hops} hops x {args.repeats} repeats per arm, 3 SuperNodes on loopback, "
-          f"{time.time() - started:.0f} s in all; same final model ({hashes.pop()[:12]})")
-    print("| arm | hops | median s/hop | mean s/hop | median / flower | mean / flower |")
-    print("|---|---|---|---|---|---|")
-    for arm, hops in times.items():
-        median, mean = statistics.median(hops), statistics.mean(hops)
-        print(f"| {arm} | {len(hops)} | {median:.2f} | {mean:.2f} | {median / base[0]:.2f} | {mean / base[1]:.2f} |")
+          f"{report['wall_s']} s in all; same final model in every run: {same_model}")
+    print("| arm | hops | median hop s | mean hop s | min-max | median train s | median train CPU s | "
+          "median rest s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for arm, line in report["arms"].items():
+        print(f"| {arm} | {line['hops']} | {line['median_hop_s']:.2f} | {line['mean_hop_s']:.2f} | "
+              f"{line['min_hop_s']:.2f}-{line['max_hop_s']:.2f} | {line['median_train_s']:.2f} | "
+              f"{line['median_train_cpu_s']:.2f} | {line['median_rest_s']:.2f} |")
+    print(f"launcher / stock (median hop): {launcher['median_hop_s'] / stock['median_hop_s']:.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if not same_model:
+        sys.exit(f"the runs ended with different models: {report['model_sha256']}")
 
 
 if __name__ == "__main__":

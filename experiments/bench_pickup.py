@@ -1,4 +1,4 @@
-"""Split learning's visit time with Flower's 0.1 s message pickup and with ``snake_flower.runtime.dispatch``.
+"""Split learning's visit time with Flower's 0.1 s message pickup and with ``snake_flower.runtime.flower_patches``.
 
 Runs the same short split-learning simulation twice, in two fresh processes (Ray starts
 once per process): once as ``snake-flower run`` does it (quicker pickup) and once with
@@ -21,11 +21,11 @@ import tempfile
 from pathlib import Path
 
 CHILD = """
-import sys
+import os, sys
 from snake_flower import cli
-from snake_flower.runtime import dispatch
+from snake_flower.runtime.flower_patches import STOCK_ENV
 if sys.argv[1] == "flower":
-    dispatch.quick_pickup = lambda: False  # keep Flower's own loop
+    os.environ[STOCK_ENV] = "1"  # keep Flower's own loop
 sys.exit(cli.main(["run", "--run-config", sys.argv[2], "--out", sys.argv[3]]))
 """
 

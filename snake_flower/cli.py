@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from snake_flower.config import CHOICES, ConfigError, load_toml, parse_overrides, resolve
+from snake_flower.runtime.flower_patches import check as check_flower
 from snake_flower.tasks.data import DataError, partition_from_config
 
 
@@ -64,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     memory.add_argument("--steps", default="2", help="--measure: training steps of the hop (default 2)")
     memory.add_argument("--strategies", default="fedavg,snake",
                         help="--measure: which to run (default fedavg,snake; FedAvg on OPT-1.3B needs ~24 GB)")
+    sub.add_parser("supernode", add_help=False, help="Flower's SuperNode for an edge node, with a warm "
+                   "ClientApp launcher and no idle polls (snake-flower supernode --help)")
     return parser
 
 
@@ -109,10 +112,10 @@ def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> 
     from flwr.simulation import run_simulation
 
     from snake_flower.client_app import app as client_app
-    from snake_flower.runtime.dispatch import quick_pickup
+    from snake_flower.runtime.flower_patches import patch_pickup
     from snake_flower.server_app import make_server_app
 
-    quick_pickup()  # split learning waits on every batch's round trip (see runtime/dispatch.py)
+    patch_pickup()  # split learning waits on every batch's round trip (see runtime/flower_patches.py)
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": parallel or max(1, min(os.cpu_count() or 1, num_supernodes)),
@@ -260,6 +263,11 @@ def _memory(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``snake-flower`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["supernode"]:  # every other argument is flower-supernode's
+        from snake_flower.deploy.supernode import main as supernode
+
+        return supernode(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "report":
         return _report(args)
@@ -273,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(names)) < len(names):
             raise ConfigError(f"strategies: each may appear once, got {args.strategies}")
         configs = [resolve(config, {"strategy": name}) for name in names]
+        check_flower("pickup")  # an untested flwr: a one-line error (SNAKE_FLOWER_STOCK_FLOWER=1 runs it)
     except (ConfigError, DataError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2

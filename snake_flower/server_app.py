@@ -25,6 +25,7 @@ from snake_flower.config import kd_enabled, resolve
 from snake_flower.runtime import results
 from snake_flower.runtime.chaos import ChaosGrid
 from snake_flower.runtime.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from snake_flower.runtime.flower_patches import patch_object_pulls
 from snake_flower.runtime.metering import MeteredGrid, RoundMeter, flower_poll_interval
 from snake_flower.runtime.recorder import RunRecorder
 from snake_flower.tasks.base import Task
@@ -56,6 +57,8 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
            visits_per_round: int = 1):
     task = task_for(config)
     model = build_model(task, config["seed"])
+    if config["fast-poll"] and _deployed(grid):  # reply objects too: not Flower's 1-10 s back-off
+        patch_object_pulls()  # (runtime/flower_patches.py)
     if config["leave-round"] > 0:  # chaos run: one node leaves for good (see runtime/chaos.py)
         grid = ChaosGrid(grid, config["leave-round"], config["leave-partition"])
     if config["fast-poll"]:
@@ -74,6 +77,13 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
     num_nodes = max(config["min-nodes"], len(list(grid.get_node_ids())))
     capacities = NodeCapacities(config, num_nodes, sizer, list(segment_keys(model)))
     return model, metered, recorder, capacities
+
+
+def _deployed(grid: Grid) -> bool:
+    """Is ``grid`` a real deployment's (the ServerApp talks to a SuperLink over HTTP)?"""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    return isinstance(grid, HttpGrid)
 
 
 def _score(task: Task, batch_size: int, model, x, y) -> dict[str, float]:
@@ -114,6 +124,8 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
                 "segments_sent": hop["segments_sent"], "status": hop["status"],
                 "hop_s": round(hop.get("seconds", 0.0), 4), "bytes_p2p": p2p,
+                "train_s": round(float(reported.get("train-seconds", 0.0)), 4),  # the node's, inside hop_s
+                "train_cpu_s": round(float(reported.get("train-cpu-seconds", 0.0)), 4),
                 "capacity": capacity.as_dict(), "passed_over": hop.get("passed_over", []),
                 # a failed hop costs the bytes it moved (its compute, if any, is not reported)
                 "network_time_s": hop_time_s(compute_s(reported), moved, capacity)}

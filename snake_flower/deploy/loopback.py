@@ -7,7 +7,8 @@ writes a SuperLink connection into a private ``FLWR_HOME/config.toml``, and subm
 the app with ``flwr run . <connection> --stream``. With ``tls=True`` it makes a CA and
 a server certificate (``deploy/certs.py``); with ``auth=True`` also one key pair per
 SuperNode, registers each public key with ``flwr supernode register`` and turns on
-``--enable-supernode-auth``. Every process it starts is stopped by PID
+``--enable-supernode-auth``. Nodes run ``snake-flower supernode`` (``deploy/supernode.py``)
+unless ``launcher=False`` asks for stock ``flower-supernode``. Every process it starts is stopped by PID
 (``processes.ProcessFamily``).
 """
 
@@ -82,17 +83,24 @@ class LoopbackDeployment:
         ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` for the SuperExecs' task poll).
     timeout : float (default: 60.0)
         Seconds a daemon or a registration may take to respond.
+    launcher : bool (default: True)
+        Start each node with ``snake-flower supernode`` (a warm ClientApp launcher, no
+        idle polls; ``deploy/supernode.py``); ``False`` starts stock ``flower-supernode``.
+    poll_interval : float (default: 0.1)
+        The launcher's ``--poll-interval``.
     """
 
     def __init__(self, workdir: Path, num_nodes: int = 3, tls: bool = False, auth: bool = False,
                  app_dir: Path = ROOT, capacities: Sequence[Mapping[str, float]] = (),
-                 env: Mapping[str, str] | None = None, timeout: float = 60.0) -> None:
+                 env: Mapping[str, str] | None = None, timeout: float = 60.0, launcher: bool = True,
+                 poll_interval: float = 0.1) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it over --insecure)")
         # absolute: the daemons and the ServerApp resolve paths from their own working folders
         self.workdir, self.num_nodes, self.tls, self.auth = Path(workdir).resolve(), num_nodes, tls, auth
         self.app_dir, self.timeout = Path(app_dir).resolve(), timeout
         self.capacities = list(capacities)
+        self.launcher, self.poll_interval = launcher, poll_interval
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(self.flwr_home),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
@@ -134,12 +142,14 @@ class LoopbackDeployment:
         return command + (["--enable-supernode-auth"] if self.auth else [])
 
     def supernode_command(self, partition: int, keys: NodeKeys | None, port: int) -> list[str]:
-        """The ``flower-supernode`` command line of the node holding ``partition``."""
+        """The SuperNode command line of the node holding ``partition``: the launcher's or
+        ``flower-supernode``'s (the same arguments)."""
         stated = self.capacities[partition] if partition < len(self.capacities) else {}
         node_config = " ".join([f"partition-id={partition} num-partitions={self.num_nodes}",
                                 *(f"{key}={value}" for key, value in stated.items())])
-        command = [str(BIN / "flower-supernode"), "--superlink", self.address, "--port", str(port),
-                   "--node-config", node_config]
+        command = ([str(BIN / "snake-flower"), "supernode", "--poll-interval", str(self.poll_interval)]
+                   if self.launcher else [str(BIN / "flower-supernode")])
+        command += ["--superlink", self.address, "--port", str(port), "--node-config", node_config]
         command += ["--root-certificates", str(self.certs.ca_cert)] if self.certs else ["--insecure"]
         if keys is not None:
             command += ["--auth-supernode-private-key", str(keys.private_key)]

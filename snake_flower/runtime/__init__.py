@@ -2,5 +2,6 @@
 
 ``metering`` the Grid wrapper that counts bytes; ``recorder`` the per-round rows;
 ``results`` the results contract (design §6); ``checkpoint`` resume; ``chaos`` fault
-injection; ``dispatch`` quicker message pickup in the simulation engine.
+injection; ``flower_patches`` every patch of Flower's internals (with ``flower_fingerprints``, the
+flwr versions they were checked against).
 """

@@ -48,21 +48,39 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+def _scaled(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 255.0
+
+
+def _images_to_tensor(scaled: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(scaled)
     return ((x - 0.2860) / 0.3530).unsqueeze(1)  # Fashion-MNIST mean and std
+
+
+@lru_cache(maxsize=2)
+def fashion_mnist_arrays(data_dir: str = "") -> tuple[np.ndarray, ...] | None:
+    """Local Fashion-MNIST as NumPy ``(x_train, y_train, x_test, y_test)``, images scaled to
+    [0, 1]; ``None`` if there is no local copy.
+
+    No torch op runs here, so a process that forks others (``deploy/warm_node.py``) can
+    read and decompress the files once for all of them.
+    """
+    directory = Path(data_dir) if data_dir else Path(DEBIAN_FASHION_MNIST)
+    paths = [_find_idx(directory, stem) for stem in IDX_FILES]
+    if not all(paths):
+        return None
+    xtr, ytr, xte, yte = (read_idx(p) for p in paths)  # type: ignore[arg-type]
+    return _scaled(xtr), ytr.astype(np.int64), _scaled(xte), yte.astype(np.int64)
 
 
 @lru_cache(maxsize=2)
 def load_fashion_mnist(data_dir: str = "") -> Split:
     """Return ``(x_train, y_train, x_test, y_test)`` as normalised tensors."""
-    candidates = [Path(data_dir)] if data_dir else [Path(DEBIAN_FASHION_MNIST)]
-    for directory in candidates:
-        paths = [_find_idx(directory, stem) for stem in IDX_FILES]
-        if all(paths):
-            xtr, ytr, xte, yte = (read_idx(p) for p in paths)  # type: ignore[arg-type]
-            return (_images_to_tensor(xtr), torch.from_numpy(ytr.astype(np.int64)),
-                    _images_to_tensor(xte), torch.from_numpy(yte.astype(np.int64)))
+    arrays = fashion_mnist_arrays(data_dir)
+    if arrays is not None:
+        xtr, ytr, xte, yte = arrays
+        return (_images_to_tensor(xtr), torch.from_numpy(ytr.copy()),
+                _images_to_tensor(xte), torch.from_numpy(yte.copy()))
     if data_dir:
         raise DataError(f"data-dir {data_dir}: no Fashion-MNIST IDX files ({', '.join(IDX_FILES)})")
     return _load_fashion_mnist_from_hub()
@@ -79,7 +97,7 @@ def _load_fashion_mnist_from_hub() -> Split:
         hub = load_dataset(HUB_FASHION_MNIST)
     except Exception as err:  # any network or hub failure means the same thing to the user
         raise DataError(f"Fashion-MNIST not found locally and the hub failed ({type(err).__name__}): {how}") from None
-    split = [np.stack([np.asarray(im) for im in hub[s]["image"]]) for s in ("train", "test")]
+    split = [_scaled(np.stack([np.asarray(im) for im in hub[s]["image"]])) for s in ("train", "test")]
     return (_images_to_tensor(split[0]), torch.tensor(hub["train"]["label"]),
             _images_to_tensor(split[1]), torch.tensor(hub["test"]["label"]))
 
@@ -129,6 +147,22 @@ def partition_indices(labels: torch.Tensor, partitioner: str, num_partitions: in
 
 PARTITION_KEYS = ("partitioner", "dirichlet-alpha", "classes-per-partition", "seed")
 """The run-config keys that decide a partition (``partition_from_config`` reads these)."""
+
+
+def preload_partition(config: Mapping[str, Any], num_partitions: int, partition_id: int) -> bool:
+    """Read local Fashion-MNIST and cut its partitions for ``config``, without a torch op.
+
+    What ``load_fashion_mnist`` and ``partition_from_config`` then find in their caches
+    in this process, and in every process forked from it. ``False`` (nothing preloaded)
+    for another task or without a local copy.
+    """
+    if config["task"] != "fashion-mnist" or (arrays := fashion_mnist_arrays(config["data-dir"])) is None:
+        return False
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    _partitions(tuple(arrays[1].tolist()), config["partitioner"], num_partitions,
+                float(config["dirichlet-alpha"]), int(config["classes-per-partition"]), int(config["seed"]))
+    return True
 
 
 def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:

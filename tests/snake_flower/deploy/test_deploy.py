@@ -1,8 +1,10 @@
-"""A real deployment on loopback: flower-superlink, three flower-supernodes, ``flwr run .``.
+"""A real deployment on loopback: flower-superlink, three SuperNodes, ``flwr run .``.
 
-The commands are the README's "Deploy" section. Each test checks the results the
-ServerApp wrote and that every process the deployment started, and every child of
-those it traced, is gone afterwards.
+The commands are the README's "Deploy" section. The SuperNodes run the launcher,
+``snake-flower supernode``: every hop is trained by a ClientApp forked from a warm
+forkserver. Each test checks the results the ServerApp wrote and that every process the
+deployment started, and every child of those it traced (SuperExecs, forkservers and their
+forked ClientApps included), is gone afterwards.
 """
 
 from __future__ import annotations
@@ -52,19 +54,34 @@ def _in_process_sha(loopback, nodes, out: Path) -> str:
     return json.loads((out / "snake.json").read_text())["final"]["model_sha256"]
 
 
-def test_plain_deployment_runs_snake_and_stops_every_process(tmp_path, loopback, nodes):
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_plain_deployment_trains_in_forked_clientapps_and_stops_every_process(tmp_path, loopback, nodes):
     deployment = LoopbackDeployment(tmp_path / "deploy", num_nodes=3, env=ONE_THREAD)
     with deployment:
-        result = deployment.run(OVERRIDES, timeout=420)
+        result = deployment.run(OVERRIDES, timeout=420)  # a hung ClientApp would fail the hop, then this
         running = deployment.family.members()
+        commands = {m.pid: (m.root, _command_line(m.pid)) for m in running}
     roots = {m.root for m in running}
     assert roots == {"superlink", "supernode-0", "supernode-1", "supernode-2"}
-    assert len(running) >= 8  # each daemon and its flower-superexec
+    assert len(running) >= 10  # each daemon and its SuperExec, and each node's forkserver
+    launchers = [cmd for _, cmd in commands.values() if "snake-flower supernode" in cmd]
+    superexecs = [cmd for _, cmd in commands.values() if "snake_flower.deploy.warm_executor" in cmd]
+    forkservers = [cmd for _, cmd in commands.values() if "multiprocessing.forkserver" in cmd]
+    assert len(launchers) == len(superexecs) == 3 and len(forkservers) >= 3  # (a late task looks alike)
+    # the SuperNodes' only SuperExecs are the warm ones, which fork every ClientApp task
+    assert not [cmd for root, cmd in commands.values() if root != "superlink" and "flower-superexec" in cmd]
     assert not [m for m in running if alive(m)]
     assert not [m for m in deployment.family.seen.values() if alive(m)]
 
     _check_run(result, 3)
     assert result["final"]["model_sha256"] == _in_process_sha(loopback, nodes, tmp_path / "ref")
+    assert all(0 < row["train_s"] < row["hop_s"] for row in result["rounds"])  # each hop trained on a node
     config_toml = (deployment.flwr_home / "config.toml").read_text()
     assert f"[superlink.{CONNECTION}]" in config_toml and "insecure = true" in config_toml
 

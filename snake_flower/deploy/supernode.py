@@ -1,0 +1,150 @@
+"""``snake-flower supernode [flower-supernode args]``: Flower's SuperNode, without the waits.
+
+A launcher for edge nodes (Linux). This process becomes Flower's own SuperNode
+(``flower_supernode``, every argument passed through: TLS, SuperNode authentication,
+``--node-config``, ...) with ``--isolation process``, and next to it starts a warm
+SuperExec (``deploy/warm_executor.py``) that forks each ClientApp task from a forkserver
+which already imported torch and the app and read the node's data. Before the SuperNode
+starts, its idle poll (3 s) and reply wait (0.5 s) are capped at ``--poll-interval`` and the
+object-pull back-off starts at 0.02 s instead of 1 s (``runtime/flower_patches.py``); the
+SuperExec polls for tasks at the same interval (Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
+
+The patches hold only for the flwr versions in ``runtime/flower_fingerprints.py``; with
+any other the launcher stops with a one-line error, and ``--stock`` runs plain
+``flower-supernode`` with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from snake_flower.config import ConfigError, parse_overrides, resolve
+from snake_flower.runtime.flower_patches import check, patch_object_pulls, patch_supernode_sleeps
+
+POLL_RANGE = (0.01, 3.0)  # Flower's own SuperExec poll accepts 0.01-60 s; the SuperNode's idle poll is 3 s
+SUPEREXEC_START_TIMEOUT_S = 120.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="snake-flower supernode",
+        description="Flower's SuperNode for an edge node: forked ClientApps from a warm forkserver, no idle polls.",
+        epilog="Every other argument goes to flower-supernode (see flower-supernode --help).")
+    parser.add_argument("--poll-interval", type=float, default=0.1,
+                        help="longest wait, in seconds, of the SuperNode's idle poll, its wait for a "
+                             "ClientApp's reply and its SuperExec's task poll (default 0.1)")
+    parser.add_argument("--warm-config", default="",
+                        help="run-config whose data the node preloads, e.g. \"partitioner='iid'\" "
+                             "(default: the app's defaults)")
+    parser.add_argument("--stock", action="store_true",
+                        help="run stock flower-supernode with the other arguments, no patch")
+    return parser
+
+
+def _flower_args(flower_argv: Sequence[str]) -> argparse.Namespace:
+    """``flower-supernode``'s own parsing of its arguments (its usage error on bad ones)."""
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    parser = _parse_args_run_supernode()
+    parser.prog = "snake-flower supernode"
+    return parser.parse_args(list(flower_argv))
+
+
+def runtime_address(flower: argparse.Namespace) -> str:
+    """Where the SuperNode serves its Runtime API, as its SuperExec reaches it."""
+    from flwr.supercore.address import resolve_bind_address
+
+    host = f"[{flower.host}]" if ":" in flower.host else flower.host
+    return resolve_bind_address(f"{host}:{flower.port}")
+
+
+def superexec_command(flower: argparse.Namespace, parent_pid: int) -> list[str]:
+    """The warm SuperExec's command: what Flower's SuperNode gives ``flower-superexec``."""
+    from flwr.supercore.tls import get_client_tls_args
+
+    tls = flower.ssl_certfile is not None and flower.ssl_keyfile is not None
+    command = [sys.executable, "-m", "snake_flower.deploy.warm_executor",
+               *get_client_tls_args(insecure=not tls, root_certificates_path=flower.ssl_ca_certfile if tls
+                                    else None),
+               "--runtime-api-address", runtime_address(flower), "--parent-pid", str(parent_pid)]
+    if flower.superexec_auth_secret_file is not None:
+        command += ["--superexec-auth-secret-file", flower.superexec_auth_secret_file]
+    if flower.runtime_dependency_install:
+        command.append("--allow-runtime-dependency-installation")
+    return command
+
+
+def warm_spec(flower: argparse.Namespace, warm_config: str) -> str | None:
+    """``SNAKE_FLOWER_WARM`` for the forkserver: the run-config and this node's partition."""
+    from flwr.common.config import parse_config_args
+
+    node_config = parse_config_args([flower.node_config] if flower.node_config else None)
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        return None
+    return json.dumps({"run-config": warm_config, "partition-id": int(node_config["partition-id"]),
+                       "num-partitions": int(node_config["num-partitions"])})
+
+
+def _start_superexec_when_listening(command: list[str], env: dict[str, str], address: str) -> None:
+    """Start the SuperExec once the SuperNode's Runtime API accepts connections (as Flower does)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + SUPEREXEC_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                break
+        except OSError:
+            time.sleep(0.05)
+    subprocess.Popen(command, env=env)  # noqa: S603 - our own interpreter and module
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the launcher; returns an exit code (2: bad arguments or an unchecked flwr)."""
+    args, flower_argv = _parser().parse_known_args(list(argv))
+    if args.stock:  # Flower's own SuperNode, SuperExec and flwr-clientapp: nothing of ours runs in them
+        return _run_flower_supernode(flower_argv)
+    if any(arg == "--isolation" or arg.startswith("--isolation=") for arg in flower_argv):
+        print("snake-flower supernode: error: --isolation: the launcher runs its own SuperExec "
+              "(isolation process); drop it, or add --stock", file=sys.stderr)
+        return 2
+    if not POLL_RANGE[0] <= args.poll_interval <= POLL_RANGE[1]:
+        print(f"snake-flower supernode: error: --poll-interval: {args.poll_interval:g} is outside "
+              f"{POLL_RANGE[0]:g}-{POLL_RANGE[1]:g} s", file=sys.stderr)
+        return 2
+    try:
+        resolve(parse_overrides(args.warm_config))
+    except ConfigError as err:
+        print(f"snake-flower supernode: error: --warm-config: {err}", file=sys.stderr)
+        return 2
+    try:
+        for patch in ("supernode-sleeps", "object-pulls", "executor"):
+            check(patch)
+    except ConfigError as err:  # UncheckedFlower
+        print(f"snake-flower supernode: error: {err}", file=sys.stderr)
+        return 2
+    flower = _flower_args(flower_argv)
+    env = {**os.environ, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(args.poll_interval)}
+    if (spec := warm_spec(flower, args.warm_config)) is not None:
+        env["SNAKE_FLOWER_WARM"] = spec
+    command = superexec_command(flower, os.getpid())
+    threading.Thread(target=_start_superexec_when_listening, args=(command, env, runtime_address(flower)),
+                     name="start-warm-superexec", daemon=True).start()
+    patch_supernode_sleeps(args.poll_interval)
+    patch_object_pulls()
+    return _run_flower_supernode([*flower_argv, "--isolation", "process"])
+
+
+def _run_flower_supernode(flower_argv: Sequence[str]) -> int:
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *flower_argv]
+    flower_supernode()
+    return 0

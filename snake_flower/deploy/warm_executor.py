@@ -1,0 +1,121 @@
+"""A warm SuperExec: each ClientApp task is forked from a forkserver that already holds the app.
+
+Flower's SuperExec starts a fresh ``flwr-clientapp`` interpreter for every message, which
+spends about 3 s importing torch and the app before it trains. ``ForkExecutor`` follows
+Flower's ``Executor`` protocol (``flwr.supercore.superexec.executor.types``) and, for a
+ClientApp task, forks a process from a ``multiprocessing`` forkserver that imported
+``deploy/warm_node.py`` once; the process runs Flower's own ``flwr-clientapp`` entry with
+the arguments Flower's ``SubprocessExecutor`` would have given it. One process per task
+stays, as in Flower: the task's state dies with it. Other task types go to Flower's own
+executor.
+
+``python -m snake_flower.deploy.warm_executor [flower-superexec args]`` is Flower's
+``flower-superexec`` with this executor installed (``runtime/flower_patches.patch_executor``);
+``snake-flower supernode`` starts it next to the SuperNode.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from multiprocessing import forkserver
+from multiprocessing.process import BaseProcess
+
+from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND, TaskType
+from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
+
+PRELOAD = "snake_flower.deploy.warm_node"
+
+
+def clientapp_argv(spec: ExecutionSpec) -> list[str]:
+    """The ``flwr-clientapp`` command line Flower's ``SubprocessExecutor.launch`` builds."""
+    argv = [TASK_TYPE_TO_COMMAND[spec.task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+            spec.runtime_api_address, "--token", spec.token]
+    if spec.insecure:
+        argv.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        argv += ["--root-certificates", spec.root_certificates_path]
+    if spec.parent_pid is not None:
+        argv += ["--parent-pid", str(spec.parent_pid)]
+    if spec.runtime_dependency_install:
+        argv.append("--allow-runtime-dependency-installation")
+    return argv
+
+
+def run_clientapp_task(argv: list[str]) -> None:
+    """In the forked process: Flower's ``flwr-clientapp`` entry, as if started with ``argv``."""
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    sys.argv = argv
+    flwr_clientapp()
+
+
+class ForkExecutor:
+    """Flower ``Executor`` that forks ClientApp tasks from a warm forkserver.
+
+    Parameters
+    ----------
+    preload : str (default: ``snake_flower.deploy.warm_node``)
+        The module the forkserver imports once, before it forks anything.
+    """
+
+    def __init__(self, preload: str = PRELOAD) -> None:
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload([preload])
+        self._stock = SubprocessExecutor()
+        self._tasks: list[BaseProcess] = []
+
+    def start(self) -> int:
+        """Start the forkserver now, so that it warms up before the first task; its PID."""
+        forkserver.ensure_running()
+        return forkserver._forkserver._forkserver_pid  # noqa: SLF001 - for logs and tests only
+
+    def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
+                              root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
+        """Every task type can launch at once, as with Flower's subprocess executor."""
+        del insecure, root_certificates_path
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, task_type: TaskType | None = None, *, fab_hash: str | None = None,
+                          insecure: bool = False, root_certificates_path: str | None = None) -> None:
+        """No capacity gate: return at once."""
+        del task_type, fab_hash, insecure, root_certificates_path
+
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
+        """Fork a ClientApp task from the forkserver; hand any other task type to Flower."""
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self._stock.launch(spec)
+        try:
+            task = self._context.Process(target=run_clientapp_task, args=(clientapp_argv(spec),),
+                                         name=f"flwr-clientapp-{spec.task_id}")
+            task.start()
+        except OSError as err:  # the forkserver is gone: say so, Flower expires the task
+            return LaunchResult.failed(f"forkserver could not fork task {spec.task_id}: {err}")
+        self._tasks.append(task)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Collect the exit status of finished tasks (between task polls)."""
+        self._tasks = [task for task in self._tasks if task.is_alive()]
+
+    def close(self) -> None:
+        """Nothing to release: running tasks watch the SuperExec's PID, as Flower's do."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``flower-superexec`` with ``ForkExecutor``; its forkserver warms up first."""
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    from snake_flower.runtime.flower_patches import patch_executor
+
+    executor = ForkExecutor()
+    if not patch_executor(executor):
+        sys.exit("snake_flower.deploy.warm_executor: stock Flower was asked for; run flower-superexec")
+    executor.start()
+    sys.argv = ["flower-superexec", *(sys.argv[1:] if argv is None else argv)]
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    main()

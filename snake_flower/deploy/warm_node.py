@@ -1,0 +1,49 @@
+"""What a warm node's forkserver holds before it forks a ClientApp: torch, the app, the data.
+
+``deploy/warm_executor.py`` names this module as its forkserver's preload, so the
+forkserver imports it once, when the node starts, and every task process is forked from
+the result. Importing it
+
+- pins torch to one thread before anything uses torch, and runs no torch op: a process
+  forked from a parent with a live OpenMP pool can hang, and one with one thread and no
+  pool cannot;
+- imports Flower's ClientApp runtime (``flwr-clientapp``'s entry), this app, and what torch
+  imports lazily on a first training step (``torch._dynamo``, for the optimizer);
+- turns on the object-pull back-off fix for the ClientApps (``runtime/flower_patches.py``);
+- reads this node's Fashion-MNIST and cuts its partitions once (``tasks.data.preload_partition``),
+  with the run-config in ``SNAKE_FLOWER_WARM`` (the launcher writes it from
+  ``--warm-config`` and ``--node-config``). A run whose config differs loads its own data
+  in each task, as stock Flower does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+WARM_ENV = "SNAKE_FLOWER_WARM"
+
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is first imported, for its OpenMP pool
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # a setting, not an op: no thread pool starts
+import torch._dynamo  # noqa: E402,F401  (a torch optimizer imports it on first use: ~2 s per task otherwise)
+
+from flwr.supernode.cli import flwr_clientapp  # noqa: E402,F401  (Flower's ClientApp runtime)
+
+import snake_flower.client_app  # noqa: E402,F401  (the app: tasks, training, strategies)
+from snake_flower.config import parse_overrides, resolve  # noqa: E402
+from snake_flower.runtime.flower_patches import patch_object_pulls  # noqa: E402
+from snake_flower.tasks.data import preload_partition  # noqa: E402
+
+
+def warm_up(spec: str) -> bool:
+    """Preload the data named by ``spec`` (``SNAKE_FLOWER_WARM``'s JSON); ``True`` if any."""
+    warm = json.loads(spec)
+    config = resolve(parse_overrides(warm.get("run-config", "")))
+    return preload_partition(config, int(warm["num-partitions"]), int(warm["partition-id"]))
+
+
+patch_object_pulls()
+PRELOADED = warm_up(os.environ[WARM_ENV]) if os.environ.get(WARM_ENV) else False

@@ -1,0 +1,228 @@
+"""Every patch of Flower's internals, in one place, tied to the flwr versions it was checked on.
+
+Flower's deployment runtime waits in places no flag reaches (flwr 1.41.0 and 1.42.0 alike):
+
+- the SuperNode sleeps a literal 3 s when the SuperLink has no message for it, and 0.5 s
+  between checks for its ClientApp's reply (``flwr.supernode.start_client_internal``);
+- pulling a message's objects backs off from 1 s, doubling up to 10 s
+  (``PULL_INITIAL_BACKOFF``/``PULL_BACKOFF_CAP`` in ``flwr.supercore.constant``), and the
+  SuperLink hands out a message before its objects are pushed, so a quick puller always
+  meets the back-off: on the SuperNode, in the ClientApp and in the ServerApp;
+- the SuperExec starts a fresh ``flwr-clientapp`` interpreter per message (``get_executor``
+  in ``flwr.supercore.superexec.run_superexec``), about 3 s of importing torch and the app;
+- the simulation engine sweeps for new messages every 0.1 s
+  (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``).
+
+Each ``patch_*`` function below changes exactly one of these in the calling process, after
+checking that the installed flwr is a version in ``CHECKED`` whose patched functions still
+have the recorded signature and source (``flower_fingerprints``). Anything else stops with
+a one-line ``UncheckedFlower`` error that names the way out: ``SNAKE_FLOWER_STOCK_FLOWER=1``
+(or ``snake-flower supernode --stock``) runs stock Flower and makes every patch a no-op.
+``tests/snake_flower/runtime/test_flower_patches.py`` fails as soon as one changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import threading
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from hashlib import sha256
+from importlib.metadata import version
+from logging import DEBUG
+from queue import Queue
+from typing import Any
+
+from snake_flower.config import ConfigError
+from snake_flower.runtime.flower_fingerprints import CHECKED
+
+STOCK_ENV = "SNAKE_FLOWER_STOCK_FLOWER"
+"""Set to ``1`` to run stock Flower: every patch here becomes a no-op."""
+PICKUP_FIRST_WAIT, PICKUP_MAX_WAIT = 0.001, 0.02
+PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP = 0.02, 0.5  # Flower's: 1 s doubling to 10 s
+
+# What each patch replaces or relies on: "module:qualname" of functions, "module:NAME" of constants.
+PICKUP = ("flwr.server.superlink.fleet.vce.vce_api:add_messages_to_queue",)
+SUPERNODE_SLEEPS = ("flwr.supernode.start_client_internal:start_client_internal",
+                    "flwr.supernode.start_client_internal:_push_messages",
+                    "flwr.supernode.cli.flower_supernode:flower_supernode",
+                    "flwr.supernode.cli.flower_supernode:_parse_args_run_supernode")
+OBJECT_PULLS = ("flwr.supercore.inflatable.inflatable_utils:pull_objects",
+                "flwr.supercore.inflatable.inflatable_utils:pull_and_inflate_object_from_tree",
+                "flwr.supercore.constant:PULL_INITIAL_BACKOFF",
+                "flwr.supercore.constant:PULL_BACKOFF_CAP")
+EXECUTOR = ("flwr.supercore.superexec.run_superexec:run_superexec",
+            "flwr.supercore.superexec.executor.factory:get_executor",
+            "flwr.supercore.superexec.executor.subprocess_executor:SubprocessExecutor.launch",
+            "flwr.supercore.superexec.executor.types:ExecutionSpec",
+            "flwr.supercore.cli.flower_superexec:flower_superexec",
+            "flwr.supernode.cli.flwr_clientapp:flwr_clientapp",
+            "flwr.supernode.runtime.run_clientapp:run_clientapp")
+PATCHES = {"pickup": PICKUP, "supernode-sleeps": SUPERNODE_SLEEPS, "object-pulls": OBJECT_PULLS,
+           "executor": EXECUTOR}
+
+
+class UncheckedFlower(ConfigError):
+    """The installed flwr is not one these patches were checked against (a one-line message)."""
+
+
+def stock_flower() -> bool:
+    """Does the environment ask for stock Flower (``SNAKE_FLOWER_STOCK_FLOWER=1``)?"""
+    return os.environ.get(STOCK_ENV, "") not in ("", "0")
+
+
+def flwr_version() -> str:
+    """The installed flwr's version."""
+    return version("flwr")
+
+
+def resolve_ref(ref: str) -> Any:
+    """The object named ``module:qualname`` (a dotted qualname reaches into classes)."""
+    module_name, _, qualname = ref.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def fingerprint(ref: str) -> str:
+    """What a patch assumes of ``ref``: a function's or class's signature and source hash,
+    a constant's value."""
+    obj = resolve_ref(ref)
+    if not callable(obj):
+        return repr(obj)
+    return f"{inspect.signature(obj)} sha256:{sha256(inspect.getsource(obj).encode()).hexdigest()[:16]}"
+
+
+def check(patch: str) -> None:
+    """Raise ``UncheckedFlower`` unless ``patch``'s targets are exactly as recorded
+    (or stock Flower was asked for)."""
+    if not stock_flower():
+        _check(patch, flwr_version())
+
+
+@lru_cache(maxsize=None)
+def _check(patch: str, installed: str) -> None:
+    way_out = f"set {STOCK_ENV}=1 (snake-flower supernode --stock) to run stock Flower"
+    if installed not in CHECKED:
+        raise UncheckedFlower(f"flwr {installed} is not a version snake_flower's Flower patches were "
+                              f"checked against ({', '.join(sorted(CHECKED))}); {way_out}")
+    for ref in PATCHES[patch]:
+        try:
+            found = fingerprint(ref)
+        except (ImportError, AttributeError, OSError, TypeError, ValueError) as err:
+            found = f"unreadable ({type(err).__name__})"
+        if found != CHECKED[installed][ref]:
+            raise UncheckedFlower(f"flwr {installed}: {ref} is not the one patch {patch!r} was checked "
+                                  f"against ({_difference(found, CHECKED[installed][ref])}); {way_out}")
+
+
+def _difference(found: str, recorded: str) -> str:
+    """Which part of a fingerprint changed, briefly."""
+    (signature, _, source), (was_signature, _, was_source) = found.rpartition(" "), recorded.rpartition(" ")
+    if signature != was_signature:
+        return "its signature or value changed"
+    return f"its source changed: {was_source} is now {source}"
+
+
+def _apply(patch: str, apply: Callable[[], None], what: str) -> bool:
+    if stock_flower():
+        return False
+    check(patch)
+    apply()
+    from flwr.supercore import log
+
+    log(DEBUG, "snake_flower patch %s: %s", patch, what)
+    return True
+
+
+# -- the simulation engine's message pickup -------------------------------------------------
+
+def add_messages_to_queue_quickly(state: Any, queue: Queue, nodes_mapping: dict[int, Any],
+                                  f_stop: threading.Event) -> None:
+    """Flower's ``add_messages_to_queue``, sleeping 1 to 20 ms (adaptively) instead of 0.1 s."""
+    wait = PICKUP_FIRST_WAIT
+    while not f_stop.is_set():
+        found = False
+        for node_id in nodes_mapping.keys():
+            for msg in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(msg)
+                found = True
+        wait = PICKUP_FIRST_WAIT if found else min(2 * wait, PICKUP_MAX_WAIT)
+        f_stop.wait(wait)
+
+
+def patch_pickup() -> bool:
+    """Quicker message pickup in this process's simulation engine; ``True`` if patched.
+
+    Only wall time changes: the same messages reach the same ClientApps in the same
+    order (``experiments/bench_pickup.py``).
+    """
+    def apply() -> None:
+        importlib.import_module("flwr.server.superlink.fleet.vce.vce_api").add_messages_to_queue = \
+            add_messages_to_queue_quickly
+    return _apply("pickup", apply, "simulation pickup every 1-20 ms instead of 0.1 s")
+
+
+# -- the SuperNode's idle poll and reply wait ----------------------------------------------
+
+class CappedTime:
+    """The ``time`` module, except that ``sleep`` never sleeps longer than ``cap`` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep(min(seconds, cap))``."""
+        time.sleep(min(seconds, self.cap))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def patch_supernode_sleeps(cap: float) -> bool:
+    """Cap the SuperNode's idle poll (3 s) and reply wait (0.5 s) at ``cap`` seconds.
+
+    ``start_client_internal`` imports ``time`` at module level; it gets its own ``time``
+    whose ``sleep`` is capped, and nothing else in the process changes.
+    """
+    def apply() -> None:
+        importlib.import_module("flwr.supernode.start_client_internal").time = CappedTime(cap)
+    return _apply("supernode-sleeps", apply, f"SuperNode sleeps capped at {cap:g} s")
+
+
+# -- the object-pull back-off --------------------------------------------------------------
+
+def patch_object_pulls(initial: float = PULL_INITIAL_BACKOFF, cap: float = PULL_BACKOFF_CAP) -> bool:
+    """Start the object-pull back-off at ``initial`` s, doubling to ``cap``, in this process.
+
+    Flower's callers (the SuperNode, the ClientApp, the ServerApp's grid) call
+    ``pull_objects`` with its keyword defaults, so changing the defaults of the one
+    function object changes every call; ``pull_and_inflate_object_from_tree`` passes its
+    own defaults on, so it gets the same.
+    """
+    def apply() -> None:
+        module = importlib.import_module("flwr.supercore.inflatable.inflatable_utils")
+        for function in (module.pull_objects, module.pull_and_inflate_object_from_tree):
+            function.__kwdefaults__.update(initial_backoff=initial, backoff_cap=cap)
+    return _apply("object-pulls", apply, f"object pulls back off from {initial:g} s to {cap:g} s")
+
+
+# -- the SuperExec's executor --------------------------------------------------------------
+
+def patch_executor(executor: Any) -> bool:
+    """Make ``run_superexec`` (this process's SuperExec) use ``executor`` for every task.
+
+    ``executor`` follows Flower's ``Executor`` protocol (``deploy/warm_executor.py``).
+    """
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        del args, kwargs
+        return executor
+
+    def apply() -> None:
+        importlib.import_module("flwr.supercore.superexec.run_superexec").get_executor = factory
+    return _apply("executor", apply, f"SuperExec tasks run by {type(executor).__name__}")
+

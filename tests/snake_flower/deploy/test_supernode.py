@@ -1,0 +1,111 @@
+"""``snake-flower supernode``: arguments pass through to Flower, bad ones stop it in one line.
+
+The launcher running for real (a forked ClientApp training hops, TLS and SuperNode
+authentication) is in ``test_deploy.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+import pytest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import subprocess_executor
+from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+from snake_flower import cli
+from snake_flower.deploy import supernode
+from snake_flower.deploy.warm_executor import clientapp_argv
+from snake_flower.runtime import flower_patches
+from snake_flower.runtime.flower_patches import STOCK_ENV
+
+flower_supernode = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the module, not its function
+NODE = ["--superlink", "10.0.0.1:9200", "--port", "9301", "--node-config", "partition-id=1 num-partitions=3"]
+
+
+@pytest.fixture
+def no_supernode(monkeypatch):
+    """Record what Flower's SuperNode would have been started with, instead of starting it."""
+    calls = []
+    monkeypatch.delenv(STOCK_ENV, raising=False)
+    flower_patches._check.cache_clear()
+    for patch in ("supernode-sleeps", "object-pulls", "executor"):  # checked before the stand-ins go in
+        flower_patches.check(patch)
+    monkeypatch.setattr(flower_supernode, "flower_supernode", lambda: calls.append(list(sys.argv)))
+    monkeypatch.setattr(supernode, "patch_supernode_sleeps", lambda cap: calls.append(["sleeps", cap]))
+    monkeypatch.setattr(supernode, "patch_object_pulls", lambda: calls.append(["pulls"]))
+    monkeypatch.setattr(supernode.threading, "Thread", lambda **kw: calls.append(["superexec", *kw["args"]])
+                        or type("T", (), {"start": lambda self: None})())
+    yield calls
+    flower_patches._check.cache_clear()
+
+
+def test_every_flower_argument_passes_through_with_process_isolation(no_supernode):
+    args = [*NODE, "--insecure", "--max-retries", "3"]
+    assert cli.main(["supernode", "--poll-interval", "0.05", *args]) == 0
+    superexec, sleeps, pulls, flower = no_supernode
+    assert flower == ["flower-supernode", *args, "--isolation", "process"]
+    assert sleeps == ["sleeps", 0.05] and pulls == ["pulls"]
+    command, env, address = superexec[1:]
+    assert address == "127.0.0.1:9301"  # Flower's default host binds every address; the SuperExec dials loopback
+    assert command[1:4] == ["-m", "snake_flower.deploy.warm_executor", "--insecure"]
+    assert command[command.index("--runtime-api-address") + 1] == address
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.05"
+    assert json.loads(env["SNAKE_FLOWER_WARM"]) == {"run-config": "", "partition-id": 1, "num-partitions": 3}
+
+
+def test_a_tls_runtime_api_and_superexec_auth_reach_the_superexec(no_supernode):
+    tls = ["--ssl-certfile", "/c/node.pem", "--ssl-keyfile", "/c/node.key", "--ssl-ca-certfile", "/c/ca.crt",
+           "--superexec-auth-secret-file", "/c/secret", "--root-certificates", "/c/link-ca.crt",
+           "--auth-supernode-private-key", "/k/node0"]
+    flower = supernode._flower_args([*NODE, *tls])
+    command = supernode.superexec_command(flower, parent_pid=4321)
+    assert "--insecure" not in command
+    assert command[command.index("--root-certificates") + 1] == "/c/ca.crt"
+    assert command[command.index("--superexec-auth-secret-file") + 1] == "/c/secret"
+    assert command[command.index("--parent-pid") + 1] == "4321"
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--isolation", "subprocess"], "--isolation"),
+    (["--poll-interval", "5"], "--poll-interval: 5 is outside"),
+    (["--warm-config", "window=="], "--warm-config: window"),
+])
+def test_bad_launcher_arguments_are_one_line_errors(no_supernode, capsys, args, why):
+    assert supernode.main([*args, *NODE, "--insecure"]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed.startswith("snake-flower supernode: error:") and why in printed and "\n" not in printed
+    assert no_supernode == []  # nothing started, nothing patched
+
+
+def test_an_unchecked_flwr_version_stops_the_launcher_in_one_line(no_supernode, capsys, monkeypatch):
+    monkeypatch.setattr(flower_patches, "flwr_version", lambda: "1.43.0")
+    assert cli.main(["supernode", *NODE, "--insecure"]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed == ("snake-flower supernode: error: flwr 1.43.0 is not a version snake_flower's Flower "
+                       "patches were checked against (1.41.0, 1.42.0); set SNAKE_FLOWER_STOCK_FLOWER=1 "
+                       "(snake-flower supernode --stock) to run stock Flower")
+    assert no_supernode == []
+
+
+def test_stock_runs_flower_supernode_unpatched(no_supernode, monkeypatch):
+    monkeypatch.setattr(flower_patches, "flwr_version", lambda: "1.43.0")  # any version
+    assert supernode.main(["--stock", *NODE, "--insecure"]) == 0
+    assert no_supernode == [["flower-supernode", *NODE, "--insecure"]]
+    assert STOCK_ENV not in os.environ  # stock Flower's processes import none of our patches
+
+
+@pytest.mark.parametrize("insecure, certificates, parent", [(True, None, 77), (False, "/c/ca.crt", None),
+                                                            (False, None, 5)])
+def test_a_forked_clientapp_gets_the_arguments_flowers_executor_gives_it(monkeypatch, insecure,
+                                                                        certificates, parent):
+    started = []
+    monkeypatch.setattr(subprocess_executor.subprocess, "Popen", lambda args, **kw: started.append(args))
+    spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9301", token="t0k",
+                         insecure=insecure, root_certificates_path=certificates,
+                         runtime_dependency_install=False, parent_pid=parent, suppress_output=False, task_id=3)
+    subprocess_executor.SubprocessExecutor().launch(spec)
+    assert clientapp_argv(spec) == started[0]

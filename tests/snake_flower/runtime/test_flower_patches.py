@@ -1,0 +1,167 @@
+"""Every patch of Flower's internals: checked against the recorded flwr versions, and what each does.
+
+The simulation engine's quicker message pickup: same messages, same order, less waiting.
+The SuperNode's capped sleeps and the object-pull back-off. A changed signature, source or
+constant, or an unrecorded flwr version, stops every patch with a one-line error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from queue import Queue
+
+import pytest
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.supercore import constant
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supernode import start_client_internal
+
+from snake_flower import cli
+from snake_flower.runtime import flower_patches
+from snake_flower.runtime.flower_fingerprints import CHECKED
+from snake_flower.runtime.flower_patches import (PATCHES, PICKUP_MAX_WAIT, STOCK_ENV, CappedTime, UncheckedFlower,
+                                                 add_messages_to_queue_quickly, check, fingerprint,
+                                                 patch_object_pulls, patch_pickup, patch_supernode_sleeps)
+
+PULLERS = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks(monkeypatch):
+    """Each test checks afresh, with stock Flower not asked for; patched functions are restored."""
+    monkeypatch.delenv(STOCK_ENV, raising=False)
+    for function in PULLERS:
+        monkeypatch.setattr(function, "__kwdefaults__", dict(function.__kwdefaults__))
+    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
+    flower_patches._check.cache_clear()
+    yield
+    flower_patches._check.cache_clear()
+
+
+class FakeState:
+    """Per-node inboxes, handed out one message per call as Flower's LinkState does."""
+
+    def __init__(self) -> None:
+        self.inbox: dict[int, list[str]] = {1: [], 2: []}
+        self.lock = threading.Lock()
+
+    def get_message_ins(self, node_id: int, limit: int) -> list[str]:
+        with self.lock:
+            taken, self.inbox[node_id] = self.inbox[node_id][:limit], self.inbox[node_id][limit:]
+        return taken
+
+
+class RecordingStop:
+    """A stop event that records each wait, delivers scripted messages, and stops after them."""
+
+    def __init__(self, state: FakeState, script: list[list[tuple[int, str]]]) -> None:
+        self.state, self.script, self.waits = state, script, []
+
+    def is_set(self) -> bool:
+        return len(self.waits) >= len(self.script)
+
+    def wait(self, seconds: float) -> bool:
+        for node, msg in self.script[len(self.waits)]:  # what arrives during this wait
+            self.state.inbox[node].append(msg)
+        self.waits.append(seconds)
+        return self.is_set()
+
+
+def test_every_message_is_picked_up_in_order_with_adaptive_waits():
+    state, queue = FakeState(), Queue()
+    state.inbox[1] = ["a", "b"]
+    # waits: found a -> 1 ms; found b (c arrives) -> 1 ms; found c -> 1 ms; then idle:
+    # 2, 4, 8, 16, 20, 20 ms; d and e arrive -> 1 ms after the sweep that finds them
+    script = [[], [(2, "c")], [], [], [], [], [], [], [(1, "d"), (2, "e")], [], []]
+    stop = RecordingStop(state, script)
+    add_messages_to_queue_quickly(state, queue, {1: 0, 2: 1}, stop)
+    assert [queue.get_nowait() for _ in range(5)] == ["a", "b", "c", "d", "e"]
+    assert queue.empty()
+    ms = [round(w * 1000) for w in stop.waits]
+    assert ms == [1, 1, 1, 2, 4, 8, 16, 20, 20, 1, 2]
+    assert max(stop.waits) == PICKUP_MAX_WAIT < 0.1  # Flower's loop always waits 0.1 s
+
+
+def test_quick_pickup_replaces_the_engines_loop(monkeypatch):
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    assert patch_pickup()
+    assert vce_api.add_messages_to_queue is add_messages_to_queue_quickly
+
+
+def test_the_installed_flower_is_exactly_as_recorded():
+    recorded = CHECKED[flower_patches.flwr_version()]  # KeyError: a version nobody checked
+    for refs in PATCHES.values():
+        for ref in refs:
+            assert fingerprint(ref) == recorded[ref], ref
+        assert set(refs) <= set(recorded)
+    assert set(CHECKED) == {"1.41.0", "1.42.0"}
+    assert recorded["flwr.supercore.constant:PULL_INITIAL_BACKOFF"] == "1"  # what the patch lowers
+
+
+def test_a_changed_constant_or_signature_stops_the_patch(monkeypatch):
+    monkeypatch.setattr(constant, "PULL_BACKOFF_CAP", 30)
+    with pytest.raises(UncheckedFlower, match="PULL_BACKOFF_CAP"):
+        check("object-pulls")
+    flower_patches._check.cache_clear()
+
+    def _push_messages(state, object_store, send, push_object, poll=0.5):  # one argument more
+        del state, object_store, send, push_object, poll
+    monkeypatch.setattr(start_client_internal, "_push_messages", _push_messages)
+    with pytest.raises(UncheckedFlower, match="_push_messages") as err:
+        patch_supernode_sleeps(0.1)
+    assert start_client_internal.time is time  # nothing was patched
+    assert "SNAKE_FLOWER_STOCK_FLOWER=1" in str(err.value)
+
+
+def test_the_same_signature_with_another_body_stops_the_patch(monkeypatch):
+    original = inflatable_utils.pull_objects
+
+    def pull_objects(*args, **kwargs):
+        return original(*args, **kwargs)
+    pull_objects.__signature__ = inspect.signature(original)  # the very same signature
+    monkeypatch.setattr(inflatable_utils, "pull_objects", pull_objects)
+    with pytest.raises(UncheckedFlower, match="pull_objects.*its source changed: sha256:"):
+        patch_object_pulls()
+
+
+def test_an_unchecked_flwr_version_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setattr(flower_patches, "flwr_version", lambda: "1.99.0")
+    for patch in PATCHES:
+        with pytest.raises(UncheckedFlower) as err:
+            check(patch)
+        message = str(err.value)
+        assert "\n" not in message and "flwr 1.99.0" in message and "1.41.0, 1.42.0" in message
+        assert STOCK_ENV in message
+    assert cli.main(["run", "--run-config", "task=synthetic", "--out", "/nonexistent"]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed.startswith("snake-flower: error: flwr 1.99.0 is not a version") and "\n" not in printed
+    monkeypatch.setenv(STOCK_ENV, "1")  # the way out: stock Flower, no patch, no check
+    check("pickup")
+    assert not patch_object_pulls()
+
+
+def test_object_pulls_start_their_back_off_at_20_ms_everywhere_in_the_process():
+    assert all(f.__kwdefaults__["initial_backoff"] == 1 for f in PULLERS)  # Flower's
+    assert patch_object_pulls()
+    for function in PULLERS:
+        assert function.__kwdefaults__["initial_backoff"] == 0.02
+        assert function.__kwdefaults__["backoff_cap"] == 0.5
+
+
+def test_stock_flower_leaves_everything_alone(monkeypatch):
+    monkeypatch.setenv(STOCK_ENV, "1")
+    assert not patch_object_pulls() and not patch_supernode_sleeps(0.1)
+    assert all(f.__kwdefaults__["initial_backoff"] == 1 for f in PULLERS)
+    assert start_client_internal.time is time
+
+
+def test_the_supernode_sleeps_at_most_the_poll_interval():
+    assert patch_supernode_sleeps(0.05)
+    capped = start_client_internal.time
+    assert isinstance(capped, CappedTime) and capped.time is time.time  # the rest is time's own
+    started = time.monotonic()
+    capped.sleep(3)  # the SuperNode's idle poll
+    assert time.monotonic() - started < 1.0
+    assert time.time is not None and getattr(time, "sleep") is not capped.sleep
