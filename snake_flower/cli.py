@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snake_flower.config import CHOICES, ConfigError, load_toml, parse_overrides, resolve
+from snake_flower.config import (CHOICES, ConfigError, experiment_layers, load_toml, parse_overrides, resolve,
+                                 run_name)
 from snake_flower.tasks.data import DataError, partition_from_config
 
 
@@ -28,11 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", help="experiment TOML file (run-config keys)")
     compare.add_argument("--run-config", default="", help="overrides for every strategy")
     compare.add_argument("--strategies", default="snake,fedavg,split",
-                         help="comma-separated (default snake,fedavg,split)")
+                         help="comma-separated strategies (snake, relay, fedavg, split) or tables of the "
+                              "experiment file (default snake,fedavg,split)")
     compare.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--jobs", type=int, default=1,
                          help="strategies run at once, each in its own process (default 1: in turn)")
+    compare.add_argument("--seeds", type=int, default=1,
+                         help="seeds per strategy (seed, seed+1, ...), each in <out>/seed-<s>/ (default 1)")
     report = sub.add_parser("report", help="rebuild summary.json, report.md and plots from a compare folder")
     report.add_argument("out", help="a folder holding <strategy>.json files of one comparison")
     report.add_argument("--target-accuracy", type=float, help="default: the runs' own target-accuracy")
@@ -59,31 +63,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
-    """Fuse defaults, the TOML file, overrides and ``--out``; check data is there."""
-    layers = [load_toml(args.config)] if args.config else []
-    layers.append(parse_overrides(args.run_config))
-    if args.out:
-        layers.append({"out-dir": args.out})
-    config = resolve(*layers)
-    config["out-dir"] = str(Path(config["out-dir"]).resolve())
+def resolve_runs(args: argparse.Namespace, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """One config per run: defaults < the file's flat keys < its table < ``--run-config`` < ``--out``.
+
+    ``names`` are the comparison's strategies or variant tables; ``run`` resolves the one
+    its ``run-name`` or ``strategy`` names. Checks that the data is there.
+    """
+    data = load_toml(args.config) if args.config else {}
+    overrides = parse_overrides(args.run_config)
+    if names is None:
+        flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        names = [overrides.get("run-name") or overrides.get("strategy") or flat.get("run-name")
+                 or flat.get("strategy") or "snake"]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"strategies: each may appear once, got {','.join(names)}")
     if getattr(args, "jobs", 1) < 1:
         raise ConfigError(f"jobs: must be >= 1, got {args.jobs}")
+    if getattr(args, "seeds", 1) < 1:
+        raise ConfigError(f"seeds: must be >= 1, got {args.seeds}")
     if args.num_supernodes < 1:
         raise ConfigError(f"num-supernodes: must be >= 1, got {args.num_supernodes}")
     if getattr(args, "parallel", 0) < 0:
         raise ConfigError(f"parallel: must be >= 0, got {args.parallel}")
-    if not any("min-nodes" in layer for layer in layers):
-        config["min-nodes"] = args.num_supernodes  # simulation: start once every node is up
-    if config["min-nodes"] > args.num_supernodes:
-        raise ConfigError(f"min-nodes: {config['min-nodes']} exceeds --num-supernodes {args.num_supernodes}")
+    configs = []
+    for name in names:
+        layers = [*experiment_layers(data, name), overrides, {"run-name": name}]
+        if args.out:
+            layers.append({"out-dir": args.out})
+        config = resolve(*layers)
+        config["out-dir"] = str(Path(config["out-dir"]).resolve())
+        if not any("min-nodes" in layer for layer in layers):
+            config["min-nodes"] = args.num_supernodes  # simulation: start once every node is up
+        if config["min-nodes"] > args.num_supernodes:
+            raise ConfigError(f"min-nodes: {config['min-nodes']} exceeds --num-supernodes {args.num_supernodes}")
+        configs.append(config)
     from snake_flower.tasks.task import task_for
 
-    task = task_for(config)
-    _, y_train, _, _ = task.load(config["data-dir"])  # fail now, not inside a Ray actor
-    labels = task.partition_by(config["data-dir"]) if task.partition_by else y_train
-    partition_from_config(labels, config, args.num_supernodes, 0)  # e.g. fewer topics than nodes
-    return config
+    for config in {c["task"]: c for c in configs}.values():
+        task = task_for(config)
+        _, y_train, _, _ = task.load(config["data-dir"])  # fail now, not inside a Ray actor
+        labels = task.partition_by(config["data-dir"]) if task.partition_by else y_train
+        partition_from_config(labels, config, args.num_supernodes, 0)  # e.g. fewer topics than nodes
+    return configs
 
 
 def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> None:
@@ -116,12 +137,12 @@ def _run_one(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> 
 
 
 def _results_path(config: dict[str, Any]) -> Path:
-    return Path(config["out-dir"]) / f"{config['strategy']}.json"
+    return Path(config["out-dir"]) / f"{run_name(config)}.json"
 
 
 def _load_results(config: dict[str, Any], code: int = 0) -> dict[str, Any] | None:
     """A finished run's results, with its one-line summary; ``None`` (and why) if it failed."""
-    path, name = _results_path(config), config["strategy"]
+    path, name = _results_path(config), run_name(config)
     if code != 0 or not path.exists():
         where = f"see {path.with_suffix('.log')}" if code != 0 else f"it wrote no {path}"
         print(f"snake-flower: error: the {name} run failed (exit {code}); {where}", file=sys.stderr)
@@ -141,11 +162,79 @@ def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -
     out = Path(configs[0]["out-dir"])
     for cfg in configs:
         _results_path(cfg).unlink(missing_ok=True)
-    commands = {cfg["strategy"]: child_command(args.config, args.run_config, cfg["strategy"],
-                                               args.num_supernodes, str(out)) for cfg in configs}
+    # what the children must share with this process beyond the file and --run-config
+    fixed = f"seed={configs[0]['seed']} eval-every={configs[0]['eval-every']}"
+    commands = {run_name(cfg): child_command(args.config, f"{args.run_config} {fixed}".strip(), run_name(cfg),
+                                             args.num_supernodes, str(out)) for cfg in configs}
     codes = run_side_by_side(commands, out, jobs=args.jobs)
-    runs = {cfg["strategy"]: _load_results(cfg, codes[cfg["strategy"]]) for cfg in configs}
+    runs = {run_name(cfg): _load_results(cfg, codes[run_name(cfg)]) for cfg in configs}
     return {name: run for name, run in runs.items() if run is not None}
+
+
+def _compare(args: argparse.Namespace, configs: list[dict[str, Any]]) -> int:
+    """``compare``: every run, seed after seed, then the summary, report and plots."""
+    from snake_flower.harness.compare import write_comparison
+    from snake_flower.harness.seeds import write_seed_comparison
+
+    out, target = Path(configs[0]["out-dir"]), configs[0]["target-accuracy"]
+    seeds = [configs[0]["seed"] + i for i in range(args.seeds)]
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in seeds:
+        folder = out if len(seeds) == 1 else out / f"seed-{seed}"
+        seeded = [resolve(cfg, {"seed": seed, "out-dir": str(folder)}) for cfg in configs]
+        if len(seeds) > 1:
+            print(f"seed {seed} ({seeds.index(seed) + 1}/{len(seeds)}) -> {folder}", flush=True)
+        if args.jobs > 1:
+            try:
+                runs = _run_side_by_side(args, seeded)
+            except KeyboardInterrupt as why:  # Ctrl-C or SIGTERM: the children were stopped first
+                print(f"snake-flower: interrupted ({why or 'Ctrl-C'}); every run was stopped, "
+                      f"logs in {folder}", file=sys.stderr)
+                return 130
+        else:
+            runs = {}
+            for i, cfg in enumerate(seeded, 1):
+                print(f"[{i}/{len(seeded)}] {run_name(cfg)} on {cfg['task']}, {args.num_supernodes} nodes",
+                      flush=True)
+                result = _run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0))
+                if result is not None:
+                    runs[run_name(cfg)] = result
+        if len(runs) < len(seeded):
+            return 1
+        by_seed[seed] = runs
+        summary = write_comparison(folder, runs, target, side_by_side=args.jobs > 1)
+    if len(seeds) > 1:
+        summary = write_seed_comparison(out, by_seed, target, side_by_side=args.jobs > 1)
+    for name, line in summary["runs"].items():
+        print(f"{name}: {_headline(line)}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _headline(line: dict[str, Any]) -> str:
+    """``final 0.88, 10.2 MB to the sustained target`` (medians over seeds when there are several)."""
+    final, to_target = line["final_accuracy"], line["bytes_to_target"]
+    if isinstance(final, dict):
+        final, to_target = final["median"], to_target["median"]
+    reached = f"{to_target / 1e6:.2f} MB to the sustained target" if to_target is not None \
+        else "sustained target not reached"
+    return f"final {final:.4f}, {reached}"
+
+
+def _evaluated_alike(configs: list[dict[str, Any]], num_supernodes: int) -> list[dict[str, Any]]:
+    """Every run of a comparison is evaluated at the same node visits.
+
+    A FedAvg round is ``num_supernodes`` visits and can only be evaluated at its end, so
+    when FedAvg is compared every run's ``eval-every`` becomes the smallest multiple of a
+    round at least as large as the largest asked for.
+    """
+    every = max(cfg["eval-every"] for cfg in configs)
+    if any(cfg["strategy"] == "fedavg" for cfg in configs):
+        every = -(-every // num_supernodes) * num_supernodes
+    if any(cfg["eval-every"] != every for cfg in configs):
+        print(f"compare: every run is evaluated every {every} node visits (eval-every), at the same visits",
+              flush=True)
+    return [resolve(cfg, {"eval-every": every}) for cfg in configs]
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -159,7 +248,7 @@ def _report(args: argparse.Namespace) -> int:
     if not runs:
         print(f"snake-flower: error: no run results (<strategy>.json) in {out}", file=sys.stderr)
         return 2
-    known = CHOICES["strategy"]  # snake, fedavg, split: the order of a default comparison
+    known = CHOICES["strategy"]  # snake, relay, fedavg, split: the order of a default comparison
     runs = dict(sorted(runs.items(), key=lambda kv: known.index(kv[0]) if kv[0] in known else len(known)))
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     target = args.target_accuracy if args.target_accuracy is not None else \
@@ -228,47 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "memory":
         return _memory(args)
     try:
-        config = resolve_run(args)
-        names = args.strategies.split(",") if args.command == "compare" else [config["strategy"]]
-        if len(set(names)) < len(names):
-            raise ConfigError(f"strategies: each may appear once, got {args.strategies}")
-        configs = [resolve(config, {"strategy": name}) for name in names]
+        configs = resolve_runs(args, args.strategies.split(",") if args.command == "compare" else None)
+        if args.command == "compare":
+            configs = _evaluated_alike(configs, args.num_supernodes)
     except (ConfigError, DataError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2
+    if args.command == "compare":
+        return _compare(args, configs)
     from snake_flower.harness.plots import plot_accuracy
 
-    if args.command == "compare" and args.jobs > 1:
-        try:
-            runs = _run_side_by_side(args, configs)
-        except KeyboardInterrupt as why:  # Ctrl-C or SIGTERM: the children were stopped first
-            print(f"snake-flower: interrupted ({why or 'Ctrl-C'}); every run was stopped, "
-                  f"logs in {config['out-dir']}", file=sys.stderr)
-            return 130
-    else:
-        runs = {}
-        for i, cfg in enumerate(configs, 1):
-            print(f"[{i}/{len(configs)}] {cfg['strategy']} on {cfg['task']}, {args.num_supernodes} nodes",
-                  flush=True)
-            result = _run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0))
-            if result is None:
-                return 1
-            runs[cfg["strategy"]] = result
-    if len(runs) < len(configs):
+    config = configs[0]
+    result = _run_one(config, args.num_supernodes, getattr(args, "parallel", 0))
+    if result is None:
         return 1
-    if args.command == "run":
-        name = config["strategy"]
-        plot_accuracy({name: runs[name]}, Path(config["out-dir"]) / f"{name}.png")
-        return 0
-    from snake_flower.harness.compare import write_comparison
-
-    summary = write_comparison(config["out-dir"], runs, config["target-accuracy"],
-                               side_by_side=args.command == "compare" and args.jobs > 1)
-    for name, line in summary["runs"].items():
-        to_target = f"{line['bytes_to_target'] / 1e6:.2f} MB to target" if line["reached_target"] \
-            else "target not reached"
-        print(f"{name}: final {line['final_accuracy']:.4f}, {to_target}")
-    print(f"report: {Path(config['out-dir']) / 'report.md'}")
+    plot_accuracy({run_name(config): result}, Path(config["out-dir"]) / f"{run_name(config)}.png")
     return 0
 
 

@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from snake_flower.config import ConfigError
+from snake_flower.config import ConfigError, run_name
 
 # Keys that may change between a run and its resumption: none alters the training.
 FREE_ON_RESUME = ("resume", "out-dir", "hop-timeout", "fast-poll", "num-server-rounds", "min-nodes")
 
 
 def checkpoint_path(config: Mapping[str, Any]) -> Path:
-    """``<out-dir>/<strategy>.ckpt``."""
-    return Path(config["out-dir"]) / f"{config['strategy']}.ckpt"
+    """``<out-dir>/<run name>.ckpt`` (the run name: ``run-name``, else the strategy)."""
+    return Path(config["out-dir"]) / f"{run_name(config)}.ckpt"
 
 
 def save_checkpoint(path: Path, arrays: ArrayRecord, state: Mapping[str, Any]) -> None:

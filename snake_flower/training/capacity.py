@@ -17,7 +17,7 @@ import copy
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -150,6 +150,7 @@ class WindowSizer:
         self.steps = int(config["local-steps"])  # hop-deadline-s > 0 requires local-steps > 0
         self.deadline = float(config["hop-deadline-s"])
         self._cache: dict[tuple[str, ...], tuple[float, float]] = {}
+        self._flops: dict[tuple[tuple[str, ...], bool], float] = {}  # with distillation
 
     def measure(self, window: list[str]) -> tuple[float, float]:
         """``(ledger total MB, FLOPs of one step)`` of training ``window``."""
@@ -160,6 +161,18 @@ class WindowSizer:
                 _, ledger = train_window(model, window, self.x, self.y, self.work, seed=0, align=self.align)
             self._cache[key] = (ledger["total-bytes"] / 1e6, float(flops.get_total_flops()))
         return self._cache[key]
+
+    def step_flops(self, window: list[str], kd_weight: float = 0.0) -> float:
+        """FLOPs of one local step training ``window``; with distillation the teacher's forward too."""
+        if not kd_weight:
+            return self.measure(window)[1]
+        key = (tuple(window), True)
+        if key not in self._flops:
+            model, work = copy.deepcopy(self.model), replace(self.work, kd_weight=kd_weight)
+            with FlopCounterMode(display=False) as flops:
+                train_window(model, window, self.x, self.y, work, seed=0, align=self.align)
+            self._flops[key] = float(flops.get_total_flops())
+        return self._flops[key]
 
     def estimated_s(self, window: list[str], capacity: Capacity) -> float:
         """Estimated local compute seconds of a hop training ``window`` on this node."""
@@ -176,6 +189,18 @@ class WindowSizer:
             return (f"estimated {seconds:.2f} s at compute {capacity.compute:g} exceeds "
                     f"hop-deadline-s {self.deadline:g}")
         return None
+
+
+def bottom_step_flops(bottom: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one split-learning step on the node: the bottom's forward (sent), its forward
+    again (recomputed when the gradients come back) and its backward."""
+    model = copy.deepcopy(bottom).train()
+    with FlopCounterMode(display=False) as flops:
+        with torch.no_grad():
+            model(x)
+        out = model(x)
+        out.backward(torch.ones_like(out))
+    return float(flops.get_total_flops())
 
 
 class NodeCapacities:
