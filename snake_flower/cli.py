@@ -9,8 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snake_flower.config import (CHOICES, ConfigError, experiment_layers, load_toml, parse_overrides, resolve,
-                                 run_name)
+from snake_flower.config import (
+    CHOICES,
+    ConfigError,
+    experiment_layers,
+    load_toml,
+    parse_overrides,
+    resolve,
+    run_name,
+)
 from snake_flower.tasks.data import DataError, partition_from_config
 
 

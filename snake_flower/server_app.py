@@ -30,8 +30,13 @@ from snake_flower.runtime.metering import MeteredGrid, RoundMeter, flower_poll_i
 from snake_flower.runtime.recorder import RunRecorder
 from snake_flower.tasks.base import Task
 from snake_flower.tasks.task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
-from snake_flower.training.capacity import (NodeCapacities, WindowSizer, bottom_step_flops, compute_s,
-                                            hop_time_s)
+from snake_flower.training.capacity import (
+    NodeCapacities,
+    WindowSizer,
+    bottom_step_flops,
+    compute_s,
+    hop_time_s,
+)
 from snake_flower.training.loop import SavedActivations, evaluate, memory_ledger, scheduled_lr
 from strategies import SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
