@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
                          help="strategies run at once, each in its own process (default 1: in turn)")
     compare.add_argument("--seeds", type=int, default=1,
                          help="seeds per strategy (seed, seed+1, ...), each in <out>/seed-<s>/ (default 1)")
+    tune = sub.add_parser("tune", help="pick one strategy's settings on a validation slice (never the test set)")
+    tune.add_argument("--config", help="experiment TOML file (must set validation-size)")
+    tune.add_argument("--run-config", default="", help="overrides for every point")
+    tune.add_argument("--strategy", required=True, help="a strategy or a variant table of the experiment file")
+    tune.add_argument("--grid", default="", help='the shared grid, e.g. "local-steps=100,300,600 lr=0.02,0.05"')
+    tune.add_argument("--extra", default="",
+                      help='own knobs, each value tried on the grid\'s winner, e.g. "kd-weight=0.3,0.9"')
+    tune.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
+    tune.add_argument("--out", required=True, help="output folder")
+    tune.add_argument("--write", action="store_true", help="write the winner into --config's table")
     report = sub.add_parser("report", help="rebuild summary.json, report.md and plots from a compare folder")
     report.add_argument("out", help="a folder holding <strategy>.json files of one comparison")
     report.add_argument("--target-accuracy", type=float, help="default: the runs' own target-accuracy")
@@ -114,153 +123,39 @@ def resolve_runs(args: argparse.Namespace, names: list[str] | None = None) -> li
     return configs
 
 
-def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> None:
-    """Run the ServerApp and ClientApp in Flower's Ray simulation engine.
-
-    ``parallel`` ClientApps train at once (0: one per core, at most one per node).
-    """
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    from flwr.simulation import run_simulation
-
-    from snake_flower.client_app import app as client_app
-    from snake_flower.runtime.dispatch import quick_pickup
-    from snake_flower.server_app import make_server_app
-
-    quick_pickup()  # split learning waits on every batch's round trip (see runtime/dispatch.py)
-
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": parallel or max(1, min(os.cpu_count() or 1, num_supernodes)),
-                             "num_gpus": 0, "logging_level": "ERROR"}}
-    run_simulation(server_app=make_server_app(config), client_app=client_app,
-                   num_supernodes=num_supernodes, backend_config=backend)
-
-
-def _run_one(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> dict[str, Any] | None:
-    """Simulate one strategy; return its results (``None`` if none were written)."""
-    _results_path(config).unlink(missing_ok=True)  # never report a previous run's file as this one's
-    simulate(config, num_supernodes, parallel)
-    return _load_results(config)
-
-
-def _results_path(config: dict[str, Any]) -> Path:
-    return Path(config["out-dir"]) / f"{run_name(config)}.json"
-
-
-def _load_results(config: dict[str, Any], code: int = 0) -> dict[str, Any] | None:
-    """A finished run's results, with its one-line summary; ``None`` (and why) if it failed."""
-    path, name = _results_path(config), run_name(config)
-    if code != 0 or not path.exists():
-        where = f"see {path.with_suffix('.log')}" if code != 0 else f"it wrote no {path}"
-        print(f"snake-flower: error: the {name} run failed (exit {code}); {where}", file=sys.stderr)
-        return None
-    result = json.loads(path.read_text())
-    final = result["final"]
-    failed = len(result.get("failures", []))
-    print(f"{name}: accuracy {final['accuracy']:.4f}, {final['bytes_total'] / 1e6:.2f} MB moved, "
-          f"{final['wall_s']:.0f} s{f', {failed} FAILED rounds' if failed else ''} -> {path}", flush=True)
-    return result
-
-
-def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``compare --jobs N``: the strategies' runs as child processes, N at a time."""
-    from snake_flower.harness.jobs import child_command, run_side_by_side
-
-    out = Path(configs[0]["out-dir"])
-    for cfg in configs:
-        _results_path(cfg).unlink(missing_ok=True)
-    # what the children must share with this process beyond the file and --run-config
-    fixed = f"seed={configs[0]['seed']} eval-every={configs[0]['eval-every']}"
-    commands = {run_name(cfg): child_command(args.config, f"{args.run_config} {fixed}".strip(), run_name(cfg),
-                                             args.num_supernodes, str(out)) for cfg in configs}
-    codes = run_side_by_side(commands, out, jobs=args.jobs)
-    runs = {run_name(cfg): _load_results(cfg, codes[run_name(cfg)]) for cfg in configs}
-    return {name: run for name, run in runs.items() if run is not None}
-
-
-def _compare(args: argparse.Namespace, configs: list[dict[str, Any]]) -> int:
-    """``compare``: every run, seed after seed, then the summary, report and plots."""
-    from snake_flower.harness.compare import write_comparison
-    from snake_flower.harness.seeds import write_seed_comparison
-
-    out, target = Path(configs[0]["out-dir"]), configs[0]["target-accuracy"]
-    seeds = [configs[0]["seed"] + i for i in range(args.seeds)]
-    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
-    for seed in seeds:
-        folder = out if len(seeds) == 1 else out / f"seed-{seed}"
-        seeded = [resolve(cfg, {"seed": seed, "out-dir": str(folder)}) for cfg in configs]
-        if len(seeds) > 1:
-            print(f"seed {seed} ({seeds.index(seed) + 1}/{len(seeds)}) -> {folder}", flush=True)
-        if args.jobs > 1:
-            try:
-                runs = _run_side_by_side(args, seeded)
-            except KeyboardInterrupt as why:  # Ctrl-C or SIGTERM: the children were stopped first
-                print(f"snake-flower: interrupted ({why or 'Ctrl-C'}); every run was stopped, "
-                      f"logs in {folder}", file=sys.stderr)
-                return 130
-        else:
-            runs = {}
-            for i, cfg in enumerate(seeded, 1):
-                print(f"[{i}/{len(seeded)}] {run_name(cfg)} on {cfg['task']}, {args.num_supernodes} nodes",
-                      flush=True)
-                result = _run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0))
-                if result is not None:
-                    runs[run_name(cfg)] = result
-        if len(runs) < len(seeded):
-            return 1
-        by_seed[seed] = runs
-        summary = write_comparison(folder, runs, target, side_by_side=args.jobs > 1)
-    if len(seeds) > 1:
-        summary = write_seed_comparison(out, by_seed, target, side_by_side=args.jobs > 1)
-    for name, line in summary["runs"].items():
-        print(f"{name}: {_headline(line)}")
-    print(f"report: {out / 'report.md'}")
-    return 0
-
-
-def _headline(line: dict[str, Any]) -> str:
-    """``final 0.88, 10.2 MB to the sustained target`` (medians over seeds when there are several)."""
-    final, to_target = line["final_accuracy"], line["bytes_to_target"]
-    if isinstance(final, dict):
-        final, to_target = final["median"], to_target["median"]
-    reached = f"{to_target / 1e6:.2f} MB to the sustained target" if to_target is not None \
-        else "sustained target not reached"
-    return f"final {final:.4f}, {reached}"
-
-
-def _evaluated_alike(configs: list[dict[str, Any]], num_supernodes: int) -> list[dict[str, Any]]:
-    """Every run of a comparison is evaluated at the same node visits.
-
-    A FedAvg round is ``num_supernodes`` visits and can only be evaluated at its end, so
-    when FedAvg is compared every run's ``eval-every`` becomes the smallest multiple of a
-    round at least as large as the largest asked for.
-    """
-    every = max(cfg["eval-every"] for cfg in configs)
-    if any(cfg["strategy"] == "fedavg" for cfg in configs):
-        every = -(-every // num_supernodes) * num_supernodes
-    if any(cfg["eval-every"] != every for cfg in configs):
-        print(f"compare: every run is evaluated every {every} node visits (eval-every), at the same visits",
-              flush=True)
-    return [resolve(cfg, {"eval-every": every}) for cfg in configs]
+def _saved_runs(folder: Path) -> dict[str, dict[str, Any]]:
+    """The run results (``<run>.json``) in ``folder``, in a default comparison's order."""
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))
+            if p.name != "summary.json" and not p.name.startswith("tune-")}
+    runs = {name: run for name, run in runs.items() if isinstance(run, dict) and "rounds" in run}
+    known = CHOICES["strategy"]  # snake, relay, fedavg, split: the order of a default comparison
+    return dict(sorted(runs.items(), key=lambda kv: known.index(kv[0]) if kv[0] in known else len(known)))
 
 
 def _report(args: argparse.Namespace) -> int:
-    """``snake-flower report DIR``: the comparison's outputs again, from its saved runs."""
+    """``snake-flower report DIR``: the comparison's outputs again, from its saved runs
+    (``DIR/seed-<s>/`` of ``compare --seeds``: each seed's and the medians over them)."""
     from snake_flower.harness.compare import write_comparison
+    from snake_flower.harness.seeds import write_seed_comparison
 
     out = Path(args.out)
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))
-            if p.name != "summary.json"}
-    runs = {name: run for name, run in runs.items() if isinstance(run, dict) and "rounds" in run}
-    if not runs:
+    by_seed = {int(d.name.removeprefix("seed-")): _saved_runs(d) for d in sorted(out.glob("seed-*"))
+               if d.is_dir() and d.name.removeprefix("seed-").isdigit()}
+    by_seed = {seed: runs for seed, runs in by_seed.items() if runs}
+    runs = _saved_runs(out)
+    if not runs and not by_seed:
         print(f"snake-flower: error: no run results (<strategy>.json) in {out}", file=sys.stderr)
         return 2
-    known = CHOICES["strategy"]  # snake, relay, fedavg, split: the order of a default comparison
-    runs = dict(sorted(runs.items(), key=lambda kv: known.index(kv[0]) if kv[0] in known else len(known)))
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-    target = args.target_accuracy if args.target_accuracy is not None else \
-        next(iter(runs.values()))["config"]["target-accuracy"]
-    write_comparison(out, runs, target, side_by_side=bool(previous.get("side_by_side", False)))
+    side_by_side = bool(previous.get("side_by_side", False))
+    first = next(iter(runs.values())) if runs else next(iter(next(iter(by_seed.values())).values()))
+    target = args.target_accuracy if args.target_accuracy is not None else first["config"]["target-accuracy"]
+    for seed, seed_runs in by_seed.items():
+        write_comparison(out / f"seed-{seed}", seed_runs, target, side_by_side=side_by_side)
+    if by_seed:
+        write_seed_comparison(out, by_seed, target, side_by_side=side_by_side)
+    else:
+        write_comparison(out, runs, target, side_by_side=side_by_side)
     print(f"report: {out / 'report.md'}")
     return 0
 
@@ -324,18 +219,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "memory":
         return _memory(args)
     try:
-        configs = resolve_runs(args, args.strategies.split(",") if args.command == "compare" else None)
+        names = {"compare": lambda: args.strategies.split(","), "tune": lambda: [args.strategy]}
+        configs = resolve_runs(args, names[args.command]() if args.command in names else None)
+        if args.command == "tune":
+            from snake_flower.harness.tune import parse_grid, run_tuning
+
+            parse_grid(args.grid), parse_grid(args.extra)  # a malformed grid fails before any run
+            if args.write and not args.config:
+                raise ConfigError("write: tune --write needs --config (the file it writes the winner into)")
+            return run_tuning(args, configs[0])
         if args.command == "compare":
-            configs = _evaluated_alike(configs, args.num_supernodes)
+            from snake_flower.harness.comparison import evaluated_alike
+
+            configs = evaluated_alike(configs, args.num_supernodes)
     except (ConfigError, DataError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a tuning run failed
+        print(f"snake-flower: error: {err}", file=sys.stderr)
+        return 1
     if args.command == "compare":
-        return _compare(args, configs)
+        from snake_flower.harness.comparison import compare
+
+        return compare(args, configs)
     from snake_flower.harness.plots import plot_accuracy
 
     config = configs[0]
-    result = _run_one(config, args.num_supernodes, getattr(args, "parallel", 0))
+    from snake_flower.simulation import run_one
+
+    result = run_one(config, args.num_supernodes, getattr(args, "parallel", 0))
     if result is None:
         return 1
     plot_accuracy({run_name(config): result}, Path(config["out-dir"]) / f"{run_name(config)}.png")

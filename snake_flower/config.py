@@ -40,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "sync": "delta",
     "sync-tolerance": 0.0,
     "max-update-norm": 0.0,
+    # Snake and relay: evaluate (and return) a moving average of the model over hops; 0 = off
+    "average-decay": 0.0,
     # heterogeneous nodes (training/capacity.py): window = "auto" fits each node's memory and compute
     "capacity-profile": "uniform",
     "hop-deadline-s": 0.0,
@@ -63,7 +65,11 @@ DEFAULTS: dict[str, Any] = {
     "kd": "auto",
     "kd-weight": 0.7,
     "kd-temperature": 2.0,
-    # harness
+    # harness: validation-size examples are held out of the training data before partitioning
+    # (seeded, stratified); evaluate-on = "validation" scores on them and never reads the test set
+    "validation-size": 0,
+    "evaluate-on": "test",
+    "tune-visits": 64,
     "target-accuracy": 0.85,
     "eval-every": 2,
     "eval-batch-size": 1000,
@@ -94,14 +100,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sync": ("delta", "window"),
     "kd": ("auto", "on", "off"),
     "lr-decay": ("none", "cosine"),
+    "evaluate-on": ("test", "validation"),
 }
 
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
             "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout", "lora-rank",
-            "seq-len")
+            "seq-len", "tune-visits")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
-                "leave-partition", "hop-deadline-s")
+                "leave-partition", "hop-deadline-s", "validation-size")
 
 
 class ConfigError(ValueError):
@@ -231,8 +238,14 @@ def validate(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"fail-rate: must be in [0, 1), got {config['fail-rate']!r}")
     if config["resume"] and config["strategy"] not in ("snake", "relay"):
         raise ConfigError(f"resume: only strategies snake and relay write checkpoints, not {config['strategy']!r}")
+    if config["evaluate-on"] == "validation" and config["validation-size"] == 0:
+        raise ConfigError("evaluate-on: 'validation' needs validation-size > 0 (examples held out of training)")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*|", config["run-name"]):
         raise ConfigError(f"run-name: {config['run-name']!r} must be a plain file name (letters, digits, - _ .)")
+    if not 0.0 <= config["average-decay"] < 1.0:
+        raise ConfigError(f"average-decay: must be in [0, 1), got {config['average-decay']!r}")
+    if config["average-decay"] and config["strategy"] not in ("snake", "relay"):
+        raise ConfigError(f"average-decay: only snake and relay average over hops, not {config['strategy']!r}")
     if not 0.0 <= config["kd-weight"] <= 1.0:
         raise ConfigError(f"kd-weight: must be in [0, 1], got {config['kd-weight']!r}")
 

@@ -16,6 +16,7 @@ from functools import partial
 from logging import INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -24,11 +25,13 @@ from flwr.supercore import log
 
 from snake_flower.config import kd_enabled, resolve, run_name
 from snake_flower.runtime import results
+from snake_flower.runtime.averaging import ModelAverage
 from snake_flower.runtime.chaos import ChaosGrid
 from snake_flower.runtime.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from snake_flower.runtime.metering import MeteredGrid, RoundMeter, flower_poll_interval
 from snake_flower.runtime.recorder import RunRecorder
 from snake_flower.tasks.base import Task
+from snake_flower.tasks.data import validation_split
 from snake_flower.tasks.task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
 from snake_flower.training.capacity import (
     NodeCapacities,
@@ -70,8 +73,8 @@ def _setup(grid: Grid, config: dict[str, Any], num_rounds: int, poll: float = 0.
     else:  # Flower's own fixed cadence, to measure what the fast poll saves
         metered = MeteredGrid(grid, poll_interval=flower_poll_interval(grid),
                               first_poll=flower_poll_interval(grid))
-    _, _, x_test, y_test = task.load(config["data-dir"])
-    # a full batch of test inputs stands in for a node's: the ledger and FLOPs depend on shapes only
+    x_test, y_test = _evaluation_set(task, config)
+    # a full batch of evaluation inputs stands in for a node's: the ledger and FLOPs depend on shapes only
     sizer = WindowSizer(model, x_test[:config["batch-size"]], y_test[:config["batch-size"]], config,
                         align=task.align)
     if config["eval-samples"]:  # the first N test examples, the same for every strategy
@@ -81,6 +84,17 @@ def _setup(grid: Grid, config: dict[str, Any], num_rounds: int, poll: float = 0.
     num_nodes = max(config["min-nodes"], len(list(grid.get_node_ids())))
     capacities = NodeCapacities(config, num_nodes, sizer, list(segment_keys(model)))
     return model, metered, recorder, capacities
+
+
+def _evaluation_set(task: Task, config: dict[str, Any]) -> tuple[Any, Any]:
+    """The test set, or with ``evaluate-on = "validation"`` the slice held out of the training
+    data (tuning picks its settings there and never reads the test set)."""
+    x_train, y_train, x_test, y_test = task.load(config["data-dir"])
+    if config["evaluate-on"] == "test":
+        return x_test, y_test
+    labels = task.partition_by(config["data-dir"]) if task.partition_by else y_train
+    held_out = torch.as_tensor(validation_split(labels, config)[1])
+    return x_train[held_out], y_train[held_out]
 
 
 def _score(task: Task, batch_size: int, model, x, y) -> dict[str, float]:
@@ -151,10 +165,13 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
         log(WARNING, "window auto: no memory budgets (capacity-profile uniform) and no hop-deadline-s; "
             "every node trains the whole model unless its --node-config states memory-budget-mb")
     path, arrays, done = checkpoint_path(config), ArrayRecord(transport_state(model.state_dict())), 0
+    average = ModelAverage(config["average-decay"]) if config["average-decay"] else None
     if config["resume"] and path.exists():
         arrays, state = load_checkpoint(path, config)
         strategy.load_state(state["strategy"])
-        recorder.restore(state["recorder"], arrays)
+        recorder.restore(state["recorder"], state["averaged"] or arrays)
+        if average:
+            average.load(state["averaged"])
         done = strategy.round_offset
         log(INFO, "resuming from %s after %d of %d hops", path, done, config["num-server-rounds"])
     elif config["resume"]:
@@ -163,10 +180,13 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and done:  # evaluated before the interruption
             return MetricRecord(recorder.evaluated[done]) if done in recorder.evaluated else None
-        metrics = recorder.evaluate_fn(server_round + done, arrays)
+        # with average-decay the average is what is evaluated and returned; nodes get the raw model
+        shown = average.update(arrays) if average and server_round > 0 else arrays
+        metrics = recorder.evaluate_fn(server_round + done, shown)
         if server_round > 0:
             save_checkpoint(path, arrays, {"config": config, "strategy": strategy.state(),
-                                           "recorder": recorder.state()})
+                                           "recorder": recorder.state()},
+                            averaged=average.arrays if average else None)
         return metrics
 
     strategy.start(grid=metered, initial_arrays=arrays, num_rounds=config["num-server-rounds"] - done,

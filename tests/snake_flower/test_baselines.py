@@ -8,8 +8,9 @@ import json
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
-from snake_flower.cli import _evaluated_alike, resolve_runs
+from snake_flower.cli import resolve_runs
 from snake_flower.config import ConfigError, experiment_layers, kd_enabled, resolve
+from snake_flower.harness.comparison import evaluated_alike
 from snake_flower.runtime.results import cumulative_visits
 from snake_flower.server_app import run
 from snake_flower.tasks.task import TASKS, build_model, segment_keys
@@ -76,7 +77,7 @@ def test_every_visit_reports_its_compute(loopback, nodes, tmp_path):
 
 
 def test_a_comparison_evaluates_every_run_at_the_same_node_visits(loopback, nodes, tmp_path, capsys):
-    configs = _evaluated_alike([resolve({"strategy": s, "task": "synthetic", "eval-every": e})
+    configs = evaluated_alike([resolve({"strategy": s, "task": "synthetic", "eval-every": e})
                                 for s, e in (("snake", 2), ("fedavg", 2), ("split", 1))], num_supernodes=3)
     assert [c["eval-every"] for c in configs] == [3, 3, 3]
     assert "evaluated every 3 node visits" in capsys.readouterr().out

@@ -48,3 +48,16 @@ def test_seed_comparison_writes_medians_a_report_and_band_plots(tmp_path):
     assert "| snake | 2/3 |" in report and "Snake / FedAvg median bytes to the sustained target: 0.38." in report
     for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_command_rebuilds_a_comparison_over_seeds(tmp_path):
+    from snake_flower.cli import main
+
+    for seed, accuracies in ((42, [0.5, 0.9]), (43, [0.9, 0.8])):
+        (tmp_path / f"seed-{seed}").mkdir()
+        run = {**_run(accuracies), "config": {"target-accuracy": 0.85}}
+        (tmp_path / f"seed-{seed}" / "snake.json").write_text(json.dumps(run))
+    assert main(["report", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [42, 43] and summary["runs"]["snake"]["bytes_to_target"]["seeds"] == [2000, None]
+    assert (tmp_path / "seed-43" / "report.md").exists()
