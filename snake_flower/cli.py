@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-config", default="", help='overrides, e.g. "window=1 lr=0.01"')
     run.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
     run.add_argument("--out", help="output folder (default: run-config out-dir)")
+    run.add_argument("--ray-address", default="", help="attach to this Ray cluster (ray start --head) "
+                                                        "instead of starting one on this machine")
     run.add_argument("--parallel", type=int, default=0,
                      help="ClientApps that train at once (default: one per core, at most one per node); "
                           "1 keeps one model in training, for models that strain memory")
@@ -41,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--jobs", type=int, default=1,
                          help="strategies run at once, each in its own process (default 1: in turn)")
+    compare.add_argument("--ray-address", default="", help="attach every run to this Ray cluster")
     compare.add_argument("--seeds", type=int, default=1,
                          help="seeds per strategy (seed, seed+1, ...), each in <out>/seed-<s>/ (default 1)")
     tune = sub.add_parser("tune", help="pick one strategy's settings on a validation slice (never the test set)")
@@ -52,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                       help='own knobs, each value tried on the grid\'s winner, e.g. "kd-weight=0.3,0.9"')
     tune.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
     tune.add_argument("--out", required=True, help="output folder")
+    tune.add_argument("--ray-address", default="", help="attach every point to this Ray cluster")
     tune.add_argument("--write", action="store_true", help="write the winner into --config's table")
     report = sub.add_parser("report", help="rebuild summary.json, report.md and plots from a compare folder")
     report.add_argument("out", help="a folder holding <strategy>.json files of one comparison")
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     config = configs[0]
     from snake_flower.simulation import run_one
 
-    result = run_one(config, args.num_supernodes, getattr(args, "parallel", 0))
+    result = run_one(config, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
     if result is None:
         return 1
     plot_accuracy({run_name(config): result}, Path(config["out-dir"]) / f"{run_name(config)}.png")

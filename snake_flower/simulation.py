@@ -14,10 +14,12 @@ from typing import Any
 from snake_flower.config import run_name
 
 
-def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> None:
+def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0, ray_address: str = "") -> None:
     """Run the ServerApp and ClientApp in Flower's Ray simulation engine.
 
     ``parallel`` ClientApps train at once (0: one per core, at most one per node).
+    ``ray_address``: attach to that running Ray cluster (``ray start --head``) instead of
+    starting a private one on this machine; the cluster's nodes bring their own cores.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -29,17 +31,21 @@ def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> 
 
     quick_pickup()  # split learning waits on every batch's round trip (see runtime/dispatch.py)
 
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": parallel or max(1, min(os.cpu_count() or 1, num_supernodes)),
-                             "num_gpus": 0, "logging_level": "ERROR"}}
+    if ray_address:  # an attaching ray.init takes no resources: the cluster has them
+        init_args: dict[str, Any] = {"address": ray_address, "logging_level": "ERROR"}
+    else:
+        init_args = {"num_cpus": parallel or max(1, min(os.cpu_count() or 1, num_supernodes)),
+                     "num_gpus": 0, "logging_level": "ERROR"}
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
     run_simulation(server_app=make_server_app(config), client_app=client_app,
                    num_supernodes=num_supernodes, backend_config=backend)
 
 
-def run_one(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> dict[str, Any] | None:
+def run_one(config: dict[str, Any], num_supernodes: int, parallel: int = 0,
+            ray_address: str = "") -> dict[str, Any] | None:
     """Simulate one strategy; return its results (``None`` if none were written)."""
     results_path(config).unlink(missing_ok=True)  # never report a previous run's file as this one's
-    simulate(config, num_supernodes, parallel)
+    simulate(config, num_supernodes, parallel, ray_address)
     return load_results(config)
 
 

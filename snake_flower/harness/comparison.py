@@ -25,7 +25,8 @@ def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -
     # what the children must share with this process beyond the file and --run-config
     fixed = f"seed={configs[0]['seed']} eval-every={configs[0]['eval-every']}"
     commands = {run_name(cfg): child_command(args.config, f"{args.run_config} {fixed}".strip(), run_name(cfg),
-                                             args.num_supernodes, str(out)) for cfg in configs}
+                                             args.num_supernodes, str(out), args.ray_address)
+                for cfg in configs}
     codes = run_side_by_side(commands, out, jobs=args.jobs)
     runs = {run_name(cfg): load_results(cfg, codes[run_name(cfg)]) for cfg in configs}
     return {name: run for name, run in runs.items() if run is not None}
@@ -56,7 +57,7 @@ def compare(args: argparse.Namespace, configs: list[dict[str, Any]]) -> int:
             for i, cfg in enumerate(seeded, 1):
                 print(f"[{i}/{len(seeded)}] {run_name(cfg)} on {cfg['task']}, {args.num_supernodes} nodes",
                       flush=True)
-                result = run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0))
+                result = run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
                 if result is not None:
                     runs[run_name(cfg)] = result
         if len(runs) < len(seeded):

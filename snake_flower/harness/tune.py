@@ -122,7 +122,7 @@ def run_tuning(args: Any, base: dict[str, Any]) -> int:
         config = resolve(base, point, {"evaluate-on": "validation", "num-server-rounds": base["tune-visits"],
                                        "eval-every": every, "out-dir": str(folder), "resume": False})
         print(f"[tune {name} {len(trials) + 1}] {label(point)} -> {folder}", flush=True)
-        result = run_one(config, args.num_supernodes, getattr(args, "parallel", 0))
+        result = run_one(config, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
         if result is None:
             raise RuntimeError(f"tune: the {name} run at {label(point)} failed; see its log above")
         trials.append((point, result))

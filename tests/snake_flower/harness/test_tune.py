@@ -80,7 +80,7 @@ def test_set_poisoned(monkeypatch):
 
 
 def test_tuning_never_reads_the_test_set(loopback, nodes, tmp_path, test_set_poisoned, monkeypatch, capsys):
-    def in_process(config, num_supernodes, parallel=0):  # the ServerApp over in-process nodes, no Ray
+    def in_process(config, num_supernodes, parallel=0, ray_address=""):  # the ServerApp over in-process nodes
         node = nodes(num_supernodes)
         return run(loopback(list(node.contexts), node), config)
 
