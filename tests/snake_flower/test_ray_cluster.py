@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_simulation import ENV, ROOT
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
