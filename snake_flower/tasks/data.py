@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, Features, Value
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -170,8 +170,8 @@ def validation_split(labels: torch.Tensor, config: Mapping[str, Any]) -> tuple[n
 
 @lru_cache(maxsize=4)
 def _holdout(labels: tuple[int, ...], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    table = Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))})
-    table = table.cast_column("label", ClassLabel(num_classes=max(labels) + 1))
+    features = Features({"label": ClassLabel(num_classes=max(labels) + 1), "index": Value("int64")})
+    table = Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))}, features=features)
     split = table.train_test_split(test_size=size, stratify_by_column="label", seed=seed)
     return (np.sort(np.asarray(split["train"]["index"], dtype=np.int64)),
             np.sort(np.asarray(split["test"]["index"], dtype=np.int64)))
