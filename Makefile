@@ -37,7 +37,7 @@ setup: $(STAMP) data
 # The head-to-head comparison on the default task (README "Quick start").
 run: setup
 	$(VENV)/bin/snake-flower compare --config experiments/fashion-mnist-noniid.toml \
-	  --strategies snake,fedavg,split --jobs 3 --out results/noniid
+	  --strategies snake,relay,fedavg,split --jobs 4 --out results/noniid
 
 test: setup
 	$(PY) -m pytest

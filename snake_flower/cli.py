@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from snake_flower.config import CHOICES, ConfigError, load_toml, parse_overrides, resolve
+from snake_flower.config import (
+    CHOICES,
+    ConfigError,
+    experiment_layers,
+    load_toml,
+    parse_overrides,
+    resolve,
+    run_name,
+)
 from snake_flower.runtime.flower_patches import check as check_flower
 from snake_flower.tasks.data import DataError, partition_from_config
 
@@ -22,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-config", default="", help='overrides, e.g. "window=1 lr=0.01"')
     run.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
     run.add_argument("--out", help="output folder (default: run-config out-dir)")
+    run.add_argument("--ray-address", default="", help="attach to this Ray cluster (ray start --head) "
+                                                        "instead of starting one on this machine")
     run.add_argument("--parallel", type=int, default=0,
                      help="ClientApps that train at once (default: one per core, at most one per node); "
                           "1 keeps one model in training, for models that strain memory")
@@ -29,11 +38,26 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", help="experiment TOML file (run-config keys)")
     compare.add_argument("--run-config", default="", help="overrides for every strategy")
     compare.add_argument("--strategies", default="snake,fedavg,split",
-                         help="comma-separated (default snake,fedavg,split)")
+                         help="comma-separated strategies (snake, relay, fedavg, split) or tables of the "
+                              "experiment file (default snake,fedavg,split)")
     compare.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--jobs", type=int, default=1,
                          help="strategies run at once, each in its own process (default 1: in turn)")
+    compare.add_argument("--ray-address", default="", help="attach every run to this Ray cluster")
+    compare.add_argument("--seeds", type=int, default=1,
+                         help="seeds per strategy (seed, seed+1, ...), each in <out>/seed-<s>/ (default 1)")
+    tune = sub.add_parser("tune", help="pick one strategy's settings on a validation slice (never the test set)")
+    tune.add_argument("--config", help="experiment TOML file (must set validation-size)")
+    tune.add_argument("--run-config", default="", help="overrides for every point")
+    tune.add_argument("--strategy", required=True, help="a strategy or a variant table of the experiment file")
+    tune.add_argument("--grid", default="", help='the shared grid, e.g. "local-steps=100,300,600 lr=0.02,0.05"')
+    tune.add_argument("--extra", default="",
+                      help='own knobs, each value tried on the grid\'s winner, e.g. "kd-weight=0.3,0.9"')
+    tune.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
+    tune.add_argument("--out", required=True, help="output folder")
+    tune.add_argument("--ray-address", default="", help="attach every point to this Ray cluster")
+    tune.add_argument("--write", action="store_true", help="write the winner into --config's table")
     report = sub.add_parser("report", help="rebuild summary.json, report.md and plots from a compare folder")
     report.add_argument("out", help="a folder holding <strategy>.json files of one comparison")
     report.add_argument("--target-accuracy", type=float, help="default: the runs' own target-accuracy")
@@ -70,123 +94,83 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
-    """Fuse defaults, the TOML file, overrides and ``--out``; check data is there."""
-    layers = [load_toml(args.config)] if args.config else []
-    layers.append(parse_overrides(args.run_config))
-    if args.out:
-        layers.append({"out-dir": args.out})
-    config = resolve(*layers)
-    config["out-dir"] = str(Path(config["out-dir"]).resolve())
+def resolve_runs(args: argparse.Namespace, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """One config per run: defaults < the file's flat keys < its table < ``--run-config`` < ``--out``.
+
+    ``names`` are the comparison's strategies or variant tables; ``run`` resolves the one
+    its ``run-name`` or ``strategy`` names. Checks that the data is there.
+    """
+    data = load_toml(args.config) if args.config else {}
+    overrides = parse_overrides(args.run_config)
+    if names is None:
+        flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        names = [overrides.get("run-name") or overrides.get("strategy") or flat.get("run-name")
+                 or flat.get("strategy") or "snake"]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"strategies: each may appear once, got {','.join(names)}")
     if getattr(args, "jobs", 1) < 1:
         raise ConfigError(f"jobs: must be >= 1, got {args.jobs}")
+    if getattr(args, "seeds", 1) < 1:
+        raise ConfigError(f"seeds: must be >= 1, got {args.seeds}")
     if args.num_supernodes < 1:
         raise ConfigError(f"num-supernodes: must be >= 1, got {args.num_supernodes}")
     if getattr(args, "parallel", 0) < 0:
         raise ConfigError(f"parallel: must be >= 0, got {args.parallel}")
-    if not any("min-nodes" in layer for layer in layers):
-        config["min-nodes"] = args.num_supernodes  # simulation: start once every node is up
-    if config["min-nodes"] > args.num_supernodes:
-        raise ConfigError(f"min-nodes: {config['min-nodes']} exceeds --num-supernodes {args.num_supernodes}")
+    configs = []
+    for name in names:
+        layers = [*experiment_layers(data, name), overrides, {"run-name": name}]
+        if args.out:
+            layers.append({"out-dir": args.out})
+        config = resolve(*layers)
+        config["out-dir"] = str(Path(config["out-dir"]).resolve())
+        if not any("min-nodes" in layer for layer in layers):
+            config["min-nodes"] = args.num_supernodes  # simulation: start once every node is up
+        if config["min-nodes"] > args.num_supernodes:
+            raise ConfigError(f"min-nodes: {config['min-nodes']} exceeds --num-supernodes {args.num_supernodes}")
+        configs.append(config)
     from snake_flower.tasks.task import task_for
 
-    task = task_for(config)
-    _, y_train, _, _ = task.load(config["data-dir"])  # fail now, not inside a Ray actor
-    labels = task.partition_by(config["data-dir"]) if task.partition_by else y_train
-    partition_from_config(labels, config, args.num_supernodes, 0)  # e.g. fewer topics than nodes
-    return config
+    for config in {c["task"]: c for c in configs}.values():
+        task = task_for(config)
+        _, y_train, _, _ = task.load(config["data-dir"])  # fail now, not inside a Ray actor
+        labels = task.partition_by(config["data-dir"]) if task.partition_by else y_train
+        partition_from_config(labels, config, args.num_supernodes, 0)  # e.g. fewer topics than nodes
+    return configs
 
 
-def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> None:
-    """Run the ServerApp and ClientApp in Flower's Ray simulation engine.
-
-    ``parallel`` ClientApps train at once (0: one per core, at most one per node).
-    The only caller of ``flwr.simulation.run_simulation``, which flwr marks deprecated:
-    keep it here, so that replacing it (or pointing it at a Ray cluster) is one change.
-    """
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    # Without an address ray.init joins the newest `ray start` cluster on the machine (its
-    # address is in /tmp/ray/ray_current_cluster), which then refuses our num_cpus: start our own
-    os.environ.setdefault("RAY_ADDRESS", "local")
-    from flwr.simulation import run_simulation
-
-    from snake_flower.client_app import app as client_app
-    from snake_flower.runtime.flower_patches import patch_pickup
-    from snake_flower.server_app import make_server_app
-
-    patch_pickup()  # split learning waits on every batch's round trip (see runtime/flower_patches.py)
-
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": parallel or max(1, min(os.cpu_count() or 1, num_supernodes)),
-                             "num_gpus": 0, "logging_level": "ERROR"}}
-    run_simulation(server_app=make_server_app(config), client_app=client_app,
-                   num_supernodes=num_supernodes, backend_config=backend)
-
-
-def _run_one(config: dict[str, Any], num_supernodes: int, parallel: int = 0) -> dict[str, Any] | None:
-    """Simulate one strategy; return its results (``None`` if none were written)."""
-    _results_path(config).unlink(missing_ok=True)  # never report a previous run's file as this one's
-    simulate(config, num_supernodes, parallel)
-    return _load_results(config)
-
-
-def _results_path(config: dict[str, Any]) -> Path:
-    return Path(config["out-dir"]) / f"{config['strategy']}.json"
-
-
-def _load_results(config: dict[str, Any], code: int = 0) -> dict[str, Any] | None:
-    """A finished run's results, with its one-line summary; ``None`` (and why) if it failed."""
-    path, name = _results_path(config), config["strategy"]
-    if code != 0 or not path.exists():
-        where = f"see {path.with_suffix('.log')}" if code != 0 else f"it wrote no {path}"
-        print(f"snake-flower: error: the {name} run failed (exit {code}); {where}", file=sys.stderr)
-        return None
-    result = json.loads(path.read_text())
-    rounds = result.get("rounds", [])
-    if rounds and not any(row.get("status") == "merged" for row in rounds):  # nothing was learnt
-        first = (result.get("failures") or [{"reason": "no reason recorded"}])[0]["reason"]
-        print(f"snake-flower: error: the {name} run failed: all {len(rounds)} rounds failed "
-              f"(first: {first}); see {path}", file=sys.stderr)
-        return None
-    final = result["final"]
-    failed = len(result.get("failures", []))
-    print(f"{name}: accuracy {final['accuracy']:.4f}, {final['bytes_total'] / 1e6:.2f} MB moved, "
-          f"{final['wall_s']:.0f} s{f', {failed} FAILED rounds' if failed else ''} -> {path}", flush=True)
-    return result
-
-
-def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``compare --jobs N``: the strategies' runs as child processes, N at a time."""
-    from snake_flower.harness.jobs import child_command, run_side_by_side
-
-    out = Path(configs[0]["out-dir"])
-    for cfg in configs:
-        _results_path(cfg).unlink(missing_ok=True)
-    commands = {cfg["strategy"]: child_command(args.config, args.run_config, cfg["strategy"],
-                                               args.num_supernodes, str(out)) for cfg in configs}
-    codes = run_side_by_side(commands, out, jobs=args.jobs)
-    runs = {cfg["strategy"]: _load_results(cfg, codes[cfg["strategy"]]) for cfg in configs}
-    return {name: run for name, run in runs.items() if run is not None}
+def _saved_runs(folder: Path) -> dict[str, dict[str, Any]]:
+    """The run results (``<run>.json``) in ``folder``, in a default comparison's order."""
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))
+            if p.name != "summary.json" and not p.name.startswith("tune-")}
+    runs = {name: run for name, run in runs.items() if isinstance(run, dict) and "rounds" in run}
+    known = CHOICES["strategy"]  # snake, relay, fedavg, split: the order of a default comparison
+    return dict(sorted(runs.items(), key=lambda kv: known.index(kv[0]) if kv[0] in known else len(known)))
 
 
 def _report(args: argparse.Namespace) -> int:
-    """``snake-flower report DIR``: the comparison's outputs again, from its saved runs."""
+    """``snake-flower report DIR``: the comparison's outputs again, from its saved runs
+    (``DIR/seed-<s>/`` of ``compare --seeds``: each seed's and the medians over them)."""
     from snake_flower.harness.compare import write_comparison
+    from snake_flower.harness.seeds import write_seed_comparison
 
     out = Path(args.out)
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))
-            if p.name != "summary.json"}
-    runs = {name: run for name, run in runs.items() if isinstance(run, dict) and "rounds" in run}
-    if not runs:
+    by_seed = {int(d.name.removeprefix("seed-")): _saved_runs(d) for d in sorted(out.glob("seed-*"))
+               if d.is_dir() and d.name.removeprefix("seed-").isdigit()}
+    by_seed = {seed: runs for seed, runs in by_seed.items() if runs}
+    runs = _saved_runs(out)
+    if not runs and not by_seed:
         print(f"snake-flower: error: no run results (<strategy>.json) in {out}", file=sys.stderr)
         return 2
-    known = CHOICES["strategy"]  # snake, fedavg, split: the order of a default comparison
-    runs = dict(sorted(runs.items(), key=lambda kv: known.index(kv[0]) if kv[0] in known else len(known)))
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-    target = args.target_accuracy if args.target_accuracy is not None else \
-        next(iter(runs.values()))["config"]["target-accuracy"]
-    write_comparison(out, runs, target, side_by_side=bool(previous.get("side_by_side", False)))
+    side_by_side = bool(previous.get("side_by_side", False))
+    first = next(iter(runs.values())) if runs else next(iter(next(iter(by_seed.values())).values()))
+    target = args.target_accuracy if args.target_accuracy is not None else first["config"]["target-accuracy"]
+    for seed, seed_runs in by_seed.items():
+        write_comparison(out / f"seed-{seed}", seed_runs, target, side_by_side=side_by_side)
+    if by_seed:
+        write_seed_comparison(out, by_seed, target, side_by_side=side_by_side)
+    else:
+        write_comparison(out, runs, target, side_by_side=side_by_side)
     print(f"report: {out / 'report.md'}")
     return 0
 
@@ -276,48 +260,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "memory":
         return _memory(args)
     try:
-        config = resolve_run(args)
-        names = args.strategies.split(",") if args.command == "compare" else [config["strategy"]]
-        if len(set(names)) < len(names):
-            raise ConfigError(f"strategies: each may appear once, got {args.strategies}")
-        configs = [resolve(config, {"strategy": name}) for name in names]
+        names = {"compare": lambda: args.strategies.split(","), "tune": lambda: [args.strategy]}
+        configs = resolve_runs(args, names[args.command]() if args.command in names else None)
         check_flower("pickup")  # an untested flwr: a one-line error (SNAKE_FLOWER_STOCK_FLOWER=1 runs it)
+        if args.command == "tune":
+            from snake_flower.harness.tune import parse_grid, run_tuning
+
+            parse_grid(args.grid), parse_grid(args.extra)  # a malformed grid fails before any run
+            if args.write and not args.config:
+                raise ConfigError("write: tune --write needs --config (the file it writes the winner into)")
+            return run_tuning(args, configs[0])
+        if args.command == "compare":
+            from snake_flower.harness.comparison import evaluated_alike
+
+            configs = evaluated_alike(configs, args.num_supernodes)
     except (ConfigError, DataError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a tuning run failed
+        print(f"snake-flower: error: {err}", file=sys.stderr)
+        return 1
+    if args.command == "compare":
+        from snake_flower.harness.comparison import compare
+
+        return compare(args, configs)
     from snake_flower.harness.plots import plot_accuracy
 
-    if args.command == "compare" and args.jobs > 1:
-        try:
-            runs = _run_side_by_side(args, configs)
-        except KeyboardInterrupt as why:  # Ctrl-C or SIGTERM: the children were stopped first
-            print(f"snake-flower: interrupted ({why or 'Ctrl-C'}); every run was stopped, "
-                  f"logs in {config['out-dir']}", file=sys.stderr)
-            return 130
-    else:
-        runs = {}
-        for i, cfg in enumerate(configs, 1):
-            print(f"[{i}/{len(configs)}] {cfg['strategy']} on {cfg['task']}, {args.num_supernodes} nodes",
-                  flush=True)
-            result = _run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0))
-            if result is None:
-                return 1
-            runs[cfg["strategy"]] = result
-    if len(runs) < len(configs):
-        return 1
-    if args.command == "run":
-        name = config["strategy"]
-        plot_accuracy({name: runs[name]}, Path(config["out-dir"]) / f"{name}.png")
-        return 0
-    from snake_flower.harness.compare import write_comparison
+    config = configs[0]
+    from snake_flower.simulation import run_one
 
-    summary = write_comparison(config["out-dir"], runs, config["target-accuracy"],
-                               side_by_side=args.command == "compare" and args.jobs > 1)
-    for name, line in summary["runs"].items():
-        to_target = f"{line['bytes_to_target'] / 1e6:.2f} MB to target" if line["reached_target"] \
-            else "target not reached"
-        print(f"{name}: final {line['final_accuracy']:.4f}, {to_target}")
-    print(f"report: {Path(config['out-dir']) / 'report.md'}")
+    result = run_one(config, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
+    if result is None:
+        return 1
+    plot_accuracy({run_name(config): result}, Path(config["out-dir"]) / f"{run_name(config)}.png")
     return 0
 
 

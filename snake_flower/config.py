@@ -7,14 +7,16 @@ Every knob of a run lives in ``DEFAULTS`` (kebab-case, as in Flower's run-config
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 DEFAULTS: dict[str, Any] = {
-    # what to train, and how
+    # what to train, and how; run-name names the results file (default: the strategy)
     "strategy": "snake",
+    "run-name": "",
     "task": "fashion-mnist",
     "data-dir": "",
     "partitioner": "dirichlet",
@@ -39,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
     "sync": "delta",
     "sync-tolerance": 0.0,
     "max-update-norm": 0.0,
+    # Snake and relay: evaluate (and return) a moving average of the model over hops; 0 = off
+    "average-decay": 0.0,
     # heterogeneous nodes (training/capacity.py): window = "auto" fits each node's memory and compute
     "capacity-profile": "uniform",
     "hop-deadline-s": 0.0,
@@ -62,7 +66,11 @@ DEFAULTS: dict[str, Any] = {
     "kd": "auto",
     "kd-weight": 0.7,
     "kd-temperature": 2.0,
-    # harness
+    # harness: validation-size examples are held out of the training data before partitioning
+    # (seeded, stratified); evaluate-on = "validation" scores on them and never reads the test set
+    "validation-size": 0,
+    "evaluate-on": "test",
+    "tune-visits": 64,
     "target-accuracy": 0.85,
     "eval-every": 2,
     "eval-batch-size": 1000,
@@ -81,7 +89,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "strategy": ("snake", "fedavg", "split"),
+    "strategy": ("snake", "relay", "fedavg", "split"),
     "partitioner": ("iid", "dirichlet", "pathological", "topic"),
     "finetune": ("full", "lora"),
     "frozen-dtype": ("auto", "fp32", "fp16", "bf16", "int8"),
@@ -93,14 +101,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sync": ("delta", "window"),
     "kd": ("auto", "on", "off"),
     "lr-decay": ("none", "cosine"),
+    "evaluate-on": ("test", "validation"),
 }
 
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
             "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout", "lora-rank",
-            "seq-len")
+            "seq-len", "tune-visits")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
-                "leave-partition", "hop-deadline-s")
+                "leave-partition", "hop-deadline-s", "validation-size")
 
 
 class ConfigError(ValueError):
@@ -126,7 +135,7 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a flat experiment TOML file (the same keys as ``DEFAULTS``)."""
+    """Read an experiment TOML file: run-config keys, and tables of them (``experiment_layers``)."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -228,8 +237,16 @@ def validate(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"lr-floor: must be in [0, 1], got {config['lr-floor']!r}")
     if not 0.0 <= config["fail-rate"] < 1.0:
         raise ConfigError(f"fail-rate: must be in [0, 1), got {config['fail-rate']!r}")
-    if config["resume"] and config["strategy"] != "snake":
-        raise ConfigError(f"resume: only strategy snake writes checkpoints, not {config['strategy']!r}")
+    if config["resume"] and config["strategy"] not in ("snake", "relay"):
+        raise ConfigError(f"resume: only strategies snake and relay write checkpoints, not {config['strategy']!r}")
+    if config["evaluate-on"] == "validation" and config["validation-size"] == 0:
+        raise ConfigError("evaluate-on: 'validation' needs validation-size > 0 (examples held out of training)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*|", config["run-name"]):
+        raise ConfigError(f"run-name: {config['run-name']!r} must be a plain file name (letters, digits, - _ .)")
+    if not 0.0 <= config["average-decay"] < 1.0:
+        raise ConfigError(f"average-decay: must be in [0, 1), got {config['average-decay']!r}")
+    if config["average-decay"] and config["strategy"] not in ("snake", "relay"):
+        raise ConfigError(f"average-decay: only snake and relay average over hops, not {config['strategy']!r}")
     if not 0.0 <= config["kd-weight"] <= 1.0:
         raise ConfigError(f"kd-weight: must be in [0, 1], got {config['kd-weight']!r}")
 
@@ -273,9 +290,45 @@ def _plugin_segments(config: Mapping[str, Any]) -> tuple[str, ...]:
     except PluginError as err:
         raise ConfigError(str(err)) from None
 
+def experiment_layers(data: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
+    """The run-config layers of run ``name`` in an experiment file, lowest precedence first.
+
+    Flat keys apply to every run; a table ``[snake]``, ``[relay]``, ``[fedavg]`` or
+    ``[split]`` adds its strategy's own settings; a table with another name is a variant
+    (an ablation, a second Snake) and must set ``strategy``. Its results file is
+    ``<name>.json``. ``--run-config`` comes after these layers.
+    """
+    flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: dict(v) for k, v in data.items() if isinstance(v, dict)}
+    for table, values in tables.items():
+        if table not in CHOICES["strategy"] and "strategy" not in values:
+            raise ConfigError(f"[{table}]: a variant table must set strategy "
+                              f"(one of {', '.join(CHOICES['strategy'])})")
+        if table in CHOICES["strategy"] and values.get("strategy", table) != table:
+            raise ConfigError(f"[{table}]: strategy = {values['strategy']!r} contradicts the table's name")
+    if name in tables:
+        table = tables[name]
+        return [flat, {**table, "strategy": table.get("strategy", name), "run-name": name}]
+    if name in CHOICES["strategy"]:
+        return [flat, {"strategy": name}]
+    known = sorted(set(CHOICES["strategy"]) | set(tables))
+    raise ConfigError(f"strategies: {name!r} is neither a strategy nor a table of the experiment "
+                      f"file (known: {', '.join(known)})")
+
+
+def run_name(config: Mapping[str, Any]) -> str:
+    """What a run's results file is called: ``run-name``, else the strategy."""
+    return config["run-name"] or config["strategy"]
+
 
 def kd_enabled(config: Mapping[str, Any]) -> bool:
-    """``kd = "auto"`` distils only when the partitions are non-IID."""
+    """``kd = "auto"`` distils only when the partitions are non-IID.
+
+    FedAvg and split learning never distil, whatever ``kd`` says: they are trained the
+    way their own communities train them, plain cross-entropy (design §3).
+    """
+    if config.get("strategy") in ("fedavg", "split"):
+        return False
     if config["kd"] == "auto":
         return config["partitioner"] != "iid"
     return config["kd"] == "on"

@@ -2,8 +2,9 @@
 
 ``flwr run .`` loads ``app`` below (run-config from ``[tool.flwr.app.config]``);
 ``snake-flower run`` and ``compare`` build the same app around a resolved config.
-The ``strategy`` key picks Snake or Flower's own FedAvg; both run the same
-ClientApp, the same local work and the same metering.
+The ``strategy`` key picks Snake, the full-model relay, Flower's own FedAvg or split
+learning; all run the same ClientApp, the same local work and the same metering, and
+each row records the visit's local compute (CPU seconds, FLOPs).
 """
 
 from __future__ import annotations
@@ -15,22 +16,31 @@ from functools import partial
 from logging import INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from snake_flower.config import kd_enabled, resolve
+from snake_flower.config import kd_enabled, resolve, run_name
 from snake_flower.runtime import results
+from snake_flower.runtime.averaging import ModelAverage
 from snake_flower.runtime.chaos import ChaosGrid
 from snake_flower.runtime.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from snake_flower.runtime.flower_patches import patch_object_pulls
 from snake_flower.runtime.metering import MeteredGrid, RoundMeter, flower_poll_interval
 from snake_flower.runtime.recorder import RunRecorder
 from snake_flower.tasks.base import Task
+from snake_flower.tasks.data import validation_split
 from snake_flower.tasks.task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
-from snake_flower.training.capacity import NodeCapacities, WindowSizer, compute_s, hop_time_s
+from snake_flower.training.capacity import (
+    NodeCapacities,
+    WindowSizer,
+    bottom_step_flops,
+    compute_s,
+    hop_time_s,
+)
 from snake_flower.training.loop import SavedActivations, evaluate, memory_ledger, scheduled_lr
 from strategies import SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
@@ -49,11 +59,11 @@ def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
 
 def run(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """Run ``config["strategy"]`` and write ``<out-dir>/<strategy>.json``."""
-    runners = {"snake": run_snake, "fedavg": run_fedavg, "split": run_split}
+    runners = {"snake": run_snake, "relay": run_relay, "fedavg": run_fedavg, "split": run_split}
     return runners[config["strategy"]](grid, config)
 
 
-def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll: float = 0.1,
+def _setup(grid: Grid, config: dict[str, Any], num_rounds: int, poll: float = 0.1,
            visits_per_round: int = 1):
     task = task_for(config)
     model = build_model(task, config["seed"])
@@ -66,13 +76,13 @@ def _setup(name: str, grid: Grid, config: dict[str, Any], num_rounds: int, poll:
     else:  # Flower's own fixed cadence, to measure what the fast poll saves
         metered = MeteredGrid(grid, poll_interval=flower_poll_interval(grid),
                               first_poll=flower_poll_interval(grid))
-    _, _, x_test, y_test = task.load(config["data-dir"])
-    # a full batch of test inputs stands in for a node's: the ledger and FLOPs depend on shapes only
+    x_test, y_test = _evaluation_set(task, config)
+    # a full batch of evaluation inputs stands in for a node's: the ledger and FLOPs depend on shapes only
     sizer = WindowSizer(model, x_test[:config["batch-size"]], y_test[:config["batch-size"]], config,
                         align=task.align, kd=kd_enabled(config))
     if config["eval-samples"]:  # the first N test examples, the same for every strategy
         x_test, y_test = x_test[:config["eval-samples"]], y_test[:config["eval-samples"]]
-    recorder = RunRecorder(name, config, model, (x_test, y_test), metered, num_rounds, visits_per_round,
+    recorder = RunRecorder(run_name(config), config, model, (x_test, y_test), metered, num_rounds, visits_per_round,
                            score=partial(_score, task, config["eval-batch-size"]))
     num_nodes = max(config["min-nodes"], len(list(grid.get_node_ids())))
     capacities = NodeCapacities(config, num_nodes, sizer, list(segment_keys(model)))
@@ -86,6 +96,17 @@ def _deployed(grid: Grid) -> bool:
     return isinstance(grid, HttpGrid)
 
 
+def _evaluation_set(task: Task, config: dict[str, Any]) -> tuple[Any, Any]:
+    """The test set, or with ``evaluate-on = "validation"`` the slice held out of the training
+    data (tuning picks its settings there and never reads the test set)."""
+    x_train, y_train, x_test, y_test = task.load(config["data-dir"])
+    if config["evaluate-on"] == "test":
+        return x_test, y_test
+    labels = task.partition_by(config["data-dir"]) if task.partition_by else y_train
+    held_out = torch.as_tensor(validation_split(labels, config)[1])
+    return x_train[held_out], y_train[held_out]
+
+
 def _score(task: Task, batch_size: int, model, x, y) -> dict[str, float]:
     """Centralized evaluation; an LLM adds its held-out perplexity."""
     if task.max_eval_batch:
@@ -96,15 +117,33 @@ def _score(task: Task, batch_size: int, model, x, y) -> dict[str, float]:
     return metrics
 
 
-def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
+def _visit_compute(reported: Mapping[str, Any], step_flops: float) -> dict[str, float]:
+    """A node visit's local training: its CPU seconds and its FLOPs (one step's x its steps)."""
+    return {"train_cpu_s": round(compute_s(reported), 4), "train_flops": step_flops * reported.get("steps", 0.0)}
+
+
+def run_relay(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
+    """Sequential full-model training: Snake without windows, in Snake's chain order.
+
+    One node per round trains every segment and the next node receives the whole
+    model; it separates what Snake gains from training sequentially from what it
+    gains from its windows.
+    """
+    return run_snake(grid, config, whole_model=True)
+
+
+def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> dict[str, Any]:
     """One node trains one window per round (hop); only the window travels back.
 
     The server's state is checkpointed after every hop; ``resume`` continues from it.
+    ``whole_model``: every hop's window is every segment (the relay baseline).
     """
-    model, metered, recorder, capacities = _setup("snake", grid, config, config["num-server-rounds"])
-    strategy = SnakeStrategy(swept_segment_keys(model, config), config["window"], sweep=config["sweep"],
-                             order=config["order"], train_head=config["train-head"],
-                             train_stem=config["train-stem"], sync=config["sync"],
+    model, metered, recorder, capacities = _setup(grid, config, config["num-server-rounds"])
+    segments = swept_segment_keys(model, config)
+    window = len(segments) if whole_model else config["window"]
+    strategy = SnakeStrategy(segments, window, sweep=config["sweep"],
+                             order=config["order"], train_head=config["train-head"] and not whole_model,
+                             train_stem=config["train-stem"] and not whole_model, sync=config["sync"],
                              sync_tolerance=config["sync-tolerance"],
                              max_update_norm=config["max-update-norm"],
                              payload_dtype=config["payload-dtype"],
@@ -125,20 +164,23 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                 "segments_sent": hop["segments_sent"], "status": hop["status"],
                 "hop_s": round(hop.get("seconds", 0.0), 4), "bytes_p2p": p2p,
                 "train_s": round(float(reported.get("train-seconds", 0.0)), 4),  # the node's, inside hop_s
-                "train_cpu_s": round(float(reported.get("train-cpu-seconds", 0.0)), 4),
                 "capacity": capacity.as_dict(), "passed_over": hop.get("passed_over", []),
                 # a failed hop costs the bytes it moved (its compute, if any, is not reported)
-                "network_time_s": hop_time_s(compute_s(reported), moved, capacity)}
+                "network_time_s": hop_time_s(compute_s(reported), moved, capacity),
+                **_visit_compute(reported, capacities.sizer.step_flops(hop["window"]) if reported else 0.0)}
 
     recorder.describe = describe
     if config["window"] == "auto" and config["capacity-profile"] == "uniform" and not config["hop-deadline-s"]:
         log(WARNING, "window auto: no memory budgets (capacity-profile uniform) and no hop-deadline-s; "
             "every node trains the whole model unless its --node-config states memory-budget-mb")
     path, arrays, done = checkpoint_path(config), ArrayRecord(transport_state(model.state_dict())), 0
+    average = ModelAverage(config["average-decay"]) if config["average-decay"] else None
     if config["resume"] and path.exists():
         arrays, state = load_checkpoint(path, config)
         strategy.load_state(state["strategy"])
-        recorder.restore(state["recorder"], arrays)
+        recorder.restore(state["recorder"], state["averaged"] or arrays)
+        if average:
+            average.load(state["averaged"])
         done = strategy.round_offset
         log(INFO, "resuming from %s after %d of %d hops", path, done, config["num-server-rounds"])
     elif config["resume"]:
@@ -147,10 +189,13 @@ def run_snake(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and done:  # evaluated before the interruption
             return MetricRecord(recorder.evaluated[done]) if done in recorder.evaluated else None
-        metrics = recorder.evaluate_fn(server_round + done, arrays)
+        # with average-decay the average is what is evaluated and returned; nodes get the raw model
+        shown = average.update(arrays) if average and server_round > 0 else arrays
+        metrics = recorder.evaluate_fn(server_round + done, shown)
         if server_round > 0:
             save_checkpoint(path, arrays, {"config": config, "strategy": strategy.state(),
-                                           "recorder": recorder.state()})
+                                           "recorder": recorder.state()},
+                            averaged=average.arrays if average else None)
         return metrics
 
     strategy.start(grid=metered, initial_arrays=arrays, num_rounds=config["num-server-rounds"] - done,
@@ -168,7 +213,7 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """Flower's FedAvg: every node trains every segment; rounds = hops / nodes (equal visits)."""
     nodes = len(wait_for_nodes(grid, config["min-nodes"]))
     num_rounds = max(1, math.ceil(config["num-server-rounds"] / nodes))
-    model, metered, recorder, capacities = _setup("fedavg", grid, config, num_rounds, visits_per_round=nodes)
+    model, metered, recorder, capacities = _setup(grid, config, num_rounds, visits_per_round=nodes)
     segments = list(segment_keys(model))
     ledgers: list[dict[str, float]] = []
 
@@ -194,13 +239,18 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                 "status": "merged" if replies else "failed",
                 "partitions": sorted(int(led["partition-id"]) for led in replies),
                 # the round waits for its straggler (nodes that failed report no compute: not counted)
-                "network_time_s": max(times, default=0.0)}
+                "network_time_s": max(times, default=0.0),
+                "train_cpu_s": round(sum(compute_s(led) for led in replies), 4),
+                "train_flops": step_flops * sum(led.get("steps", 0.0) for led in replies)}
 
+    step_flops = capacities.sizer.step_flops(segments)  # plain cross-entropy: no teacher
     recorder.describe = describe
     # The same ClientApp as Snake: the window is the whole model and nothing is stale.
+    # FedAvg trains as its community does: plain cross-entropy, never Snake's distillation.
     # lr-rounds: FedAvg's lr decays over its own rounds (Snake's and split's: num-server-rounds)
     # Flower's FedAvg averages what it is sent as it is: payloads stay fp32 whatever payload-dtype says
-    train_config = ConfigRecord({**config, "payload-dtype": "fp32", "window": segments, "sync": "window",
+    train_config = ConfigRecord({**config, "payload-dtype": "fp32", "kd": "off", "window": segments,
+                                 "sync": "window",
                                  "lr-rounds": num_rounds,
                                  "segments-sent": segments, "segment-versions": [0] * len(segments)})
     strategy.start(grid=metered, initial_arrays=ArrayRecord(transport_state(model.state_dict())),
@@ -213,10 +263,11 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
 def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     """Relay split learning: per batch, activations up and gradients down; bottoms relayed."""
     # One round trip per batch: poll the Grid often, or waiting dominates the run.
-    model, metered, recorder, capacities = _setup("split", grid, config, config["num-server-rounds"],
+    model, metered, recorder, capacities = _setup(grid, config, config["num-server-rounds"],
                                                   poll=0.005)
     names = list(segment_keys(model))
     top = copy.deepcopy(model[config["cut"]:])  # the server's part, same seeded weights
+    bottom_flops = bottom_step_flops(model[:config["cut"]], capacities.sizer.x)
     strategy = SplitStrategy(segment_keys(model), config["cut"], top, config["local-steps"],
                              lr=config["lr"], momentum=config["momentum"],
                              lr_at=lambda visit: scheduled_lr(config["lr"], visit, config["num-server-rounds"],
@@ -237,7 +288,9 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                    + visit.get("server-seconds", 0.0))
         return {"nodes": [visit["node"]], "window": names[:config["cut"]], "status": visit["status"],
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
-                "steps": visit["steps"], "capacity": capacity.as_dict(), "network_time_s": network}
+                "steps": visit["steps"], "capacity": capacity.as_dict(), "network_time_s": network,
+                "train_cpu_s": round(reported.get("compute-seconds", 0.0), 4),
+                "train_flops": bottom_flops * reported.get("steps", 0.0)}
 
     recorder.describe = describe
     strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),

@@ -30,12 +30,13 @@ GRACE_S = 30.0  # after SIGINT, before SIGTERM (Flower's ServerApp thread may ou
 PROGRESS = re.compile(r"\[(\w+) (\d+)/(\d+)\]\s*(acc [0-9.]+)?")
 
 
-def child_command(config_file: str | None, overrides: str, strategy: str, num_supernodes: int,
-                  out: str) -> list[str]:
-    """The ``snake-flower run`` command line of one strategy of a comparison."""
+def child_command(config_file: str | None, overrides: str, name: str, num_supernodes: int,
+                  out: str, ray_address: str = "") -> list[str]:
+    """The ``snake-flower run`` command line of one run (a strategy or a variant table) of a comparison."""
     command = [sys.executable, "-m", "snake_flower.cli", "run", "--num-supernodes", str(num_supernodes),
-               "--out", out, "--run-config", f"{overrides} strategy={strategy}".strip()]
-    return command + (["--config", config_file] if config_file else [])
+               "--out", out, "--run-config", f"{overrides} run-name={name}".strip()]
+    return (command + (["--config", config_file] if config_file else [])
+            + (["--ray-address", ray_address] if ray_address else []))
 
 
 def latest_progress(log: Path) -> str:

@@ -19,21 +19,23 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from snake_flower.config import ConfigError
+from snake_flower.config import ConfigError, run_name
 
 # Keys that may change between a run and its resumption: none alters the training.
 FREE_ON_RESUME = ("resume", "out-dir", "hop-timeout", "fast-poll", "num-server-rounds", "min-nodes")
 
 
 def checkpoint_path(config: Mapping[str, Any]) -> Path:
-    """``<out-dir>/<strategy>.ckpt``."""
-    return Path(config["out-dir"]) / f"{config['strategy']}.ckpt"
+    """``<out-dir>/<run name>.ckpt`` (the run name: ``run-name``, else the strategy)."""
+    return Path(config["out-dir"]) / f"{run_name(config)}.ckpt"
 
 
-def save_checkpoint(path: Path, arrays: ArrayRecord, state: Mapping[str, Any]) -> None:
-    """Write ``arrays`` and the JSON-able ``state`` to ``path`` atomically."""
+def save_checkpoint(path: Path, arrays: ArrayRecord, state: Mapping[str, Any],
+                    averaged: ArrayRecord | None = None) -> None:
+    """Write ``arrays``, the JSON-able ``state`` and the moving average, if any, to ``path`` atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"arrays": arrays.to_torch_state_dict(), "torch-rng": torch.get_rng_state(),
+               "averaged": averaged.to_torch_state_dict() if averaged is not None else {},
                "state": json.dumps({**state, "python-rng": random.getstate()})}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -67,4 +69,5 @@ def load_checkpoint(path: Path, config: Mapping[str, Any]) -> tuple[ArrayRecord,
     torch.set_rng_state(payload["torch-rng"])
     version, internal, gauss = state.pop("python-rng")
     random.setstate((version, tuple(internal), gauss))
+    state["averaged"] = ArrayRecord(payload["averaged"]) if payload.get("averaged") else None
     return ArrayRecord(payload["arrays"]), state

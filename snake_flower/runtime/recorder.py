@@ -85,7 +85,8 @@ class RunRecorder:
         moved = results.cumulative_bytes(self.rows, mode)[-1] if self.rows else 0
         network = results.cumulative_network_time(self.rows)[-1] if self.rows else 0.0
         payload = {
-            "strategy": self.name, "task": self.config["task"], "config": dict(self.config),
+            "strategy": self.config["strategy"], "run_name": self.name, "task": self.config["task"],
+            "config": dict(self.config),
             "versions": results.versions(), "rounds": self.rows,
             "provenance": extra.pop("provenance", {}), "memory": results.peak_ledger(ledgers),
             "memory_by_node": results.ledgers_by_node(ledgers),

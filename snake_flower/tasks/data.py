@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import ClassLabel, Dataset, Features, Value
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -145,7 +145,7 @@ def partition_indices(labels: torch.Tensor, partitioner: str, num_partitions: in
                        classes_per_partition, seed)[partition_id]
 
 
-PARTITION_KEYS = ("partitioner", "dirichlet-alpha", "classes-per-partition", "seed")
+PARTITION_KEYS = ("partitioner", "dirichlet-alpha", "classes-per-partition", "seed", "validation-size")
 """The run-config keys that decide a partition (``partition_from_config`` reads these)."""
 
 
@@ -175,11 +175,40 @@ def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
 
 def partition_from_config(labels: torch.Tensor, config: Mapping[str, Any], num_partitions: int,
                           partition_id: int) -> np.ndarray:
-    """``partition_indices`` with the partitioner settings of a run-config (kebab-case keys)."""
-    return partition_indices(labels, config["partitioner"], num_partitions, partition_id,
-                             alpha=float(config["dirichlet-alpha"]),
+    """``partition_indices`` with the partitioner settings of a run-config (kebab-case keys).
+
+    With ``validation-size`` > 0 the validation slice is held out first
+    (``validation_split``): the partitions share out the rest, so no node trains on it.
+    """
+    pool = validation_split(labels, config)[0]
+    part = partition_indices(labels[pool] if pool is not None else labels, config["partitioner"],
+                             num_partitions, partition_id, alpha=float(config["dirichlet-alpha"]),
                              classes_per_partition=int(config["classes-per-partition"]),
                              seed=int(config["seed"]))
+    return pool[part] if pool is not None else part
+
+
+def validation_split(labels: torch.Tensor, config: Mapping[str, Any]) -> tuple[np.ndarray | None, np.ndarray]:
+    """``(train pool, validation)`` indices: a seeded slice of ``validation-size`` examples,
+    stratified by label, held out of the training data before partitioning.
+
+    ``(None, empty)`` when ``validation-size`` is 0.
+    """
+    size = int(config.get("validation-size", 0))
+    if size == 0:
+        return None, np.zeros(0, dtype=np.int64)
+    if size >= len(labels):
+        raise DataError(f"validation-size: {size} leaves nothing to train on ({len(labels)} training examples)")
+    return _holdout(tuple(labels.tolist()), size, int(config["seed"]))
+
+
+@lru_cache(maxsize=4)
+def _holdout(labels: tuple[int, ...], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    features = Features({"label": ClassLabel(num_classes=max(labels) + 1), "index": Value("int64")})
+    table = Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))}, features=features)
+    split = table.train_test_split(test_size=size, stratify_by_column="label", seed=seed)
+    return (np.sort(np.asarray(split["train"]["index"], dtype=np.int64)),
+            np.sort(np.asarray(split["test"]["index"], dtype=np.int64)))
 
 
 @lru_cache(maxsize=4)

@@ -164,6 +164,10 @@ class WindowSizer:
             self._cache[key] = (ledger["total-bytes"] / 1e6, float(flops.get_total_flops()))
         return self._cache[key]
 
+    def step_flops(self, window: list[str]) -> float:
+        """FLOPs of one local step training ``window`` (with the teacher's forward when the run distils)."""
+        return self.measure(window)[1]
+
     def estimated_s(self, window: list[str], capacity: Capacity) -> float:
         """Estimated local compute seconds of a hop training ``window`` on this node."""
         _, flops = self.measure(window)
@@ -179,6 +183,18 @@ class WindowSizer:
             return (f"estimated {seconds:.2f} s at compute {capacity.compute:g} exceeds "
                     f"hop-deadline-s {self.deadline:g}")
         return None
+
+
+def bottom_step_flops(bottom: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one split-learning step on the node: the bottom's forward (sent), its forward
+    again (recomputed when the gradients come back) and its backward."""
+    model = copy.deepcopy(bottom).train()
+    with FlopCounterMode(display=False) as flops:
+        with torch.no_grad():
+            model(x)
+        out = model(x)
+        out.backward(torch.ones_like(out))
+    return float(flops.get_total_flops())
 
 
 class NodeCapacities:

@@ -6,7 +6,7 @@ import json
 
 from flwr.app import Error, RecordDict
 
-from snake_flower.cli import _load_results
+from snake_flower.simulation import load_results
 from snake_flower.config import resolve
 from snake_flower.server_app import run
 
@@ -22,7 +22,7 @@ def test_a_run_whose_every_hop_failed_exits_with_a_one_line_error(loopback, node
     run(loopback(list(node.contexts), node), config)
     result = json.loads((tmp_path / "snake.json").read_text())
     assert [row["status"] for row in result["rounds"]] == ["failed"] * 3
-    assert _load_results(config) is None
+    assert load_results(config) is None
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
     assert "the snake run failed: all 3 rounds failed (first: error reply: RuntimeError: out of memory)" in err
@@ -42,5 +42,5 @@ def test_a_run_with_one_merged_hop_is_not_an_error(loopback, nodes, tmp_path, ca
 
     node.tamper = crash_after_first
     run(loopback(list(node.contexts), node), config)
-    assert _load_results(config) is not None
+    assert load_results(config) is not None
     assert "2 FAILED rounds" in capsys.readouterr().out

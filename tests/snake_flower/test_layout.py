@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 # Top to bottom: a module may import its own layer and the layers below it, never above.
-LAYERS = ["cli", "harness", "deploy", "apps", "runtime", "config", "training", "tasks", "segments"]
+LAYERS = ["cli", "harness", "simulation", "deploy", "apps", "runtime", "config", "training", "tasks", "segments"]
 APPS = {"server_app", "client_app", "split_client", "node"}
 
 

@@ -17,11 +17,24 @@ def _run(name: str, accuracies: list[float | None], nodes: int, moved: int) -> d
             "memory": {"total_bytes": 100, "trainable_param_bytes": 40, "frozen_param_bytes": 60}}
 
 
-def test_bytes_and_visits_to_target():
-    line = summarize(_run("snake", [0.5, None, 0.86, 0.84], nodes=1, moved=1000), target=0.85)
+def test_bytes_and_visits_to_the_sustained_target():
+    line = summarize(_run("snake", [0.5, None, 0.86, None, 0.87], nodes=1, moved=1000), target=0.85)
     assert line["reached_target"] and line["bytes_to_target"] == 3000 and line["visits_to_target"] == 3
-    assert line["round_to_target"] == 3 and line["best_accuracy"] == 0.86
+    assert line["round_to_target"] == 3 and line["best_accuracy"] == 0.87
+    assert line["bytes_to_first_target"] == 3000 and line["visits_to_first_target"] == 3
     assert line["payload_efficiency"] == 1000 / 980
+
+
+def test_a_dip_after_the_first_touch_moves_the_target_to_where_it_stays():
+    line = summarize(_run("snake", [0.5, 0.86, 0.80, None, 0.85, 0.9], nodes=1, moved=1000), target=0.85)
+    assert line["bytes_to_first_target"] == 2000 and line["visits_to_first_target"] == 2
+    assert line["bytes_to_target"] == 5000 and line["visits_to_target"] == 5 and line["round_to_target"] == 5
+
+
+def test_a_run_that_ends_below_the_target_has_not_reached_it():
+    line = summarize(_run("snake", [0.5, None, 0.86, 0.84], nodes=1, moved=1000), target=0.85)
+    assert not line["reached_target"] and line["bytes_to_target"] is None and line["visits_to_target"] is None
+    assert line["bytes_to_first_target"] == 3000 and line["best_accuracy"] == 0.86
     never = summarize(_run("fedavg", [0.5, 0.6], nodes=4, moved=4000), target=0.85)
     assert not never["reached_target"] and never["bytes_to_target"] is None and never["node_visits"] == 8
 
@@ -31,7 +44,7 @@ def test_report_says_who_reached_the_target(tmp_path):
     summary = write_comparison(tmp_path, runs, target=0.85)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     report = (tmp_path / "report.md").read_text()
-    assert "snake reached 0.85 at round 2" in report and "fedavg did **not** reach 0.85" in report
+    assert "snake reached 0.85 for good at round 2" in report and "fedavg did **not** reach 0.85" in report
     for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "memory_per_node.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert "side by side" not in report and "failed" not in report
@@ -51,7 +64,7 @@ def test_report_command_rebuilds_the_outputs_from_saved_runs(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary["runs"]) == ["snake", "fedavg"] and summary["target_accuracy"] == 0.85
-    assert "snake reached 0.85 at round 2" in (tmp_path / "report.md").read_text()
+    assert "snake reached 0.85 for good at round 2" in (tmp_path / "report.md").read_text()
     assert main(["report", str(tmp_path), "--target-accuracy", "0.95"]) == 0
     assert "snake did **not** reach 0.95" in (tmp_path / "report.md").read_text()
     empty = tmp_path / "empty"

@@ -18,7 +18,7 @@ from snake_flower.harness.jobs import child_command, latest_progress, run_side_b
 def test_child_command_is_the_users_run_with_the_strategy_added():
     command = child_command("exp.toml", "lr=0.01 window=1", "split", 8, "/tmp/out")
     assert command[:4] == [sys.executable, "-m", "snake_flower.cli", "run"]
-    assert command[command.index("--run-config") + 1] == "lr=0.01 window=1 strategy=split"
+    assert command[command.index("--run-config") + 1] == "lr=0.01 window=1 run-name=split"
     assert command[command.index("--config") + 1] == "exp.toml"
     assert command[command.index("--num-supernodes") + 1] == "8"
     assert "--config" not in child_command(None, "", "snake", 2, "o")

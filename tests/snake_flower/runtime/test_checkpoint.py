@@ -52,5 +52,5 @@ def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path):
 
 
 def test_resume_is_for_snake_only():
-    with pytest.raises(ConfigError, match="resume: only strategy snake"):
+    with pytest.raises(ConfigError, match="resume: only strategies snake and relay"):
         resolve({"strategy": "fedavg", "resume": True})

@@ -1,0 +1,98 @@
+"""``snake-flower compare``: every run of a comparison, seed after seed, then its report.
+
+Runs go one after the other in this process, or with ``--jobs N`` up to N at once as
+child processes (``harness.jobs``). Every run is evaluated at the same node visits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from snake_flower.config import resolve, run_name
+from snake_flower.simulation import load_results, results_path, run_one
+
+
+def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``compare --jobs N``: the strategies' runs as child processes, N at a time."""
+    from snake_flower.harness.jobs import child_command, run_side_by_side
+
+    out = Path(configs[0]["out-dir"])
+    for cfg in configs:
+        results_path(cfg).unlink(missing_ok=True)
+    # what the children must share with this process beyond the file and --run-config
+    fixed = f"seed={configs[0]['seed']} eval-every={configs[0]['eval-every']}"
+    commands = {run_name(cfg): child_command(args.config, f"{args.run_config} {fixed}".strip(), run_name(cfg),
+                                             args.num_supernodes, str(out), args.ray_address)
+                for cfg in configs}
+    codes = run_side_by_side(commands, out, jobs=args.jobs)
+    runs = {run_name(cfg): load_results(cfg, codes[run_name(cfg)]) for cfg in configs}
+    return {name: run for name, run in runs.items() if run is not None}
+
+
+def compare(args: argparse.Namespace, configs: list[dict[str, Any]]) -> int:
+    """``compare``: every run, seed after seed, then the summary, report and plots."""
+    from snake_flower.harness.compare import write_comparison
+    from snake_flower.harness.seeds import write_seed_comparison  # matplotlib: only when reporting
+
+    out, target = Path(configs[0]["out-dir"]), configs[0]["target-accuracy"]
+    seeds = [configs[0]["seed"] + i for i in range(args.seeds)]
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in seeds:
+        folder = out if len(seeds) == 1 else out / f"seed-{seed}"
+        seeded = [resolve(cfg, {"seed": seed, "out-dir": str(folder)}) for cfg in configs]
+        if len(seeds) > 1:
+            print(f"seed {seed} ({seeds.index(seed) + 1}/{len(seeds)}) -> {folder}", flush=True)
+        if args.jobs > 1:
+            try:
+                runs = _run_side_by_side(args, seeded)
+            except KeyboardInterrupt as why:  # Ctrl-C or SIGTERM: the children were stopped first
+                print(f"snake-flower: interrupted ({why or 'Ctrl-C'}); every run was stopped, "
+                      f"logs in {folder}", file=sys.stderr)
+                return 130
+        else:
+            runs = {}
+            for i, cfg in enumerate(seeded, 1):
+                print(f"[{i}/{len(seeded)}] {run_name(cfg)} on {cfg['task']}, {args.num_supernodes} nodes",
+                      flush=True)
+                result = run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
+                if result is not None:
+                    runs[run_name(cfg)] = result
+        if len(runs) < len(seeded):
+            return 1
+        by_seed[seed] = runs
+        summary = write_comparison(folder, runs, target, side_by_side=args.jobs > 1)
+    if len(seeds) > 1:
+        summary = write_seed_comparison(out, by_seed, target, side_by_side=args.jobs > 1)
+    for name, line in summary["runs"].items():
+        print(f"{name}: {_headline(line)}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _headline(line: dict[str, Any]) -> str:
+    """``final 0.88, 10.2 MB to the sustained target`` (medians over seeds when there are several)."""
+    final, to_target = line["final_accuracy"], line["bytes_to_target"]
+    if isinstance(final, dict):
+        final, to_target = final["median"], to_target["median"]
+    reached = f"{to_target / 1e6:.2f} MB to the sustained target" if to_target is not None \
+        else "sustained target not reached"
+    return f"final {final:.4f}, {reached}"
+
+
+def evaluated_alike(configs: list[dict[str, Any]], num_supernodes: int) -> list[dict[str, Any]]:
+    """Every run of a comparison is evaluated at the same node visits.
+
+    A FedAvg round is ``num_supernodes`` visits and can only be evaluated at its end, so
+    when FedAvg is compared every run's ``eval-every`` becomes the smallest multiple of a
+    round at least as large as the largest asked for.
+    """
+    every = max(cfg["eval-every"] for cfg in configs)
+    if any(cfg["strategy"] == "fedavg" for cfg in configs):
+        every = -(-every // num_supernodes) * num_supernodes
+    if any(cfg["eval-every"] != every for cfg in configs):
+        print(f"compare: every run is evaluated every {every} node visits (eval-every), at the same visits",
+              flush=True)
+    return [resolve(cfg, {"eval-every": every}) for cfg in configs]

@@ -1,0 +1,105 @@
+"""A comparison over several seeds: medians with ranges, and median curves with a band.
+
+Each seed's runs live in ``<out>/seed-<s>/`` with that seed's own ``summary.json``;
+``<out>/summary.json`` holds, for every figure, ``{"median", "min", "max", "seeds"}``.
+A to-target figure of a seed that never reached the target counts as +infinity: its
+entry in ``seeds`` is ``null``, and so is the median when fewer than half the seeds
+reached the target (and the max when any seed missed it).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from snake_flower.harness.compare import summarize
+from snake_flower.harness.plots import plot_bands
+from snake_flower.runtime import results
+
+# figures where a missing value means "never": +inf, not "unknown"
+TO_TARGET = ("bytes_to_target", "bytes_to_first_target", "network_time_to_target_s", "visits_to_target",
+             "visits_to_first_target", "round_to_target")
+
+
+def spread(values: list[float | None], never_is_infinite: bool) -> dict[str, Any]:
+    """``{"median", "min", "max", "seeds"}`` of one figure over the seeds."""
+    if never_is_infinite:
+        numbers = [math.inf if v is None else float(v) for v in values]
+    else:
+        numbers = [float(v) for v in values if v is not None]
+
+    def finite(x: float | None) -> float | None:
+        return None if x is None or math.isinf(x) else x
+
+    return {"median": finite(statistics.median(numbers)) if numbers else None,
+            "min": finite(min(numbers)) if numbers else None,
+            "max": finite(max(numbers)) if numbers else None, "seeds": list(values)}
+
+
+def aggregate(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's summary line over its seeds' lines."""
+    out: dict[str, Any] = {}
+    for key in lines[0]:
+        values = [line.get(key) for line in lines]
+        if isinstance(values[0], bool) or key == "reached_target":
+            out[key] = {"count": sum(bool(v) for v in values), "seeds": values}
+        elif key in TO_TARGET or all(isinstance(v, (int, float)) or v is None for v in values):
+            out[key] = spread(values, key in TO_TARGET)
+        else:
+            out[key] = values[0]
+    return out
+
+
+def write_seed_comparison(out: str | Path, by_seed: dict[int, dict[str, dict[str, Any]]], target: float,
+                          side_by_side: bool = False) -> dict[str, Any]:
+    """Write ``<out>/summary.json``, ``report.md`` and median-and-band plots over the seeds."""
+    out = Path(out)
+    seeds = sorted(by_seed)
+    names = list(by_seed[seeds[0]])
+    runs = {name: [by_seed[s][name] for s in seeds if name in by_seed[s]] for name in names}
+    summary = {"target_accuracy": target, "side_by_side": side_by_side, "seeds": seeds,
+               "runs": {name: aggregate([summarize(run, target) for run in group])
+                        for name, group in runs.items()}}
+    results.write_json(out / "summary.json", summary)
+    plot_bands(runs, out / "accuracy_vs_round.png", x="visits")
+    plot_bands(runs, out / "accuracy_vs_mb.png", x="megabytes")
+    (out / "report.md").write_text(report(summary, runs))
+    return summary
+
+
+def _fmt(figure: dict[str, Any], scale: float = 1.0, digits: int = 2) -> str:
+    def one(x: float | None) -> str:
+        return "∞" if x is None else f"{x / scale:.{digits}f}"
+
+    if figure["median"] is None and all(v is None for v in figure["seeds"]):
+        return "never"
+    return f"{one(figure['median'])} [{one(figure['min'])}–{one(figure['max'])}]"
+
+
+def report(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> str:
+    """A Markdown table of medians with [min–max] over the seeds."""
+    target, seeds = summary["target_accuracy"], summary["seeds"]
+    task = next(iter(runs.values()))[0]["task"] if runs else ""
+    lines = [f"# {task}: {', '.join(runs)}, {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
+             f"Medians over the seeds, [min–max] beside them. Target accuracy {target}, reached where the "
+             "accuracy gets to it and stays at or above it at every later evaluation; a seed that never "
+             "reached it counts as ∞ (a median of ∞ means fewer than half the seeds reached it).", "",
+             "| run | seeds at target | final acc | MB to target | MB to first touch | visits to target "
+             "| MB total | CPU s / visit | GFLOP / visit | node peak memory (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summary["runs"].items():
+        lines.append(f"| {name} | {s['reached_target']['count']}/{len(seeds)} | {_fmt(s['final_accuracy'], 1, 4)} "
+                     f"| {_fmt(s['bytes_to_target'], 1e6)} | {_fmt(s['bytes_to_first_target'], 1e6)} "
+                     f"| {_fmt(s['visits_to_target'], 1, 0)} | {_fmt(s['bytes_total'], 1e6)} "
+                     f"| {_fmt(s['cpu_s_per_visit'])} | {_fmt(s['flops_per_visit'], 1e9, 1)} "
+                     f"| {_fmt(s['node_peak_memory_bytes'], 1e6)} |")
+    snake, fedavg = summary["runs"].get("snake"), summary["runs"].get("fedavg")
+    if snake and fedavg and snake["bytes_to_target"]["median"] and fedavg["bytes_to_target"]["median"]:
+        ratio = snake["bytes_to_target"]["median"] / fedavg["bytes_to_target"]["median"]
+        lines += ["", f"- Snake / FedAvg median bytes to the sustained target: {ratio:.2f}."]
+    if summary.get("side_by_side"):
+        lines.append("- Runs were made side by side (`--jobs`): wall times include waiting for the CPU.")
+    lines += ["", "![accuracy vs node visits](accuracy_vs_round.png)", "![accuracy vs MB](accuracy_vs_mb.png)", ""]
+    return "\n".join(lines)

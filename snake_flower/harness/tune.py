@@ -1,0 +1,147 @@
+"""Tuning on equal terms: a grid of settings per strategy, scored on a validation slice.
+
+Every strategy gets the same shared grid (e.g. local steps x learning rate) and the same
+number of extra points for knobs of its own, each tried on top of the shared winner.
+Every point runs the same number of node visits (``tune-visits``) with the validation
+slice held out of the training data and evaluated instead of the test set. The winner
+moves the fewest bytes to the sustained target on validation (ties: fewer visits); when
+no point reaches it, the best validation accuracy wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from snake_flower.config import ConfigError, parse_overrides
+from snake_flower.harness.compare import summarize
+
+
+def parse_grid(text: str) -> list[dict[str, Any]]:
+    """``"local-steps=100,300 lr=0.02,0.05"`` -> the cartesian product, as override dicts."""
+    axes = []
+    for item in text.split():
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"grid: expected key=v1,v2,..., got {item!r}")
+        axes.append([(key, parse_overrides(f"{key}={value}")[key]) for value in values.split(",")])
+    return [dict(point) for point in itertools.product(*axes)] if axes else [{}]
+
+
+def label(point: dict[str, Any]) -> str:
+    """A file-name-safe name of a grid point, e.g. ``local-steps=100_lr=0.05``."""
+    return "_".join(f"{k}={v}" for k, v in point.items()) or "defaults"
+
+
+def score(line: dict[str, Any]) -> tuple[float, float, float]:
+    """Sort key of a point's summary line: lower is better."""
+    if line["reached_target"]:
+        return (0.0, float(line["bytes_to_target"]), float(line["visits_to_target"]))
+    return (1.0, -float(line["best_accuracy"] or 0.0), 0.0)
+
+
+def pick(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float) -> int:
+    """Index of the winning ``(point, run results)`` trial."""
+    lines = [summarize(run, target) for _, run in trials]
+    return min(range(len(trials)), key=lambda i: score(lines[i]))
+
+
+def table(strategy: str, trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float,
+          winner: int) -> str:
+    """A Markdown table of every trial, the winner marked."""
+    lines = [f"| {strategy}: setting | reached {target} on validation | MB to target | visits to target "
+             "| best val acc | final val acc |", "|---|---|---|---|---|---|"]
+    for i, (point, run) in enumerate(trials):
+        s = summarize(run, target)
+        mb = "–" if s["bytes_to_target"] is None else f"{s['bytes_to_target'] / 1e6:.2f}"
+        lines.append(f"| {'**' if i == winner else ''}{label(point)}{'**' if i == winner else ''} "
+                     f"| {'yes' if s['reached_target'] else 'no'} | {mb} | {s['visits_to_target'] or '–'} "
+                     f"| {s['best_accuracy']:.4f} | {s['final_accuracy']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(path: str | Path, name: str, settings: dict[str, Any]) -> None:
+    """Set ``settings`` in table ``[name]`` of the experiment TOML at ``path``, keeping the rest.
+
+    Keys already in the table are replaced in place; new ones are added at its end; a
+    missing table is appended to the file.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    header = re.compile(r"^\s*\[([^\]]+)\]\s*(#.*)?$")
+    start = next((i for i, line in enumerate(lines) if (m := header.match(line)) and m.group(1).strip() == name),
+                 None)
+    if start is None:
+        lines += ["", f"[{name}]"]
+        start = len(lines) - 1
+    end = next((i for i in range(start + 1, len(lines)) if header.match(lines[i])), len(lines))
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1
+    pending = dict(settings)
+    for i in range(start + 1, end):
+        key = lines[i].split("=", 1)[0].strip()
+        if key in pending:
+            lines[i] = f"{key} = {_toml(pending.pop(key))}"
+    lines[end:end] = [f"{key} = {_toml(value)}" for key, value in pending.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"tune: cannot write {value!r} to TOML")
+    return repr(value)
+
+
+def run_tuning(args: Any, base: dict[str, Any]) -> int:
+    """``snake-flower tune``: every point of the grid, then the extra points on the winner.
+
+    Writes ``<out>/tune-<run>.md`` and ``.json``; with ``--write`` the winner's settings
+    go into the experiment file's table of this run.
+    """
+    from snake_flower.config import resolve
+    from snake_flower.runtime import results
+    from snake_flower.simulation import run_one
+
+    name, target, out = base["run-name"] or base["strategy"], base["target-accuracy"], Path(base["out-dir"])
+    if base["validation-size"] == 0:
+        raise ConfigError("validation-size: tune needs a slice held out of the training data (e.g. 5000), "
+                          "the same that compare holds out")
+    # every strategy is scored at the same node visits: multiples of a FedAvg round
+    every = -(-base["eval-every"] // args.num_supernodes) * args.num_supernodes
+    trials: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def trial(point: dict[str, Any]) -> None:
+        folder = out / name / label(point)
+        config = resolve(base, point, {"evaluate-on": "validation", "num-server-rounds": base["tune-visits"],
+                                       "eval-every": every, "out-dir": str(folder), "resume": False})
+        print(f"[tune {name} {len(trials) + 1}] {label(point)} -> {folder}", flush=True)
+        result = run_one(config, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
+        if result is None:
+            raise RuntimeError(f"tune: the {name} run at {label(point)} failed; see its log above")
+        trials.append((point, result))
+
+    shared = parse_grid(args.grid)
+    extras = [point for point in parse_grid(args.extra) if point] if args.extra else []
+    for point in shared:
+        trial(point)
+    best = pick(trials, target)
+    for extra in [{k: v} for point in extras for k, v in point.items()]:  # each value once, on the winner
+        trial({**trials[best][0], **extra})
+    winner = pick(trials, target)
+    settings = trials[winner][0]
+    (out / f"tune-{name}.md").write_text(table(name, trials, target, winner))
+    results.write_json(out / f"tune-{name}.json", {
+        "run": name, "target_accuracy": target, "visits": base["tune-visits"], "winner": settings,
+        "trials": [{"settings": p, **summarize(r, target)} for p, r in trials]})
+    print(f"tune {name}: winner {label(settings)} -> {out / f'tune-{name}.md'}")
+    if args.write:
+        write_table(args.config, name, settings)
+        print(f"tune {name}: wrote [{name}] {label(settings)} into {args.config}")
+    return 0

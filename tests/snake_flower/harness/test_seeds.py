@@ -1,0 +1,63 @@
+"""Comparisons over seeds: medians with ranges, unreached seeds as infinity, median curves."""
+
+from __future__ import annotations
+
+import json
+
+from snake_flower.harness.seeds import aggregate, spread, write_seed_comparison
+
+
+def _run(accuracies: list[float | None], moved: int = 1000) -> dict:
+    rows = [{"round": i + 1, "nodes": [0], "bytes_down": moved // 2, "bytes_up": moved // 2,
+             "accuracy": acc, "loss": None} for i, acc in enumerate(accuracies)]
+    return {"strategy": "snake", "task": "synthetic", "rounds": rows,
+            "final": {"accuracy": accuracies[-1], "bytes_total": moved * len(rows), "wall_s": 1.0},
+            "memory": {"total_bytes": 100}}
+
+
+def test_a_seed_that_never_reaches_the_target_counts_as_infinity():
+    assert spread([3000, None, 1000], never_is_infinite=True) == {"median": 3000, "min": 1000, "max": None,
+                                                                  "seeds": [3000, None, 1000]}
+    # fewer than half reached it: no median
+    assert spread([None, None, 1000], never_is_infinite=True)["median"] is None
+    # elsewhere a missing value is just missing
+    assert spread([0.5, None, 0.7], never_is_infinite=False) == {"median": 0.6, "min": 0.5, "max": 0.7,
+                                                                 "seeds": [0.5, None, 0.7]}
+
+
+def test_every_figure_of_a_line_becomes_a_spread():
+    line = aggregate([{"final_accuracy": 0.8, "reached_target": True, "mode": "cs", "bytes_to_target": 10},
+                      {"final_accuracy": 0.9, "reached_target": False, "mode": "cs", "bytes_to_target": None},
+                      {"final_accuracy": 0.7, "reached_target": True, "mode": "cs", "bytes_to_target": 30}])
+    assert line["final_accuracy"]["median"] == 0.8 and line["final_accuracy"]["min"] == 0.7
+    assert line["reached_target"] == {"count": 2, "seeds": [True, False, True]}
+    assert line["bytes_to_target"]["median"] == 30 and line["mode"] == "cs"
+
+
+def test_seed_comparison_writes_medians_a_report_and_band_plots(tmp_path):
+    by_seed = {42: {"snake": _run([0.5, 0.9, 0.9]), "fedavg": _run([0.4, 0.6, 0.7], 4000)},
+               43: {"snake": _run([0.6, 0.8, 0.9]), "fedavg": _run([0.5, 0.9, 0.88], 4000)},
+               44: {"snake": _run([0.5, 0.7, 0.8]), "fedavg": _run([0.5, 0.86, 0.9], 4000)}}
+    summary = write_seed_comparison(tmp_path, by_seed, target=0.85)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    snake, fedavg = summary["runs"]["snake"], summary["runs"]["fedavg"]
+    assert snake["bytes_to_target"]["seeds"] == [2000, 3000, None] and snake["bytes_to_target"]["median"] == 3000
+    assert fedavg["bytes_to_target"]["seeds"] == [None, 8000, 8000] and fedavg["bytes_to_target"]["median"] == 8000
+    assert snake["final_accuracy"]["median"] == 0.9 and snake["reached_target"]["count"] == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "| snake | 2/3 |" in report and "Snake / FedAvg median bytes to the sustained target: 0.38." in report
+    for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_command_rebuilds_a_comparison_over_seeds(tmp_path):
+    from snake_flower.cli import main
+
+    for seed, accuracies in ((42, [0.5, 0.9]), (43, [0.9, 0.8])):
+        (tmp_path / f"seed-{seed}").mkdir()
+        run = {**_run(accuracies), "config": {"target-accuracy": 0.85}}
+        (tmp_path / f"seed-{seed}" / "snake.json").write_text(json.dumps(run))
+    assert main(["report", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [42, 43] and summary["runs"]["snake"]["bytes_to_target"]["seeds"] == [2000, None]
+    assert (tmp_path / "seed-43" / "report.md").exists()

@@ -1,0 +1,105 @@
+"""Tuning on equal terms: grids, the winner rule, the validation slice, the experiment file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from snake_flower.cli import main
+from snake_flower.config import ConfigError, experiment_layers, load_toml, resolve
+from snake_flower.harness.tune import label, parse_grid, pick, write_table
+from snake_flower.server_app import run
+from snake_flower.tasks import task as task_registry
+from snake_flower.tasks.base import Task
+from snake_flower.tasks.data import load_synthetic, partition_from_config, validation_split
+
+
+def _run(accuracies: list[float | None], moved: int = 1000) -> dict:
+    rows = [{"round": i + 1, "nodes": [0], "bytes_down": moved // 2, "bytes_up": moved // 2,
+             "accuracy": acc} for i, acc in enumerate(accuracies)]
+    return {"rounds": rows, "final": {"accuracy": accuracies[-1], "bytes_total": moved * len(rows), "wall_s": 1},
+            "memory": {"total_bytes": 1}}
+
+
+def test_grid_is_the_cartesian_product_of_typed_values():
+    points = parse_grid("local-steps=100,300 lr=0.02,0.05")
+    assert points == [{"local-steps": 100, "lr": 0.02}, {"local-steps": 100, "lr": 0.05},
+                      {"local-steps": 300, "lr": 0.02}, {"local-steps": 300, "lr": 0.05}]
+    assert label(points[1]) == "local-steps=100_lr=0.05" and parse_grid("") == [{}]
+    with pytest.raises(ConfigError, match="grid: expected key=v1,v2"):
+        parse_grid("lr")
+
+
+def test_the_winner_moves_fewest_bytes_to_the_sustained_target_then_fewest_visits_then_best_accuracy():
+    trials = [({"lr": 1}, _run([0.9, 0.8, 0.9], moved=100)),    # dips: sustained only at 300 B
+              ({"lr": 2}, _run([0.5, 0.9, 0.9], moved=120)),    # sustained at 240 B: wins
+              ({"lr": 3}, _run([0.95, 0.97, 0.8], moved=10))]   # ends below: never reached
+    assert pick(trials, 0.85) == 1
+    assert pick([({}, _run([0.5, 0.6])), ({}, _run([0.7, 0.6])), ({}, _run([0.65, 0.65]))], 0.85) == 1
+
+
+def test_the_winner_is_written_into_the_experiment_files_table(tmp_path):
+    toml = tmp_path / "exp.toml"
+    toml.write_text('# comment kept\nlr = 0.05\n\n[fedavg]\nlocal-steps = 100  # old\nclip-norm = 0.0\n\n'
+                    '[split]\nlr = 0.01\n')
+    write_table(toml, "fedavg", {"local-steps": 600, "lr": 0.02})
+    write_table(toml, "snake", {"local-steps": 300, "kd": "on"})
+    text = toml.read_text()
+    assert text.startswith("# comment kept\n")
+    data = load_toml(toml)
+    assert data["fedavg"] == {"local-steps": 600, "clip-norm": 0.0, "lr": 0.02}
+    assert data["split"] == {"lr": 0.01} and data["snake"] == {"local-steps": 300, "kd": "on"}
+    assert resolve(*experiment_layers(data, "fedavg"))["local-steps"] == 600
+
+
+def test_the_validation_slice_is_held_out_stratified_and_no_node_trains_on_it():
+    _, labels, _, _ = load_synthetic()
+    config = resolve({"task": "synthetic", "validation-size": 200, "partitioner": "iid"})
+    pool, held = validation_split(labels, config)
+    assert len(held) == 200 and len(pool) == len(labels) - 200 and not set(pool) & set(held)
+    assert np.bincount(labels[held].numpy(), minlength=10).tolist() == [20] * 10  # stratified
+    parts = [partition_from_config(labels, config, 4, i) for i in range(4)]
+    assert sorted(np.concatenate(parts).tolist()) == sorted(pool.tolist())
+    assert validation_split(labels, resolve({"task": "synthetic"}))[0] is None
+    with pytest.raises(ConfigError, match="evaluate-on: 'validation' needs validation-size > 0"):
+        resolve({"evaluate-on": "validation"})
+
+
+@pytest.fixture
+def test_set_poisoned(monkeypatch):
+    """Task synthetic with a test set that no evaluation could score (NaN inputs, no labels in range)."""
+    x_train, y_train, x_test, _ = load_synthetic()
+    poisoned = Task("synthetic", task_registry.SEGMENTS, task_registry.tiny_cnn,
+                    lambda data_dir: (x_train, y_train, torch.full_like(x_test, float("nan")),
+                                      torch.full((len(x_test),), 99)))
+    monkeypatch.setitem(task_registry.TASKS, "synthetic", poisoned)
+
+
+def test_tuning_never_reads_the_test_set(loopback, nodes, tmp_path, test_set_poisoned, monkeypatch, capsys):
+    def in_process(config, num_supernodes, parallel=0, ray_address=""):  # the ServerApp over in-process nodes
+        node = nodes(num_supernodes)
+        return run(loopback(list(node.contexts), node), config)
+
+    monkeypatch.setattr("snake_flower.simulation.run_one", in_process)
+    toml = tmp_path / "exp.toml"
+    toml.write_text('task = "synthetic"\npartitioner = "iid"\nvalidation-size = 200\ntune-visits = 6\n'
+                    'local-steps = 2\ntarget-accuracy = 0.3\n')
+    args = ["tune", "--config", str(toml), "--strategy", "snake", "--grid", "lr=0.05,0.1", "--extra",
+            "window=1", "--num-supernodes", "3", "--out", str(tmp_path / "out"), "--write"]
+    assert main(args) == 0
+    tuned = json.loads((tmp_path / "out" / "tune-snake.json").read_text())
+    assert [t["settings"] for t in tuned["trials"]][:2] == [{"lr": 0.05}, {"lr": 0.1}]
+    assert len(tuned["trials"]) == 3 and tuned["trials"][2]["settings"]["window"] == 1
+    for trial in tuned["trials"]:  # scored on validation: the poisoned test set would score 0 and NaN
+        result = json.loads((tmp_path / "out" / "snake" / label(trial["settings"]) / "snake.json").read_text())
+        assert trial["node_visits"] == 6 and result["config"]["evaluate-on"] == "validation"
+        assert result["final"]["accuracy"] > 0 and math.isfinite(result["final"]["loss"])
+    assert load_toml(toml)["snake"] == tuned["winner"]
+    assert "winner" in capsys.readouterr().out
+    toml.write_text('task = "synthetic"\n')
+    assert main(args) == 2  # no validation slice: refused before any run
+    assert "validation-size: tune needs a slice" in capsys.readouterr().err
