@@ -112,12 +112,12 @@ def test_fedavg_runs_the_same_client_on_the_whole_model(loopback, nodes, tmp_pat
     for row in fedavg["rounds"]:
         assert len(row["nodes"]) == 3 and sorted(row["partitions"]) == [0, 1, 2]
         assert 3 * model < row["bytes_up"] < 3 * model * 1.05  # whole model, from every node
-    # kd = "auto" distils on these Dirichlet partitions, FedAvg too: its teacher's copy of the
-    # received window is the whole model, and the ledger counts it as frozen parameters
-    trainable = fedavg["memory"]["trainable_param_bytes"]
-    assert fedavg["memory"]["frozen_param_bytes"] == trainable
-    # Snake's frozen bytes: the model outside its window, plus its teacher's copy of the window
-    assert trainable == snake["memory"]["frozen_param_bytes"]
+    # FedAvg never distils (plain cross-entropy): no teacher copy, every parameter trains
+    params = sum(p.numel() * 4 for p in build_model(TASKS["synthetic"], 0).parameters())
+    assert fedavg["memory"]["frozen_param_bytes"] == 0 and fedavg["memory"]["trainable_param_bytes"] == params
+    # Snake (kd = "auto" distils on these Dirichlet partitions): the model outside its window,
+    # plus its teacher's copy of the window, is frozen
+    assert snake["memory"]["frozen_param_bytes"] == params
     assert set(fedavg["memory_by_node"]) == {"0", "1", "2"}
 
 
