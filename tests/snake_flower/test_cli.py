@@ -6,9 +6,9 @@ import json
 
 from flwr.app import Error, RecordDict
 
-from snake_flower.simulation import load_results
 from snake_flower.config import resolve
 from snake_flower.server_app import run
+from snake_flower.simulation import load_results
 
 
 def test_a_run_whose_every_hop_failed_exits_with_a_one_line_error(loopback, nodes, tmp_path, capsys):

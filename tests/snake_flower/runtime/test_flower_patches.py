@@ -21,9 +21,19 @@ from flwr.supernode import start_client_internal
 from snake_flower import cli
 from snake_flower.runtime import flower_patches
 from snake_flower.runtime.flower_fingerprints import CHECKED
-from snake_flower.runtime.flower_patches import (PATCHES, PICKUP_MAX_WAIT, STOCK_ENV, CappedTime, UncheckedFlower,
-                                                 add_messages_to_queue_quickly, check, fingerprint,
-                                                 patch_object_pulls, patch_pickup, patch_supernode_sleeps)
+from snake_flower.runtime.flower_patches import (
+    PATCHES,
+    PICKUP_MAX_WAIT,
+    STOCK_ENV,
+    CappedTime,
+    UncheckedFlower,
+    add_messages_to_queue_quickly,
+    check,
+    fingerprint,
+    patch_object_pulls,
+    patch_pickup,
+    patch_supernode_sleeps,
+)
 
 PULLERS = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
 

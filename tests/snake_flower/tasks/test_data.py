@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from snake_flower.config import resolve
-from snake_flower.tasks.data import (DataError, _partitions, load_fashion_mnist, partition_from_config,
-                                     partition_indices, preload_partition, read_idx)
+from snake_flower.tasks.data import (
+    DataError,
+    _partitions,
+    load_fashion_mnist,
+    partition_from_config,
+    partition_indices,
+    preload_partition,
+    read_idx,
+)
 
 LABELS = torch.arange(2000) % 10
 

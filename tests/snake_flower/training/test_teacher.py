@@ -7,13 +7,11 @@ from collections import OrderedDict
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from snake_flower.tasks.task import small_cnn
 from snake_flower.training.frozen import hold_frozen_in, restore
-from snake_flower.training.loop import (LocalWork, _batches, distillation_loss, freeze_outside,
-                                        train_window)
+from snake_flower.training.loop import LocalWork, _batches, distillation_loss, freeze_outside, train_window
 from snake_flower.training.teacher import ReceivedTeacher
 
 
