@@ -9,6 +9,12 @@ from snake_flower.harness.plots import plot_accuracy, plot_memory
 from snake_flower.runtime import results
 
 
+def whole_rounds(visits: int, num_nodes: int) -> int:
+    """The fewest node visits, at least ``visits``, that end a FedAvg round of ``num_nodes``:
+    the visits at which every strategy can be evaluated alike."""
+    return -(-visits // num_nodes) * num_nodes
+
+
 def first_touch(scores: list[float | None], target: float) -> int | None:
     """The first row whose evaluation reaches ``target`` (``None`` if none does)."""
     return next((i for i, a in enumerate(scores) if a is not None and a >= target), None)

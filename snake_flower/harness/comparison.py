@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from snake_flower.config import resolve, run_name
+from snake_flower.harness.compare import whole_rounds, write_comparison
+from snake_flower.harness.seeds import write_seed_comparison
 from snake_flower.simulation import load_results, results_path, run_one
 
 
@@ -34,9 +36,6 @@ def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -
 
 def compare(args: argparse.Namespace, configs: list[dict[str, Any]]) -> int:
     """``compare``: every run, seed after seed, then the summary, report and plots."""
-    from snake_flower.harness.compare import write_comparison
-    from snake_flower.harness.seeds import write_seed_comparison  # matplotlib: only when reporting
-
     out, target = Path(configs[0]["out-dir"]), configs[0]["target-accuracy"]
     seeds = [configs[0]["seed"] + i for i in range(args.seeds)]
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
@@ -91,7 +90,7 @@ def evaluated_alike(configs: list[dict[str, Any]], num_supernodes: int) -> list[
     """
     every = max(cfg["eval-every"] for cfg in configs)
     if any(cfg["strategy"] == "fedavg" for cfg in configs):
-        every = -(-every // num_supernodes) * num_supernodes
+        every = whole_rounds(every, num_supernodes)
     if any(cfg["eval-every"] != every for cfg in configs):
         print(f"compare: every run is evaluated every {every} node visits (eval-every), at the same visits",
               flush=True)

@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from snake_flower.config import ConfigError, parse_overrides
-from snake_flower.harness.compare import summarize
+from snake_flower.config import ConfigError, parse_overrides, resolve
+from snake_flower.harness.compare import summarize, whole_rounds
 
 
 def parse_grid(text: str) -> list[dict[str, Any]]:
@@ -105,7 +105,6 @@ def run_tuning(args: Any, base: dict[str, Any]) -> int:
     Writes ``<out>/tune-<run>.md`` and ``.json``; with ``--write`` the winner's settings
     go into the experiment file's table of this run.
     """
-    from snake_flower.config import resolve
     from snake_flower.runtime import results
     from snake_flower.simulation import run_one
 
@@ -114,7 +113,7 @@ def run_tuning(args: Any, base: dict[str, Any]) -> int:
         raise ConfigError("validation-size: tune needs a slice held out of the training data (e.g. 5000), "
                           "the same that compare holds out")
     # every strategy is scored at the same node visits: multiples of a FedAvg round
-    every = -(-base["eval-every"] // args.num_supernodes) * args.num_supernodes
+    every = whole_rounds(base["eval-every"], args.num_supernodes)
     trials: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
     def trial(point: dict[str, Any]) -> None:
