@@ -11,6 +11,7 @@ no point reaches it, the best validation accuracy wins.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 from pathlib import Path
@@ -99,6 +100,21 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
+def _finished(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The results a previous run of exactly this configuration left in its folder, if complete."""
+    from snake_flower.simulation import results_path
+
+    path = results_path(config)
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = result.get("config") == json.loads(json.dumps(config))  # as the recorder stored it
+    return result if same and "final" in result else None
+
+
 def run_tuning(args: Any, base: dict[str, Any]) -> int:
     """``snake-flower tune``: every point of the grid, then the extra points on the winner.
 
@@ -120,8 +136,12 @@ def run_tuning(args: Any, base: dict[str, Any]) -> int:
         folder = out / name / label(point)
         config = resolve(base, point, {"evaluate-on": "validation", "num-server-rounds": base["tune-visits"],
                                        "eval-every": every, "out-dir": str(folder), "resume": False})
-        print(f"[tune {name} {len(trials) + 1}] {label(point)} -> {folder}", flush=True)
-        result = run_one(config, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
+        result = _finished(config)
+        if result is not None:  # an interrupted tune keeps the points it already ran
+            print(f"[tune {name} {len(trials) + 1}] {label(point)}: reusing the finished run in {folder}", flush=True)
+        else:
+            print(f"[tune {name} {len(trials) + 1}] {label(point)} -> {folder}", flush=True)
+            result = run_one(config, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
         if result is None:
             raise RuntimeError(f"tune: the {name} run at {label(point)} failed; see its log above")
         trials.append((point, result))

@@ -103,3 +103,19 @@ def test_tuning_never_reads_the_test_set(loopback, nodes, tmp_path, test_set_poi
     toml.write_text('task = "synthetic"\n')
     assert main(args) == 2  # no validation slice: refused before any run
     assert "validation-size: tune needs a slice" in capsys.readouterr().err
+
+
+def test_an_interrupted_tune_reuses_only_finished_runs_of_the_same_configuration(tmp_path):
+    from snake_flower.harness.tune import _finished
+    from snake_flower.simulation import results_path
+
+    config = resolve({"out-dir": str(tmp_path), "strategy": "fedavg", "local-steps": 600})
+    path = results_path(config)
+    assert _finished(config) is None                                  # nothing ran yet
+    path.write_text(json.dumps({"config": config, "rounds": []}))     # killed before the end
+    assert _finished(config) is None
+    path.write_text(json.dumps({"config": config, "rounds": [], "final": {"accuracy": 0.9}}))
+    assert _finished(config)["final"]["accuracy"] == 0.9
+    assert _finished({**config, "lr": 0.02}) is None                  # another point's settings
+    path.write_text("{not json")
+    assert _finished(config) is None
