@@ -71,6 +71,8 @@ DEFAULTS: dict[str, Any] = {
     "validation-size": 0,
     "evaluate-on": "test",
     "tune-visits": 64,
+    # set by tune only: stop a trial below the target once past this many bytes (0 = never)
+    "prune-above-bytes": 0.0,
     "target-accuracy": 0.85,
     "eval-every": 2,
     "eval-batch-size": 1000,
@@ -109,7 +111,7 @@ POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-bat
             "seq-len", "tune-visits")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
-                "leave-partition", "hop-deadline-s", "validation-size")
+                "leave-partition", "hop-deadline-s", "validation-size", "prune-above-bytes")
 
 
 class ConfigError(ValueError):

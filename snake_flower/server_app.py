@@ -198,9 +198,11 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
                             averaged=average.arrays if average else None)
         return metrics
 
-    strategy.start(grid=metered, initial_arrays=arrays, num_rounds=config["num-server-rounds"] - done,
-                   timeout=config["hop-timeout"], train_config=ConfigRecord(dict(config)),
-                   evaluate_fn=evaluate_and_checkpoint)
+    recorder.mode = config["mode"]
+    with recorder.prunable():
+        strategy.start(grid=metered, initial_arrays=arrays, num_rounds=config["num-server-rounds"] - done,
+                       timeout=config["hop-timeout"], train_config=ConfigRecord(dict(config)),
+                       evaluate_fn=evaluate_and_checkpoint)
     ledgers = [h["metrics"] for h in strategy.hops if "total-bytes" in h.get("metrics", {})]
     return recorder.write(ledgers, provenance=strategy.provenance, failures=strategy.failures,
                           rejected_replies=strategy.rejected_replies, membership=strategy.membership,
@@ -253,10 +255,10 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                                  "sync": "window",
                                  "lr-rounds": num_rounds,
                                  "segments-sent": segments, "segment-versions": [0] * len(segments)})
-    strategy.start(grid=metered, initial_arrays=ArrayRecord(transport_state(model.state_dict())),
-                   num_rounds=num_rounds,
-                   timeout=config["hop-timeout"], train_config=train_config,
-                   evaluate_fn=recorder.evaluate_fn)
+    with recorder.prunable():
+        strategy.start(grid=metered, initial_arrays=ArrayRecord(transport_state(model.state_dict())),
+                       num_rounds=num_rounds, timeout=config["hop-timeout"], train_config=train_config,
+                       evaluate_fn=recorder.evaluate_fn)
     return recorder.write([led for led in ledgers if "total-bytes" in led], mode="cs")
 
 
@@ -293,9 +295,10 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
                 "train_flops": bottom_flops * reported.get("steps", 0.0)}
 
     recorder.describe = describe
-    strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
-                   num_rounds=config["num-server-rounds"], timeout=config["hop-timeout"],
-                   train_config=ConfigRecord(dict(config)), evaluate_fn=recorder.evaluate_fn)
+    with recorder.prunable():
+        strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
+                       num_rounds=config["num-server-rounds"], timeout=config["hop-timeout"],
+                       train_config=ConfigRecord(dict(config)), evaluate_fn=recorder.evaluate_fn)
     ledgers = [v["metrics"] for v in strategy.visits if "total-bytes" in v.get("metrics", {})]
     server = []  # the server side of split learning: the top, trained in this process
     if strategy.server_optimizer is not None:

@@ -5,7 +5,10 @@ number of extra points for knobs of its own, each tried on top of the shared win
 Every point runs the same number of node visits (``tune-visits``) with the validation
 slice held out of the training data and evaluated instead of the test set. The winner
 moves the fewest bytes to the sustained target on validation (ties: fewer visits); when
-no point reaches it, the best validation accuracy wins.
+no point reaches it, the best validation accuracy wins. A point that is below the target
+after more bytes than the best point's bytes to target can no longer win: it is pruned
+there (``prune-above-bytes``), which changes no winner and saves most of a grid's CPU.
+An interrupted tune reuses the points it finished.
 """
 
 from __future__ import annotations
@@ -58,8 +61,11 @@ def table(strategy: str, trials: list[tuple[dict[str, Any], dict[str, Any]]], ta
     for i, (point, run) in enumerate(trials):
         s = summarize(run, target)
         mb = "–" if s["bytes_to_target"] is None else f"{s['bytes_to_target'] / 1e6:.2f}"
+        reached = "yes" if s["reached_target"] else "no"
+        if run.get("pruned"):  # stopped early: it could no longer win
+            reached = f"no (pruned at {run['pruned']['bytes'] / 1e6:.2f} MB)"
         lines.append(f"| {'**' if i == winner else ''}{label(point)}{'**' if i == winner else ''} "
-                     f"| {'yes' if s['reached_target'] else 'no'} | {mb} | {s['visits_to_target'] or '–'} "
+                     f"| {reached} | {mb} | {s['visits_to_target'] or '–'} "
                      f"| {s['best_accuracy']:.4f} | {s['final_accuracy']:.4f} |")
     return "\n".join(lines) + "\n"
 
@@ -101,7 +107,10 @@ def _toml(value: Any) -> str:
 
 
 def _finished(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The results a previous run of exactly this configuration left in its folder, if complete."""
+    """The results a previous run of this configuration left in its folder, if complete.
+
+    A pruned run counts only if it was below the target past this trial's bound as well.
+    """
     from snake_flower.simulation import results_path
 
     path = results_path(config)
@@ -111,8 +120,19 @@ def _finished(config: dict[str, Any]) -> dict[str, Any] | None:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    same = result.get("config") == json.loads(json.dumps(config))  # as the recorder stored it
-    return result if same and "final" in result else None
+    bound = config.get("prune-above-bytes", 0)
+    ran, wanted = (json.loads(json.dumps({k: v for k, v in c.items() if k != "prune-above-bytes"}))
+                   for c in (result.get("config", {}), config))  # as the recorder stored it
+    pruned = result.get("pruned")
+    usable = not pruned or (bound and pruned["bytes"] >= bound)
+    return result if ran == wanted and "final" in result and usable else None
+
+
+def _bound(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float) -> float:
+    """The fewest bytes to the sustained target so far (0: no trial has reached it)."""
+    reached = [line["bytes_to_target"] for line in (summarize(run, target) for _, run in trials)
+               if line["reached_target"]]
+    return float(min(reached)) if reached else 0.0
 
 
 def run_tuning(args: Any, base: dict[str, Any]) -> int:
@@ -134,8 +154,10 @@ def run_tuning(args: Any, base: dict[str, Any]) -> int:
 
     def trial(point: dict[str, Any]) -> None:
         folder = out / name / label(point)
+        # a trial below the target past the best one's bytes to target cannot win: it stops there
         config = resolve(base, point, {"evaluate-on": "validation", "num-server-rounds": base["tune-visits"],
-                                       "eval-every": every, "out-dir": str(folder), "resume": False})
+                                       "eval-every": every, "out-dir": str(folder), "resume": False,
+                                       "prune-above-bytes": _bound(trials, target)})
         result = _finished(config)
         if result is not None:  # an interrupted tune keeps the points it already ran
             print(f"[tune {name} {len(trials) + 1}] {label(point)}: reusing the finished run in {folder}", flush=True)
@@ -158,7 +180,7 @@ def run_tuning(args: Any, base: dict[str, Any]) -> int:
     (out / f"tune-{name}.md").write_text(table(name, trials, target, winner))
     results.write_json(out / f"tune-{name}.json", {
         "run": name, "target_accuracy": target, "visits": base["tune-visits"], "winner": settings,
-        "trials": [{"settings": p, **summarize(r, target)} for p, r in trials]})
+        "trials": [{"settings": p, **summarize(r, target), "pruned": r.get("pruned")} for p, r in trials]})
     print(f"tune {name}: winner {label(settings)} -> {out / f'tune-{name}.md'}")
     if args.write:
         write_table(args.config, name, settings)

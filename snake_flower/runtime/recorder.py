@@ -9,7 +9,8 @@ is closed, and the strategy-specific ``describe(round)`` adds who trained what.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,11 @@ Describe = Callable[[int, Any], dict[str, Any]]
 Score = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, float]]
 
 
+class RunPruned(Exception):
+    """A tuning trial stopped early: below the target after more bytes than the best trial's
+    bytes to its sustained target, so it can no longer win (``prune-above-bytes``)."""
+
+
 class RunRecorder:
     """Rows, evaluation and the final JSON of one run of one strategy."""
 
@@ -41,6 +47,8 @@ class RunRecorder:
         self.evaluated: dict[int, dict[str, float]] = {}
         self.arrays = ArrayRecord(model.state_dict())  # Result.arrays stays empty if nothing merged
         self.started = time.time()
+        self.mode = "cs"  # how bytes are counted (Snake and relay: the run's mode)
+        self.pruned: dict[str, Any] | None = None
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's centralized-evaluation hook; also closes the round's record."""
@@ -64,6 +72,8 @@ class RunRecorder:
             row.update({k: v for k, v in (metrics or {}).items() if k not in row})  # an LLM's perplexity
             self.rows.append(row)
             self._progress(row)
+            if metrics and server_round < self.num_rounds:
+                self._prune(metrics)
         return MetricRecord(self.evaluated[server_round]) if server_round in self.evaluated else None
 
     def state(self) -> dict[str, Any]:
@@ -78,10 +88,35 @@ class RunRecorder:
         self.started = time.time() - float(state["elapsed"])
         self.arrays = arrays
 
+    @contextmanager
+    def prunable(self) -> Iterator[None]:
+        """Around a strategy's ``start``: a pruned trial ends there and is still written."""
+        try:
+            yield
+        except RunPruned:
+            log(INFO, "%s: pruned at round %d (%.2f MB, accuracy %.4f below target): it can no longer "
+                "beat the best trial", self.name, self.pruned["round"], self.pruned["bytes"] / 1e6,
+                self.pruned["accuracy"])
+
+    def _prune(self, metrics: dict[str, float]) -> None:
+        """Tuning only: stop once below the target past ``prune-above-bytes``.
+
+        The sustained target is reached at an evaluation from which every later one is at
+        or above it; an evaluation below it after B bytes puts that point past B, so a
+        trial already past the best trial's bytes to target cannot win any more.
+        """
+        bound = self.config.get("prune-above-bytes", 0)
+        moved = results.cumulative_bytes(self.rows, self.mode)[-1]
+        if bound and metrics["accuracy"] < self.config["target-accuracy"] and moved >= bound:
+            self.pruned = {"round": self.rows[-1]["round"], "bytes": moved, "accuracy": metrics["accuracy"]}
+            raise RunPruned(self.name)
+
     def write(self, ledgers: list[dict[str, float]], **extra: Any) -> dict[str, Any]:
         """Assemble design §6's results and write ``<out-dir>/<name>.json``."""
         final_round = max(self.evaluated)
-        mode = extra.get("mode", "cs")
+        mode = extra.get("mode", self.mode)
+        if self.pruned:
+            extra["pruned"] = self.pruned
         moved = results.cumulative_bytes(self.rows, mode)[-1] if self.rows else 0
         network = results.cumulative_network_time(self.rows)[-1] if self.rows else 0.0
         payload = {

@@ -119,3 +119,43 @@ def test_an_interrupted_tune_reuses_only_finished_runs_of_the_same_configuration
     assert _finished({**config, "lr": 0.02}) is None                  # another point's settings
     path.write_text("{not json")
     assert _finished(config) is None
+
+
+@pytest.mark.parametrize("strategy", ["snake", "fedavg", "split"])
+def test_a_run_below_the_target_past_its_bound_stops_and_is_written_as_pruned(loopback, nodes, tmp_path,
+                                                                               strategy):
+    config = {"task": "synthetic", "strategy": strategy, "num-server-rounds": 12, "local-steps": 2,
+              "eval-every": 3, "prune-above-bytes": 1.0}
+    node = nodes(3)
+    below = run(loopback(list(node.contexts), node),
+                resolve({**config, "target-accuracy": 0.99, "out-dir": str(tmp_path / "below")}))
+    assert below["pruned"]["round"] == below["rounds"][-1]["round"] < below["config"]["num-server-rounds"] // (
+        3 if strategy == "fedavg" else 1)
+    assert json.loads((tmp_path / "below" / f"{strategy}.json").read_text())["pruned"] == below["pruned"]
+    node = nodes(3)
+    above = run(loopback(list(node.contexts), node),
+                resolve({**config, "target-accuracy": 0.01, "out-dir": str(tmp_path / "above")}))
+    assert "pruned" not in above and len(above["rounds"]) == (4 if strategy == "fedavg" else 12)
+
+
+def test_tune_prunes_a_trial_that_can_no_longer_win(loopback, nodes, tmp_path, monkeypatch):
+    def in_process(config, num_supernodes, parallel=0, ray_address=""):
+        node = nodes(num_supernodes)
+        return run(loopback(list(node.contexts), node), config)
+
+    monkeypatch.setattr("snake_flower.simulation.run_one", in_process)
+    toml = tmp_path / "exp.toml"
+    toml.write_text('task = "synthetic"\npartitioner = "iid"\nvalidation-size = 200\ntune-visits = 12\n'
+                    'local-steps = 20\ntarget-accuracy = 0.3\neval-every = 3\n')
+    args = ["tune", "--config", str(toml), "--strategy", "snake", "--grid", "lr=0.05,0.0",
+            "--num-supernodes", "3", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    tuned = json.loads((tmp_path / "out" / "tune-snake.json").read_text())
+    learnt, still = tuned["trials"]                     # lr 0: the initial model, never at the target
+    assert learnt["reached_target"] and learnt["pruned"] is None and learnt["node_visits"] == 12
+    assert still["pruned"]["bytes"] >= learnt["bytes_to_target"] and still["node_visits"] < 12
+    assert tuned["winner"] == {"lr": 0.05}
+    assert "pruned at" in (tmp_path / "out" / "tune-snake.md").read_text()
+    assert main(args) == 0                              # run again: both trials are reused, none re-run
+    monkeypatch.setattr("snake_flower.simulation.run_one", lambda *a, **k: pytest.fail("re-ran a trial"))
+    assert main(args) == 0
