@@ -85,7 +85,8 @@ def write_table(path: str | Path, name: str, settings: dict[str, Any]) -> None:
         lines += ["", f"[{name}]"]
         start = len(lines) - 1
     end = next((i for i in range(start + 1, len(lines)) if header.match(lines[i])), len(lines))
-    while end > start + 1 and not lines[end - 1].strip():
+    # blank lines and comments above the next header introduce that table, not this one
+    while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
         end -= 1
     pending = dict(settings)
     for i in range(start + 1, end):

@@ -45,11 +45,12 @@ def test_the_winner_moves_fewest_bytes_to_the_sustained_target_then_fewest_visit
 def test_the_winner_is_written_into_the_experiment_files_table(tmp_path):
     toml = tmp_path / "exp.toml"
     toml.write_text('# comment kept\nlr = 0.05\n\n[fedavg]\nlocal-steps = 100  # old\nclip-norm = 0.0\n\n'
-                    '[split]\nlr = 0.01\n')
+                    '# split: the comment above its table stays above it\n[split]\nlr = 0.01\n')
     write_table(toml, "fedavg", {"local-steps": 600, "lr": 0.02})
     write_table(toml, "snake", {"local-steps": 300, "kd": "on"})
     text = toml.read_text()
     assert text.startswith("# comment kept\n")
+    assert "clip-norm = 0.0\nlr = 0.02\n\n# split: the comment above its table" in text  # read as written
     data = load_toml(toml)
     assert data["fedavg"] == {"local-steps": 600, "clip-norm": 0.0, "lr": 0.02}
     assert data["split"] == {"lr": 0.01} and data["snake"] == {"local-steps": 300, "kd": "on"}
