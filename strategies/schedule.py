@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from functools import lru_cache
 
 SWEEPS = ("serpentine", "forward")
 ORDERS = ("fixed", "shuffle", "capacity")
@@ -101,8 +102,13 @@ class SnakeSchedule:
         return ordered[node_permutation(cycle, count, self.seed)[slot]]
 
 
-def node_permutation(cycle: int, count: int, seed: int) -> list[int]:
-    """The shuffled order's permutation of ``count`` nodes for one cycle (seeded)."""
+@lru_cache(maxsize=4)
+def node_permutation(cycle: int, count: int, seed: int) -> tuple[int, ...]:
+    """The shuffled order's permutation of ``count`` nodes for one cycle (seeded).
+
+    Cached: every hop of a cycle reads the same permutation, which at 10,000 nodes
+    takes longer to draw (about 4 ms) than the rest of the server's share of a hop.
+    """
     permutation = list(range(count))
     random.Random(f"{seed}:{cycle}:{count}").shuffle(permutation)
-    return permutation
+    return tuple(permutation)

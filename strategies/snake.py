@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from .fitting import WindowFitter
-from .nodes import NodeBackoff, discovers_lazily, ordered_nodes, rank_in, wait_for_nodes
+from .nodes import NodeBackoff, discovers_lazily, ordered_nodes, rank_in, relist_interval, wait_for_nodes
 from .payload import PAYLOAD_DTYPES, PayloadError, decode, encode
 from .schedule import SnakeSchedule
 from .window import (MUST_SEND, check_segments, check_window, merge_window, relative_drift, select,
@@ -142,6 +142,8 @@ class SnakeStrategy(Strategy):
         self.membership: list[dict[str, Any]] = []  # nodes that joined or left, per round
         self.round_offset = 0  # rounds done before a resume; Flower counts from 1 again
         self._connected: set[int] = set()
+        self._chain: list[int] = []  # the connected nodes as last listed, in chain order
+        self._relist_at = 0  # the hop that lists them again (see strategies.nodes.relist_interval)
         self._restored_backoff: list[list[Any]] = []
         self._arrays: ArrayRecord | None = None
         self.aliases: dict[str, str] = {}  # tied weights: alias key -> owner key (set by start)
@@ -319,6 +321,7 @@ class SnakeStrategy(Strategy):
         self.node_arrays.pop(hop["node"], None)
         reason = reason[:300]
         hop["status"], hop["reason"] = "failed", reason
+        self._relist_at = 0  # the node may have left: list the nodes again at the next hop
         wait = self.backoff.failed(hop["node"], hop["round"] - 1)
         self.failures.append({"round": hop["round"], "node": hop["node"], "reason": reason,
                               "backoff_hops": wait})
@@ -330,6 +333,26 @@ class SnakeStrategy(Strategy):
         """Connected nodes in a stable order; joins and leaves are logged and recorded."""
         first = not self._connected  # a resumed run waits for its nodes again, too
         wait = self.min_nodes if first else 1
+        listed = first or server_round - 1 >= self._relist_at
+        if listed:
+            self._chain = self._listed_nodes(grid, wait)
+            self._relist_at = server_round - 1 + relist_interval(len(self._chain))
+        nodes = self._chain
+        if self.auto:
+            assert self.fitter is not None
+            nodes = self.fitter.screen(nodes, self.node_ranks)
+        if self.schedule.order == "capacity":
+            assert self.fitter is not None
+            nodes = self.fitter.by_capacity(nodes, self.node_ranks)
+        if listed or self._needs_every_rank:  # else the chain is as it was
+            self._note_membership(nodes, server_round)
+        if self._restored_backoff:  # node ids are new after a resume; ranks are not
+            self.backoff.restore(self._restored_backoff, {r: n for n, r in self.node_ranks.items()})
+            self._restored_backoff = []
+        return nodes
+
+    def _listed_nodes(self, grid: Grid, wait: int) -> list[int]:
+        """The connected nodes, asked of the grid, in a stable order (asking new nodes their rank)."""
         if self._lazy is None:
             self._lazy = discovers_lazily(self.rank_discovery, max(wait, len(list(grid.get_node_ids()))),
                                           self._needs_every_rank)
@@ -337,17 +360,13 @@ class SnakeStrategy(Strategy):
                 log(INFO, "SnakeStrategy: ranks learnt from replies, not asked (rank discovery %s); the "
                     "chain follows node ids, which differ from run to run", self.rank_discovery)
         if self._lazy:
-            nodes = sorted(wait_for_nodes(grid, wait))
-        else:
-            nodes = ordered_nodes(grid, self.node_ranks, min_nodes=wait, query_timeout=self.query_timeout,
-                                  configrecord_key=self.configrecord_key,
-                                  info=self.fitter.info if self.fitter is not None else None)
-        if self.auto:
-            assert self.fitter is not None
-            nodes = self.fitter.screen(nodes, self.node_ranks)
-        if self.schedule.order == "capacity":
-            assert self.fitter is not None
-            nodes = self.fitter.by_capacity(nodes, self.node_ranks)
+            return sorted(wait_for_nodes(grid, wait))
+        return ordered_nodes(grid, self.node_ranks, min_nodes=wait, query_timeout=self.query_timeout,
+                             configrecord_key=self.configrecord_key,
+                             info=self.fitter.info if self.fitter is not None else None)
+
+    def _note_membership(self, nodes: list[int], server_round: int) -> None:
+        """Log and record the nodes that joined or left since the last listing."""
         joined, left = set(nodes) - self._connected, self._connected - set(nodes)
         if self._connected and (joined or left):
             self.membership.append({"round": server_round, "joined": sorted(joined), "left": sorted(left)})
@@ -357,10 +376,6 @@ class SnakeStrategy(Strategy):
             self.node_versions.pop(node, None)
             self.node_arrays.pop(node, None)
         self._connected = set(nodes)
-        if self._restored_backoff:  # node ids are new after a resume; ranks are not
-            self.backoff.restore(self._restored_backoff, {r: n for n, r in self.node_ranks.items()})
-            self._restored_backoff = []
-        return nodes
 
     # ---- checkpoint ---------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -383,6 +398,7 @@ class SnakeStrategy(Strategy):
         self.rejected_replies = int(state["rejected-replies"])
         self._restored_backoff = [list(row) for row in state["backoff"]]
         self.node_versions, self.node_arrays, self.node_ranks, self._connected = {}, {}, {}, set()
+        self._chain, self._relist_at = [], 0
         if self.fitter is not None:
             self.fitter.reset()
 

@@ -78,3 +78,30 @@ def test_a_lazy_run_resumes_and_counts_its_rounds_on(loopback):
     assert [h["round"] for h in resumed.hops] == list(range(1, 7)) and handler.queries == 0
     assert all(set(h["segments_sent"]) == set(SEGMENTS) for h in resumed.hops[3:])  # full resyncs
     assert resumed.versions == {name: sum(name in h["window"] for h in resumed.hops) for name in SEGMENTS}
+
+
+def test_a_large_federation_is_listed_every_n_over_256_hops_and_after_a_failed_hop(loopback, monkeypatch):
+    monkeypatch.setattr(nodes, "RELIST_SHARE", 2)  # 6 nodes are listed every 3 hops, 5 every 2
+    handler = CountingNodes({node: node for node in range(1, 7)})
+    answer = handler.__call__
+    grid = loopback(list(handler.ranks), lambda msg: None if msg.metadata.dst_node_id == 5 and gone else answer(msg))
+    strategy = SnakeStrategy(SEGMENTS, 1, seed=0, order="fixed", rank_discovery="lazy")
+    listed, listing, gone = [], grid.get_node_ids, False
+
+    def get_node_ids():  # noqa: ANN202
+        listed.append(len(strategy.hops))  # the hop about to be configured
+        return listing()
+
+    def after(server_round, arrays):  # noqa: ANN001, ANN202
+        nonlocal gone
+        if server_round == 4:  # node 5 leaves; the chain still holds it until the next listing
+            gone = True
+            grid.node_ids.remove(5)
+
+    grid.get_node_ids = get_node_ids
+    strategy.start(grid=grid, initial_arrays=initial(), num_rounds=8, timeout=5.0, evaluate_fn=after)
+    assert [h["node"] for h in strategy.hops[:5]] == [1, 2, 3, 4, 5]
+    assert [h["status"] for h in strategy.hops].count("failed") == 1 and strategy.hops[4]["status"] == "failed"
+    assert listed == [0, 0, 3, 5, 7]  # first hop twice (the size, then the chain); after the failure at once
+    assert [(m["round"], m["left"]) for m in strategy.membership] == [(6, [5])]
+    assert 5 not in [h["node"] for h in strategy.hops[5:]]
