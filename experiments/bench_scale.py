@@ -15,7 +15,12 @@ fresh process on the synthetic task's large set, split IID, and reports:
   after the same hops against an in-process grid of as many nodes, allocated by the
   ``strategies`` package (``tracemalloc``), divided by the number of nodes.
 
+With ``--repeats R`` every size runs R times, the sizes interleaved (10, 100, ..., 10, 100,
+...) so that a noisy spell of a shared machine does not fall on one size alone; each figure
+is then the median of its R runs (every run's figures are kept under ``runs``).
+
     python experiments/bench_scale.py --json results/bench_scale.json
+    python experiments/bench_scale.py --repeats 3 --json results/bench_scale.json
     python experiments/bench_scale.py --nodes 10,100 --hops 6 --json /tmp/small.json
 """
 
@@ -126,24 +131,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="10,100,1000,10000", help="federation sizes, comma-separated")
     parser.add_argument("--hops", type=int, default=HOPS, help=f"hops per run (default {HOPS})")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per size, interleaved; figures are their medians (default 1)")
     parser.add_argument("--json", required=True, help="where to write the measurements")
     args = parser.parse_args()
     if args.hops < 4:
         parser.error("--hops must be >= 4 (the first and last hops are left out of the median)")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     sizes = [int(n) for n in args.nodes.split(",")]
+    runs: dict[str, list[dict[str, float]]] = {str(nodes): [] for nodes in sizes}
+    for repeat in range(args.repeats):
+        for nodes in sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                row = simulated(nodes, args.hops, Path(tmp))
+            runs[str(nodes)].append(row)
+            print(f"run {repeat + 1}/{args.repeats}, {nodes:>6} nodes: "
+                  f"peak RSS {row['server_peak_rss_bytes'] / 2**20:.0f} MiB "
+                  f"(baseline {row['server_baseline_rss_bytes'] / 2**20:.0f}), first hop "
+                  f"{row['first_hop_s']:.2f} s, median hop {row['median_hop_s']:.3f} s", flush=True)
     results: dict[str, dict[str, float]] = {}
     for nodes in sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            row = simulated(nodes, args.hops, Path(tmp))
-        held = strategy_bytes(nodes, args.hops)
+        row = {key: statistics.median(run[key] for run in runs[str(nodes)]) for key in runs[str(nodes)][0]}
+        held = strategy_bytes(nodes, args.hops)  # deterministic: measured once
         row.update(strategy_bytes=held, strategy_bytes_per_node=round(held / nodes, 1))
         results[str(nodes)] = row
-        print(f"{nodes:>6} nodes: peak RSS {row['server_peak_rss_bytes'] / 2**20:.0f} MiB "
-              f"(baseline {row['server_baseline_rss_bytes'] / 2**20:.0f}), first hop {row['first_hop_s']:.2f} s, "
-              f"median hop {row['median_hop_s']:.3f} s, strategy {row['strategy_bytes_per_node']:.0f} B/node",
-              flush=True)
+        print(f"{nodes:>6} nodes (median of {args.repeats}): peak RSS {row['server_peak_rss_bytes'] / 2**20:.0f} MiB, "
+              f"first hop {row['first_hop_s']:.2f} s, median hop {row['median_hop_s']:.3f} s, "
+              f"strategy {row['strategy_bytes_per_node']:.0f} B/node", flush=True)
+    base, top = results[str(sizes[0])], results[str(sizes[-1])]
+    ratios = {key: round(top[key] / base[key], 3) for key in ("server_peak_rss_bytes", "first_hop_s", "median_hop_s")}
+    print(f"{sizes[-1]} against {sizes[0]} nodes: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"hops": args.hops, "nodes": results}, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps({"hops": args.hops, "repeats": args.repeats, "nodes": results,
+                                           f"ratios_{sizes[-1]}_vs_{sizes[0]}": ratios, "runs": runs},
+                                          indent=2) + "\n")
 
 
 if __name__ == "__main__":
