@@ -80,6 +80,9 @@ DEFAULTS: dict[str, Any] = {
     "hop-timeout": 600.0,
     "fast-poll": True,
     "min-nodes": 1,
+    # Snake and relay: ask every node its rank before the first hop ("all"), or learn ranks from
+    # replies ("lazy": a large federation's first hop waits on no query); auto: lazy above 256 nodes
+    "rank-discovery": "auto",
     "out-dir": "results",
     # failures: a failed node sits out node-backoff hops (doubling); resume from <out-dir>/snake.ckpt
     "node-backoff": 2,
@@ -98,6 +101,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "payload-dtype": ("fp32", "fp16", "int8"),
     "sweep": ("serpentine", "forward"),
     "order": ("fixed", "shuffle", "capacity"),
+    "rank-discovery": ("auto", "all", "lazy"),
     "capacity-profile": ("uniform", "mixed"),
     "mode": ("cs", "p2p"),
     "sync": ("delta", "window"),
@@ -227,6 +231,9 @@ def validate(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {config[key]!r}")
     if config["dirichlet-alpha"] <= 0:
         raise ConfigError(f"dirichlet-alpha: must be > 0, got {config['dirichlet-alpha']!r}")
+    if config["rank-discovery"] == "lazy" and (config["window"] == "auto" or config["order"] == "capacity"):
+        raise ConfigError("rank-discovery: 'lazy' cannot fit window = \"auto\" nor order = \"capacity\" "
+                          "(both need every node's report before the first hop)")
     if config["hop-deadline-s"] > 0 and config["window"] != "auto":
         raise ConfigError("hop-deadline-s: only window = \"auto\" fits windows to a deadline; set window=auto")
     if config["hop-deadline-s"] > 0 and config["local-steps"] == 0:

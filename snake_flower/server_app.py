@@ -149,7 +149,8 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
                              payload_dtype=config["payload-dtype"],
                              min_nodes=config["min-nodes"], backoff=config["node-backoff"],
                              seed=config["seed"], capacity=capacities, misfit=capacities.sizer.misfit,
-                             query_timeout=min(60.0, config["hop-timeout"]))
+                             query_timeout=min(60.0, config["hop-timeout"]),
+                             rank_discovery=config["rank-discovery"])
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
         hop = strategy.hops[-1]

@@ -3,6 +3,11 @@
 Node ids are random per run, so sorting them would make the chain of visits, and
 the final model, differ between two runs with the same seed. Each new node is asked
 once (a ``query`` message) for its ``rank`` (the app answers with its partition id).
+
+Asking costs one message per node, all awaited before the first hop: a large
+federation (10,000 simulated nodes) would wait for every answer to train one node.
+``discovers_lazily`` says when to skip the query: the chain then walks the node ids
+(random per run) and learns a node's rank from its first reply (``rank_in``).
 """
 
 from __future__ import annotations
@@ -24,12 +29,32 @@ from .schedule import ORDERS, node_permutation
 FIRST_QUERY_PATIENCE = 5
 
 
+RANK_DISCOVERIES = ("auto", "all", "lazy")
+LAZY_ABOVE = 256  # "auto" asks every node up to this many (a reproducible chain), lazily above
+RELIST_SHARE = 256  # n connected nodes are listed again every n // RELIST_SHARE hops (at least every hop)
+POLL_S = 0.1  # while waiting for nodes to connect (the simulation registers 10,000 in about a second)
+
+
 def wait_for_nodes(grid: Grid, count: int) -> list[int]:
-    """The connected nodes, once there are at least ``count`` (polling every second)."""
+    """The connected nodes, once there are at least ``count`` (polling every ``POLL_S``, logging each second)."""
+    polls = 0
     while len(nodes := list(grid.get_node_ids())) < count:
-        log(INFO, "waiting for %d nodes (have %d)", count, len(nodes))
-        time.sleep(1.0)
+        if polls % round(1 / POLL_S) == 0:
+            log(INFO, "waiting for %d nodes (have %d)", count, len(nodes))
+        time.sleep(POLL_S)
+        polls += 1
     return nodes
+
+
+def relist_interval(num_nodes: int) -> int:
+    """Hops between two listings of the connected nodes: every hop up to 511 nodes, n // 256 above.
+
+    Listing is O(n) in Flower's in-memory state (about 20 ms at 10,000 nodes, a third of a
+    short hop); every n / 256 hops its share of a hop stays the same at any size. Meanwhile
+    a node that left fails its hop (and the next hop lists again) and one that joined waits
+    at most that many hops for its first turn.
+    """
+    return max(1, num_nodes // RELIST_SHARE)
 
 
 def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: int = 1,
@@ -83,6 +108,34 @@ def ordered_nodes(grid: Grid, ranks: MutableMapping[int, float], *, min_nodes: i
                         node, timeout)
                 ranks[node] = float("inf")
     return sorted(nodes, key=lambda node: (ranks[node], node))
+
+
+def discovers_lazily(setting: str, num_nodes: int, needs_every_rank: bool) -> bool:
+    """Whether the chain skips the rank query (``"lazy"``), decided at the first hop.
+
+    Parameters
+    ----------
+    setting : str
+        ``"all"`` asks every node before the first hop; ``"lazy"`` asks none; ``"auto"``
+        asks every node unless more than ``LAZY_ABOVE`` are connected.
+    num_nodes : int
+        Nodes connected (or awaited) at the first hop.
+    needs_every_rank : bool
+        The order or the windows rest on every node's reported capacity (``order =
+        "capacity"``, ``window = "auto"``): then every node is asked, whatever the size.
+    """
+    if setting not in RANK_DISCOVERIES:
+        raise ValueError(f"rank_discovery: {setting!r} is not one of {', '.join(RANK_DISCOVERIES)}")
+    if setting == "lazy" and needs_every_rank:
+        raise ValueError("rank_discovery: 'lazy' cannot order by capacity nor fit auto windows "
+                         "(both need every node's report before the first hop)")
+    return setting == "lazy" or (setting == "auto" and not needs_every_rank and num_nodes > LAZY_ABOVE)
+
+
+def rank_in(reported: Mapping[str, Any]) -> float | None:
+    """The rank a node's reply states (``rank``, else ``partition-id``), if any."""
+    rank = reported.get("rank", reported.get("partition-id"))
+    return None if rank is None else float(rank)
 
 
 def round_robin(turn: int, ordered: Sequence[int], order: str = "fixed", seed: int = 0) -> int:

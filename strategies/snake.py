@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from .fitting import WindowFitter
-from .nodes import NodeBackoff, ordered_nodes
+from .nodes import NodeBackoff, discovers_lazily, ordered_nodes, rank_in, relist_interval, wait_for_nodes
 from .payload import PAYLOAD_DTYPES, PayloadError, decode, encode
 from .schedule import SnakeSchedule
 from .window import (MUST_SEND, check_segments, check_window, merge_window, relative_drift, select,
@@ -69,6 +69,12 @@ class SnakeStrategy(Strategy):
         is decoded before it is checked and merged, and one that cannot be is rejected.
     query_timeout : float (default: 60.0)
         Seconds to wait for new nodes to report their rank.
+    rank_discovery : str (default: "auto")
+        ``"all"`` asks every node its rank before the first hop (the chain follows the
+        ranks: the same visits in every run); ``"lazy"`` asks none, walks the node ids
+        (random per run) and learns each rank from the node's first reply, so the first hop
+        does not wait on every node; ``"auto"`` is lazy above
+        :data:`strategies.nodes.LAZY_ABOVE` nodes unless capacities are needed.
     capacity : Callable[[float, Mapping[str, float]], Any] | None (default: None)
         ``capacity(rank, reported)``: a node's capacity (anything with a ``compute``
         attribute) from its rank and what it reported beside it; needed by
@@ -86,7 +92,8 @@ class SnakeStrategy(Strategy):
                  sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
                  train_stem: bool = False, sync: str = "delta", sync_tolerance: float = 0.0,
                  min_nodes: int = 1, backoff: int = 2, max_update_norm: float = 0.0,
-                 payload_dtype: str = "fp32", query_timeout: float = 60.0, seed: int = 0,
+                 payload_dtype: str = "fp32", query_timeout: float = 60.0, rank_discovery: str = "auto",
+                 seed: int = 0,
                  capacity: Callable[[float, Mapping[str, float]], Any] | None = None,
                  misfit: Callable[[list[str], Any], str | None] | None = None,
                  report_keys: Sequence[str] = ("train-loss", "num-examples"),
@@ -119,6 +126,8 @@ class SnakeStrategy(Strategy):
             raise ValueError(f"payload_dtype: {payload_dtype!r} is not one of {', '.join(PAYLOAD_DTYPES)}")
         self.payload_dtype = payload_dtype
         self.min_nodes, self.query_timeout = min_nodes, query_timeout
+        discovers_lazily(rank_discovery, 0, self._needs_every_rank)  # refuses a bad setting now
+        self.rank_discovery, self._lazy = rank_discovery, None  # decided at the first hop
         self.backoff = NodeBackoff(backoff)
         self.report_keys = tuple(report_keys)
         self.arrayrecord_key, self.configrecord_key = arrayrecord_key, configrecord_key
@@ -133,6 +142,8 @@ class SnakeStrategy(Strategy):
         self.membership: list[dict[str, Any]] = []  # nodes that joined or left, per round
         self.round_offset = 0  # rounds done before a resume; Flower counts from 1 again
         self._connected: set[int] = set()
+        self._chain: list[int] = []  # the connected nodes as last listed, in chain order
+        self._relist_at = 0  # the hop that lists them again (see strategies.nodes.relist_interval)
         self._restored_backoff: list[list[Any]] = []
         self._arrays: ArrayRecord | None = None
         self.aliases: dict[str, str] = {}  # tied weights: alias key -> owner key (set by start)
@@ -217,6 +228,8 @@ class SnakeStrategy(Strategy):
         records = list(content.array_records.values())
         reported = {k: v for record in content.metric_records.values() for k, v in record.items()}
         hop["metrics"] = reported
+        if node not in self.node_ranks and (rank := rank_in(reported)) is not None:  # lazy discovery
+            self.node_ranks[node] = rank
         keys = window_keys(self.segments, window)
         assert self._arrays is not None
         window_arrays, reason = self._decoded(records)
@@ -275,6 +288,11 @@ class SnakeStrategy(Strategy):
         return self.fitter.skipped if self.fitter is not None else {}
 
     # ---- helpers -----------------------------------------------------------
+    @property
+    def _needs_every_rank(self) -> bool:
+        """Auto windows and the capacity order rest on every node's report before the first hop."""
+        return self.auto or self.schedule.order == "capacity"
+
     def _decoded(self, records: list[ArrayRecord]) -> tuple[ArrayRecord | None, str | None]:
         """The reply's one record decoded to fp32, or why it cannot be."""
         if len(records) != 1:
@@ -303,6 +321,7 @@ class SnakeStrategy(Strategy):
         self.node_arrays.pop(hop["node"], None)
         reason = reason[:300]
         hop["status"], hop["reason"] = "failed", reason
+        self._relist_at = 0  # the node may have left: list the nodes again at the next hop
         wait = self.backoff.failed(hop["node"], hop["round"] - 1)
         self.failures.append({"round": hop["round"], "node": hop["node"], "reason": reason,
                               "backoff_hops": wait})
@@ -312,16 +331,42 @@ class SnakeStrategy(Strategy):
 
     def _ordered_nodes(self, grid: Grid, server_round: int) -> list[int]:
         """Connected nodes in a stable order; joins and leaves are logged and recorded."""
-        first = not self.node_ranks  # a resumed run waits for its nodes again, too
-        nodes = ordered_nodes(grid, self.node_ranks, min_nodes=self.min_nodes if first else 1,
-                              query_timeout=self.query_timeout, configrecord_key=self.configrecord_key,
-                              info=self.fitter.info if self.fitter is not None else None)
+        first = not self._connected  # a resumed run waits for its nodes again, too
+        wait = self.min_nodes if first else 1
+        listed = first or server_round - 1 >= self._relist_at
+        if listed:
+            self._chain = self._listed_nodes(grid, wait)
+            self._relist_at = server_round - 1 + relist_interval(len(self._chain))
+        nodes = self._chain
         if self.auto:
             assert self.fitter is not None
             nodes = self.fitter.screen(nodes, self.node_ranks)
         if self.schedule.order == "capacity":
             assert self.fitter is not None
             nodes = self.fitter.by_capacity(nodes, self.node_ranks)
+        if listed or self._needs_every_rank:  # else the chain is as it was
+            self._note_membership(nodes, server_round)
+        if self._restored_backoff:  # node ids are new after a resume; ranks are not
+            self.backoff.restore(self._restored_backoff, {r: n for n, r in self.node_ranks.items()})
+            self._restored_backoff = []
+        return nodes
+
+    def _listed_nodes(self, grid: Grid, wait: int) -> list[int]:
+        """The connected nodes, asked of the grid, in a stable order (asking new nodes their rank)."""
+        if self._lazy is None:
+            self._lazy = discovers_lazily(self.rank_discovery, max(wait, len(list(grid.get_node_ids()))),
+                                          self._needs_every_rank)
+            if self._lazy:
+                log(INFO, "SnakeStrategy: ranks learnt from replies, not asked (rank discovery %s); the "
+                    "chain follows node ids, which differ from run to run", self.rank_discovery)
+        if self._lazy:
+            return sorted(wait_for_nodes(grid, wait))
+        return ordered_nodes(grid, self.node_ranks, min_nodes=wait, query_timeout=self.query_timeout,
+                             configrecord_key=self.configrecord_key,
+                             info=self.fitter.info if self.fitter is not None else None)
+
+    def _note_membership(self, nodes: list[int], server_round: int) -> None:
+        """Log and record the nodes that joined or left since the last listing."""
         joined, left = set(nodes) - self._connected, self._connected - set(nodes)
         if self._connected and (joined or left):
             self.membership.append({"round": server_round, "joined": sorted(joined), "left": sorted(left)})
@@ -331,10 +376,6 @@ class SnakeStrategy(Strategy):
             self.node_versions.pop(node, None)
             self.node_arrays.pop(node, None)
         self._connected = set(nodes)
-        if self._restored_backoff:  # node ids are new after a resume; ranks are not
-            self.backoff.restore(self._restored_backoff, {r: n for n, r in self.node_ranks.items()})
-            self._restored_backoff = []
-        return nodes
 
     # ---- checkpoint ---------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -357,6 +398,7 @@ class SnakeStrategy(Strategy):
         self.rejected_replies = int(state["rejected-replies"])
         self._restored_backoff = [list(row) for row in state["backoff"]]
         self.node_versions, self.node_arrays, self.node_ranks, self._connected = {}, {}, {}, set()
+        self._chain, self._relist_at = [], 0
         if self.fitter is not None:
             self.fitter.reset()
 

@@ -4,7 +4,8 @@ For every function a patch replaces or relies on: its ``inspect.signature`` and 
 first 16 hex digits of the sha256 of its ``inspect.getsource``; for a constant: its
 ``repr``. flwr 1.41.0 was read from this project's venv, 1.42.0 from its wheel
 (``pip download --no-deps flwr==1.42.0``); the two differ only in ``run_superexec``
-(1.41.0 passes a tracing ``traceparent`` to ``launch_task``). To check a new version,
+(1.41.0 passes a tracing ``traceparent`` to ``launch_task``); ``in_memory_linkstate.py``, which
+the pickup patch reads, is byte for byte the same in both wheels. To check a new version,
 print ``flower_patches.fingerprint(ref)`` for every ref, read the changed functions, and add
 the version here only if every patch still does what its docstring says.
 """
@@ -14,6 +15,12 @@ from __future__ import annotations
 _FLWR_1_41_0 = {
     'flwr.server.superlink.fleet.vce.vce_api:add_messages_to_queue':
         '(state: flwr.server.superlink.linkstate.linkstate.LinkState, queue: queue.Queue[flwr.app.message.message.Message], nodes_mapping: dict[int, int], f_stop: threading.Event) -> None sha256:953f4bd41a931a77',
+    'flwr.server.superlink.linkstate.in_memory_linkstate:InMemoryLinkState.__init__':
+        '(self, federation_manager: flwr.superlink.federation.federation_manager.FederationManager, object_store: flwr.supercore.object_store.object_store.ObjectStore) -> None sha256:d50d022da60695f5',
+    'flwr.server.superlink.linkstate.in_memory_linkstate:InMemoryLinkState.get_message_ins':
+        '(self, node_id: int, limit: int | None, *, run_id: int | None = None) -> list[flwr.app.message.message.Message] sha256:6547c8dcbc62e12f',
+    'flwr.server.superlink.linkstate.in_memory_linkstate:InMemoryLinkState._check_stored_messages':
+        '(self, message_ids: set[str], run_id: int | None = None) -> None sha256:2be47567d2478a58',
     'flwr.supernode.start_client_internal:start_client_internal':
         "(*, state_factory: flwr.supernode.nodestate.nodestate_factory.NodeStateFactory, server_address: str, node_config: dict[str, bool | float | int | str], root_certificates: bytes | str | None = None, insecure: bool | None = None, authentication_keys: tuple[cryptography.hazmat.primitives.asymmetric.ec.EllipticCurvePrivateKey, cryptography.hazmat.primitives.asymmetric.ec.EllipticCurvePublicKey] | None = None, max_retries: int | None = None, max_wait_time: float | None = None, isolation: str = 'subprocess', runtime_api_address: str = '0.0.0.0:9094', runtime_certificates: tuple[bytes, bytes, bytes] | None = None, runtime_root_certificates_path: str | None = None, health_server_address: str | None = None, trusted_entities: dict[str, str] | None = None, superexec_auth_secret: bytes | None = None, runtime_dependency_install: bool = False) -> None sha256:9e89a6eb68fbec68",
     'flwr.supernode.start_client_internal:_push_messages':

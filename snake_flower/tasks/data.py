@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+from flwr_datasets.partitioner import DirichletPartitioner, PathologicalPartitioner
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -124,15 +124,20 @@ def load_cifar_shaped(data_dir: str = "") -> Split:
             pad(x_test, (2, 2, 2, 2)).repeat(1, 3, 1, 1), y_test)
 
 
-@lru_cache(maxsize=1)
-def load_synthetic(data_dir: str = "") -> Split:
+@lru_cache(maxsize=2)
+def load_synthetic(data_dir: str = "", train: int = 1200, test: int = 300) -> Split:
     """Ten noisy 8x8 prototypes: a small, learnable data set generated in memory."""
     del data_dir
     gen = torch.Generator().manual_seed(1234)
     prototypes = torch.randn(10, 1, 8, 8, generator=gen)
-    labels = torch.arange(1500) % 10
-    x = prototypes[labels] + 0.8 * torch.randn(1500, 1, 8, 8, generator=gen)
-    return x[:1200], labels[:1200], x[1200:], labels[1200:]
+    labels = torch.arange(train + test) % 10
+    x = prototypes[labels] + 0.8 * torch.randn(train + test, 1, 8, 8, generator=gen)
+    return x[:train], labels[:train], x[train:], labels[train:]
+
+
+def load_synthetic_large(data_dir: str = "") -> Split:
+    """The synthetic set with 120,000 training examples: 12 per node at 10,000 nodes (31 MB)."""
+    return load_synthetic(data_dir, 120_000, 300)
 
 
 def partition_indices(labels: torch.Tensor, partitioner: str, num_partitions: int,
@@ -211,14 +216,38 @@ def _holdout(labels: tuple[int, ...], size: int, seed: int) -> tuple[np.ndarray,
             np.sort(np.asarray(split["test"]["index"], dtype=np.int64)))
 
 
+# Fewest examples a partition may get: Flower Datasets' Dirichlet draws are redrawn until
+# every partition has min_partition_size (10 here), and give up with a traceback after ten tries
+MIN_PARTITION = {"iid": 1, "dirichlet": 10, "pathological": 1}
+
+
+def _check_size(num_examples: int, partitioner: str, num_partitions: int) -> None:
+    """A one-line ``DataError`` when the data set cannot fill ``num_partitions`` partitions."""
+    least = MIN_PARTITION.get(partitioner, 1)
+    if num_examples < least * num_partitions:
+        raise DataError(f"partitioner {partitioner}: {num_examples} training examples are too few for "
+                        f"{num_partitions} partitions of at least {least} (at most {num_examples // least} "
+                        f"nodes); use fewer nodes or a larger data set")
+
+
+def iid_partitions(num_examples: int, num_partitions: int) -> list[np.ndarray]:
+    """``IidPartitioner``'s partitions, computed directly: contiguous, the first ones one larger.
+
+    Flower Datasets builds one ``Dataset.shard`` per partition (39 s for 10,000 partitions
+    of 120,000 examples); this is the same split in milliseconds.
+    """
+    return [part.astype(np.int64) for part in np.array_split(np.arange(num_examples), num_partitions)]
+
+
 @lru_cache(maxsize=4)
 def _partitions(labels: tuple[int, ...], partitioner: str, num_partitions: int, alpha: float,
                 classes_per_partition: int, seed: int) -> list[np.ndarray]:
     if partitioner == "topic":
         return _by_topic(np.asarray(labels), num_partitions)
+    _check_size(len(labels), partitioner, num_partitions)
     if partitioner == "iid":
-        part = IidPartitioner(num_partitions=num_partitions)
-    elif partitioner == "dirichlet":
+        return iid_partitions(len(labels), num_partitions)
+    if partitioner == "dirichlet":
         part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
                                     alpha=alpha, min_partition_size=10, seed=seed)
     elif partitioner == "pathological":

@@ -75,6 +75,7 @@ VGG_SEGMENTS = ("block1", "block2", "block3", "block4", "block5", "head")
 TASKS: dict[str, Task] = {
     "fashion-mnist": Task("fashion-mnist", SEGMENTS, small_cnn, data.load_fashion_mnist),
     "synthetic": Task("synthetic", SEGMENTS, tiny_cnn, data.load_synthetic),
+    "synthetic-large": Task("synthetic-large", SEGMENTS, tiny_cnn, data.load_synthetic_large),  # scale bench
     "vgg11": Task("vgg11", VGG_SEGMENTS, vgg11_cifar, data.load_cifar_shaped),
 }
 TASK_NAMES = (*TASKS, "llm")

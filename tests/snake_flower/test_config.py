@@ -46,6 +46,8 @@ def test_resolve_coerces_and_keeps_defaults():
     ({"payload-dtype": "bf16"}, "payload-dtype"),  # NumPy has no bfloat16
     ({"frozen-segments": "head"}, "train-head"),  # its neighbour would become the head
     ({"frozen-segments": "conv1", "train-stem": True}, "train-stem"),
+    ({"rank-discovery": "lazy", "order": "capacity"}, "rank-discovery"),  # needs every node's report
+    ({"rank-discovery": "some"}, "rank-discovery"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:

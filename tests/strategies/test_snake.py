@@ -188,10 +188,11 @@ def test_failed_node_backs_off_doubling_while_others_carry_on(loopback):
     assert all(h["status"] == "merged" for h in strategy.hops if h["node"] != 2)
 
 
-def test_nodes_that_join_or_leave_change_the_chain(loopback):
+@pytest.mark.parametrize("discovery", ["all", "lazy"])
+def test_nodes_that_join_or_leave_change_the_chain(loopback, discovery):
     nodes = AddOneNodes({1: 0, 2: 1, 3: 2})
     grid = loopback([1, 2], nodes)
-    strategy = SnakeStrategy(SEGMENTS, 1, order="fixed")
+    strategy = SnakeStrategy(SEGMENTS, 1, order="fixed", rank_discovery=discovery)
     seen = []
 
     def membership_changes(server_round, arrays):

@@ -94,6 +94,61 @@ def test_every_message_is_picked_up_in_order_with_adaptive_waits():
     assert max(stop.waits) == PICKUP_MAX_WAIT < 0.1  # Flower's loop always waits 0.1 s
 
 
+def linkstate_with(monkeypatch, messages_per_node: list[int]):
+    """Flower's own in-memory LinkState and grid, with queries pushed as the server pushes them."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.common.constant import NOOP_FLWR_AID, SUPERLINK_NODE_ID
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID, TaskType
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    nodes = list(_register_nodes(len(messages_per_node), factory))  # as the engine registers them
+    state = factory.state()
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID,
+                              TaskType.SIMULATION)
+    grid = InMemoryGrid(factory)
+    grid.set_run(state.run_ids[run_id].run)
+    monkeypatch.setattr(TaskIdentity, "_run_id", run_id)  # what a ServerApp process has set
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    sent = []
+    for node, count in zip(nodes, messages_per_node):
+        for i in range(count):
+            sent.append(Message(RecordDict({"c": ConfigRecord({"i": i})}), dst_node_id=node,
+                                message_type=MessageType.QUERY))
+    ids = list(grid.push_messages(sent))
+    assert len(ids) == len(sent)
+    return state, nodes
+
+
+def handed_out(take, state, nodes: list[int]) -> list[list[tuple[int, int]]]:
+    """Every sweep's messages as (node's partition, message number), until nothing is left."""
+    sweeps, mapping = [], {node: i for i, node in enumerate(nodes)}
+    while found := take(state, mapping):
+        sweeps.append(sorted((mapping[m.metadata.dst_node_id], m.content["c"]["i"]) for m in found))
+    return sweeps
+
+
+def test_one_pass_over_the_messages_hands_out_what_flowers_per_node_asks_do(monkeypatch):
+    """Flower's own in-memory state: one message per node and sweep, each node's oldest first."""
+    counts = [2, 1, 0, 3]
+    state, nodes = linkstate_with(monkeypatch, counts)
+    expired = next(iter(state.message_ins_store.values()))  # partition 0's first message
+    expired.metadata.__dict__["_ttl"] = 1e-6  # Flower deletes an expired message unsent
+    quick = handed_out(flower_patches._undelivered, state, nodes)
+    assert quick == [[(0, 1), (1, 0), (3, 0)], [(3, 1)], [(3, 2)]]
+    assert expired.metadata.message_id not in state.message_ins_store
+    state, nodes = linkstate_with(monkeypatch, counts)
+    next(iter(state.message_ins_store.values())).metadata.__dict__["_ttl"] = 1e-6
+    assert handed_out(flower_patches._per_node, state, nodes) == quick
+    state, nodes = linkstate_with(monkeypatch, counts)  # a node the engine does not run: left alone
+    assert handed_out(flower_patches._undelivered, state, nodes[1:])[0] == [(0, 0), (2, 0)]
+
+
 def test_quick_pickup_replaces_the_engines_loop(monkeypatch):
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
     assert patch_pickup()

@@ -12,6 +12,7 @@ from snake_flower.config import resolve
 from snake_flower.tasks.data import (
     DataError,
     _partitions,
+    iid_partitions,
     load_fashion_mnist,
     partition_from_config,
     partition_indices,
@@ -26,6 +27,35 @@ def test_iid_partitions_are_equal_and_disjoint():
     parts = [partition_indices(LABELS, "iid", 4, i) for i in range(4)]
     assert [len(p) for p in parts] == [500] * 4
     assert len(np.unique(np.concatenate(parts))) == 2000
+
+
+@pytest.mark.parametrize("examples,partitions", [(2000, 4), (1203, 10), (57, 4), (10, 10)])
+def test_iid_partitions_are_flower_datasets_own(examples, partitions):
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    flower = IidPartitioner(num_partitions=partitions)
+    flower.dataset = Dataset.from_dict({"index": list(range(examples))})
+    ours = iid_partitions(examples, partitions)
+    assert len(ours) == partitions
+    for i, part in enumerate(ours):
+        assert part.dtype == np.int64 and part.tolist() == flower.load_partition(i)["index"]
+
+
+@pytest.mark.parametrize("partitioner,nodes", [("dirichlet", 201), ("iid", 2001), ("pathological", 2001)])
+def test_too_few_examples_for_the_partitions_is_a_data_error(partitioner, nodes):
+    with pytest.raises(DataError, match=f"partitioner {partitioner}: 2000 training examples are too few"):
+        partition_indices(LABELS, partitioner, nodes, 0)
+
+
+def test_the_cli_says_so_in_one_line_before_any_simulation(capsys):
+    from snake_flower import cli
+
+    # the synthetic task has 1200: 1000 Dirichlet partitions of at least 10 cannot be cut
+    assert cli.main(["run", "--run-config", "task=synthetic", "--num-supernodes", "1000"]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed.startswith("snake-flower: error: partitioner dirichlet: 1200 training examples") \
+        and "\n" not in printed and "at most 120 nodes" in printed
 
 
 def test_dirichlet_is_seeded_skewed_and_covers_everything():
