@@ -178,12 +178,16 @@ class _Head(nn.Module):
         self.norm, self.project_out, self.lm_head = norm, project_out, lm_head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.features(hidden))
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the LM head multiplies: normed, projected, in the head weight's dtype."""
         if self.norm is not None:  # OPT-350m normalises inside its blocks and has no final norm
             hidden = self.norm(hidden)
         if self.project_out is not None:
             hidden = self.project_out(hidden)
         # a tied LM head's weight belongs to embed, which may be in another dtype this hop
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        return hidden.to(self.lm_head.weight.dtype)
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
@@ -213,7 +217,14 @@ class CausalLMSegments(nn.Sequential):
     returns fp32 logits ``[batch, width, vocab]``, where ``width`` drops the trailing
     columns that are ``PAD`` in every row. Inputs are right-padded, so the causal mask
     alone keeps every real token from seeing padding.
+
+    Training computes the LM head and its loss over chunks of tokens (``chunked_head``,
+    ``training.head_loss``) and recomputes a frozen layer above the window in backward
+    instead of keeping its activations (``recompute_frozen``, ``training.recompute``).
     """
+
+    chunked_head = True
+    recompute_frozen = True
 
     def __init__(self, lm: nn.Module, lora: bool = False) -> None:
         base = lm.model
@@ -243,6 +254,13 @@ class CausalLMSegments(nn.Sequential):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of every position; each segment computes in its own parameters' dtype."""
+        features, _ = self.head_inputs(input_ids)
+        return self[-1].lm_head(features).float()
+
+    def head_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features [batch, width, d], weight [vocab, d])``: the logits are
+        ``features @ weight.T`` in fp32, which training computes in chunks of tokens
+        (``training.head_loss``) instead of all at once."""
         from transformers.masking_utils import create_causal_mask
 
         embed, *layers, head = self.children()
@@ -258,7 +276,7 @@ class CausalLMSegments(nn.Sequential):
             dtype = _dtype(layer)
             extra = {"position_embeddings": tuple(t.to(dtype) for t in rope)} if rope else {}
             hidden = layer(hidden.to(dtype), attention_mask=mask, position_ids=positions, **extra)
-        return head(hidden.to(_dtype(head))).float()
+        return head.features(hidden.to(_dtype(head))), head.lm_head.weight
 
 
 def lora_config(rank: int, targets: tuple[str, ...] = LORA_TARGETS):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -18,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snake_flower.training.frozen import hold_frozen_in, resolve_dtype, restore, scale_tensors
+from snake_flower.training.frozen import hold_frozen_in, resolve_dtype, restore
+from snake_flower.training.head_loss import chunk_rows, head_loss, working_bytes
+from snake_flower.training.ledger import SavedActivations, memory_ledger  # noqa: F401 (the ledger, as loop gave it)
+from snake_flower.training.recompute import recompute_frozen
 from snake_flower.training.teacher import ReceivedTeacher
 
 Align = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -191,31 +193,53 @@ def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y
     teacher = ReceivedTeacher(model) if work.kd_weight > 0.0 else None
     optimizer = _optimizer(params, work)
     gen = torch.Generator().manual_seed(seed)
-    total_loss, steps = 0.0, 0
+    total_loss, steps, loss_bytes = 0.0, 0, 0
     meter = SavedActivations(model.parameters())  # frozen weights are not activations
-    for idx in _batches(len(y), work, gen):
-        xb = x[idx]
-        # the teacher runs first, while no activation is saved: only its outputs stay
-        target = align(teacher(xb), y[idx])[0] if teacher is not None else None
-        with meter:
-            logits, yb = align(model(xb), y[idx])
-        if target is not None:
-            loss = distillation_loss(logits, target, yb, work.kd_weight, work.kd_temperature)
-        else:
-            loss = F.cross_entropy(logits, yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if work.clip_norm > 0:
-            nn.utils.clip_grad_norm_(params, work.clip_norm)
-        optimizer.step()
-        total_loss += loss.item()
-        steps += 1
-        del target, logits, loss
+    again = SavedActivations(model.parameters())  # one frozen segment run again in backward
+    with recompute_frozen(model, params, again):
+        for idx in _batches(len(y), work, gen):
+            xb = x[idx]
+            # the teacher runs first, while no activation is saved: only its outputs stay
+            target = align(teacher(xb), y[idx])[0] if teacher is not None else None
+            loss, held = _loss(model, xb, y[idx], target, work, align, meter)
+            loss_bytes = max(loss_bytes, held)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if work.clip_norm > 0:
+                nn.utils.clip_grad_norm_(params, work.clip_norm)
+            optimizer.step()
+            total_loss += loss.item()
+            steps += 1
+            del target, loss
     model.eval()
     metrics = {"train-loss": total_loss / max(steps, 1), "steps": float(steps),
                "num-examples": float(len(y))}
     teacher_window, teacher_outputs = (teacher.window_bytes, teacher.output_bytes) if teacher else (0, 0)
-    return metrics, memory_ledger(model, params, optimizer, meter.peak, teacher_window, teacher_outputs)
+    return metrics, memory_ledger(model, params, optimizer, meter.peak + again.peak + loss_bytes,
+                                  teacher_window, teacher_outputs)
+
+
+def _loss(model: nn.Module, xb: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+          work: LocalWork, align: Align, meter: SavedActivations) -> tuple[torch.Tensor, int]:
+    """One batch's loss, and the bytes its computation holds beyond the saved activations.
+
+    A model with ``chunked_head = True`` (an LLM) gives the LM head's inputs
+    (``head_inputs``) instead of logits: the head and its loss run over chunks of tokens
+    (``head_loss``), whose working buffers are the bytes returned. Any other model's logits
+    go to the loss whole (0 returned).
+    """
+    if getattr(model, "chunked_head", False):
+        with meter:
+            features, weight = model.head_inputs(xb)
+            features, yb = align(features, y)
+        rows = chunk_rows(weight.shape[0])
+        loss = head_loss(features, weight, yb, target, work.kd_weight, work.kd_temperature, rows)
+        return loss, working_bytes(features, weight.shape[0], rows, target is not None)
+    with meter:
+        logits, yb = align(model(xb), y)
+    if target is not None:
+        return distillation_loss(logits, target, yb, work.kd_weight, work.kd_temperature), 0
+    return F.cross_entropy(logits, yb), 0
 
 
 def _optimizer(params: list[nn.Parameter], work: LocalWork) -> torch.optim.Optimizer:
@@ -225,76 +249,6 @@ def _optimizer(params: list[nn.Parameter], work: LocalWork) -> torch.optim.Optim
     if work.optimizer != "sgd":
         raise ValueError(f"optimizer: {work.optimizer!r} is not one of sgd, adam")
     return torch.optim.SGD(params, lr=work.lr, momentum=work.momentum, weight_decay=work.weight_decay)
-
-
-class SavedActivations:
-    """Peak bytes autograd saves for backward in one forward pass, parameters excluded.
-
-    Autograd also saves weights: a frozen linear layer downstream of the window keeps its
-    weight (or a transposed view of it) to pass the gradient back to its input. Those bytes
-    are already in the ledger as parameter bytes, so a saved tensor whose storage is a
-    parameter's, trainable or frozen, is not an activation. With ``frozen-dtype = "int8"``
-    the int8 weights are parameters, but the fp32 weight dequantized from one for a frozen
-    layer downstream of the window is a fresh tensor autograd keeps until backward: it is
-    memory the step holds, and it is counted here.
-
-    Parameters
-    ----------
-    params : Iterable[torch.Tensor]
-        Every parameter of the model that runs inside the meter, trainable and frozen.
-    """
-
-    def __init__(self, params: Iterable[torch.Tensor]) -> None:
-        self._storages = {_storage_key(p) for p in params}
-        self.peak, self._now = 0, 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if _storage_key(tensor) not in self._storages:
-            self._now += tensor.numel() * tensor.element_size()
-        return tensor
-
-    def __enter__(self) -> "SavedActivations":
-        self._now = 0
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-        self.peak = max(self.peak, self._now)
-
-
-def _storage_key(tensor: torch.Tensor) -> int | tuple[str, int]:
-    # A view (weight.t(), a slice) has its own data_ptr but its base's storage.
-    if tensor.device.type == "meta":  # no storage at all (training/memory.py): the tensor a view stems from
-        return "meta", id(tensor._base if tensor._base is not None else tensor)
-    return tensor.untyped_storage().data_ptr()
-
-
-def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def memory_ledger(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-                  activation_bytes: int, teacher_window: int = 0, teacher_outputs: int = 0
-                  ) -> dict[str, float]:
-    """Design §5 ledger of one hop, in bytes (floats, as Flower metrics want).
-
-    Distillation's teacher (``ReceivedTeacher``) holds the window as received, counted as
-    frozen parameters (``teacher_window``), and one batch of its outputs, which live through
-    the step like activations (``teacher_outputs``).
-    """
-    trainable = {id(p) for p in params}
-    # int8 frozen weights: 1 B each plus their fp32 per-channel scales
-    frozen = [p for p in model.parameters() if id(p) not in trainable] + scale_tensors(model)
-    grads = [p.grad for p in params if p.grad is not None]
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    ledger = {"trainable-param-bytes": _nbytes(params), "frozen-param-bytes": _nbytes(frozen) + teacher_window,
-              "grad-bytes": _nbytes(grads), "optimizer-bytes": _nbytes(state),
-              "activation-bytes": activation_bytes + teacher_outputs}
-    ledger["total-bytes"] = sum(ledger.values())
-    ledger["peak-rss-bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {k: float(v) for k, v in ledger.items()}
 
 
 @torch.no_grad()
