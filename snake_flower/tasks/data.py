@@ -48,39 +48,45 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _scaled(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) / 255.0
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = np.float32(0.2860), np.float32(0.3530)
 
 
-def _images_to_tensor(scaled: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(scaled)
-    return ((x - 0.2860) / 0.3530).unsqueeze(1)  # Fashion-MNIST mean and std
+def _normalized(images: np.ndarray) -> np.ndarray:
+    """uint8 images as normalised float32 ``(N, 1, H, W)``, in NumPy.
+
+    Float32 arithmetic with float32 constants, which gives the same bits as torch's
+    ``(x / 255 - 0.2860) / 0.3530`` on a float32 tensor (``tests/.../test_data.py``).
+    """
+    scaled = images.astype(np.float32) / np.float32(255.0)
+    return ((scaled - FASHION_MNIST_MEAN) / FASHION_MNIST_STD)[:, None]
 
 
 @lru_cache(maxsize=2)
 def fashion_mnist_arrays(data_dir: str = "") -> tuple[np.ndarray, ...] | None:
-    """Local Fashion-MNIST as NumPy ``(x_train, y_train, x_test, y_test)``, images scaled to
-    [0, 1]; ``None`` if there is no local copy.
+    """Local Fashion-MNIST as NumPy ``(x_train, y_train, x_test, y_test)``, images
+    normalised as ``load_fashion_mnist`` gives them; ``None`` if there is no local copy.
 
     No torch op runs here, so a process that forks others (``deploy/warm_node.py``) can
-    read and decompress the files once for all of them.
+    read, decompress and normalise the files once for all of them: a forked process
+    then wraps these arrays in tensors without copying them.
     """
     directory = Path(data_dir) if data_dir else Path(DEBIAN_FASHION_MNIST)
     paths = [_find_idx(directory, stem) for stem in IDX_FILES]
     if not all(paths):
         return None
     xtr, ytr, xte, yte = (read_idx(p) for p in paths)  # type: ignore[arg-type]
-    return _scaled(xtr), ytr.astype(np.int64), _scaled(xte), yte.astype(np.int64)
+    return _normalized(xtr), ytr.astype(np.int64), _normalized(xte), yte.astype(np.int64)
 
 
 @lru_cache(maxsize=2)
 def load_fashion_mnist(data_dir: str = "") -> Split:
-    """Return ``(x_train, y_train, x_test, y_test)`` as normalised tensors."""
+    """Return ``(x_train, y_train, x_test, y_test)`` as normalised tensors.
+
+    The tensors share memory with ``fashion_mnist_arrays``' cached arrays.
+    """
     arrays = fashion_mnist_arrays(data_dir)
     if arrays is not None:
-        xtr, ytr, xte, yte = arrays
-        return (_images_to_tensor(xtr), torch.from_numpy(ytr.copy()),
-                _images_to_tensor(xte), torch.from_numpy(yte.copy()))
+        return tuple(torch.from_numpy(array) for array in arrays)  # type: ignore[return-value]
     if data_dir:
         raise DataError(f"data-dir {data_dir}: no Fashion-MNIST IDX files ({', '.join(IDX_FILES)})")
     return _load_fashion_mnist_from_hub()
@@ -97,9 +103,9 @@ def _load_fashion_mnist_from_hub() -> Split:
         hub = load_dataset(HUB_FASHION_MNIST)
     except Exception as err:  # any network or hub failure means the same thing to the user
         raise DataError(f"Fashion-MNIST not found locally and the hub failed ({type(err).__name__}): {how}") from None
-    split = [_scaled(np.stack([np.asarray(im) for im in hub[s]["image"]])) for s in ("train", "test")]
-    return (_images_to_tensor(split[0]), torch.tensor(hub["train"]["label"]),
-            _images_to_tensor(split[1]), torch.tensor(hub["test"]["label"]))
+    split = [_normalized(np.stack([np.asarray(im) for im in hub[s]["image"]])) for s in ("train", "test")]
+    return (torch.from_numpy(split[0]), torch.tensor(hub["train"]["label"]),
+            torch.from_numpy(split[1]), torch.tensor(hub["test"]["label"]))
 
 
 @lru_cache(maxsize=1)
