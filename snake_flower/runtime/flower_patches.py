@@ -42,7 +42,11 @@ from snake_flower.runtime.flower_fingerprints import CHECKED
 STOCK_ENV = "SNAKE_FLOWER_STOCK_FLOWER"
 """Set to ``1`` to run stock Flower: every patch here becomes a no-op."""
 PICKUP_FIRST_WAIT, PICKUP_MAX_WAIT = 0.001, 0.02
-PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP = 0.02, 0.5  # Flower's: 1 s doubling to 10 s
+# Flower's: 1 s doubling to 10 s, 500 tries an object (about 80 min). A cap of 50 ms overshoots
+# an object's arrival by 50 ms at most; without a limit on tries, Flower's max_time (2 h) bounds it.
+PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP, PULL_MAX_TRIES = 0.02, 0.05, None
+LOCAL_WAIT = 0.005
+"""How long the SuperNode sleeps between looks at its own state (a ClientApp's reply, its objects)."""
 
 # What each patch replaces or relies on: "module:qualname" of functions, "module:NAME" of constants.
 PICKUP = ("flwr.server.superlink.fleet.vce.vce_api:add_messages_to_queue",
@@ -217,44 +221,55 @@ def patch_pickup() -> bool:
 # -- the SuperNode's idle poll and reply wait ----------------------------------------------
 
 class CappedTime:
-    """The ``time`` module, except that ``sleep`` never sleeps longer than ``cap`` seconds."""
+    """The ``time`` module, except that ``sleep`` is capped.
 
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
+    ``start_client_internal`` sleeps in two ways: 3 s when the SuperLink had no message
+    (the idle poll, a request to the SuperLink), and 0.5 s between looks at the node's own
+    in-memory state while a ClientApp works (its reply, then its reply's objects). The
+    first is capped at ``cap``; the second, which costs no request, at ``local_cap``.
+    """
+
+    def __init__(self, cap: float, local_cap: float = LOCAL_WAIT) -> None:
+        self.cap, self.local_cap = cap, min(local_cap, cap)
 
     def sleep(self, seconds: float) -> None:
-        """``time.sleep(min(seconds, cap))``."""
-        time.sleep(min(seconds, self.cap))
+        """``time.sleep`` for at most ``cap`` (idle poll) or ``local_cap`` seconds (under 1 s)."""
+        time.sleep(min(seconds, self.cap if seconds >= 1.0 else self.local_cap))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
 
-def patch_supernode_sleeps(cap: float) -> bool:
-    """Cap the SuperNode's idle poll (3 s) and reply wait (0.5 s) at ``cap`` seconds.
+def patch_supernode_sleeps(cap: float, local_cap: float = LOCAL_WAIT) -> bool:
+    """Cap the SuperNode's idle poll (3 s) at ``cap`` and its waits for a ClientApp's reply
+    (0.5 s) at ``local_cap`` seconds.
 
     ``start_client_internal`` imports ``time`` at module level; it gets its own ``time``
-    whose ``sleep`` is capped, and nothing else in the process changes.
+    whose ``sleep`` is capped (``CappedTime``), and nothing else in the process changes.
     """
     def apply() -> None:
-        importlib.import_module("flwr.supernode.start_client_internal").time = CappedTime(cap)
-    return _apply("supernode-sleeps", apply, f"SuperNode sleeps capped at {cap:g} s")
+        importlib.import_module("flwr.supernode.start_client_internal").time = CappedTime(cap, local_cap)
+    return _apply("supernode-sleeps", apply, f"SuperNode idle poll capped at {cap:g} s, "
+                  f"reply waits at {min(cap, local_cap):g} s")
 
 
 # -- the object-pull back-off --------------------------------------------------------------
 
-def patch_object_pulls(initial: float = PULL_INITIAL_BACKOFF, cap: float = PULL_BACKOFF_CAP) -> bool:
+def patch_object_pulls(initial: float = PULL_INITIAL_BACKOFF, cap: float = PULL_BACKOFF_CAP,
+                       max_tries: int | None = PULL_MAX_TRIES) -> bool:
     """Start the object-pull back-off at ``initial`` s, doubling to ``cap``, in this process.
 
     Flower's callers (the SuperNode, the ClientApp, the ServerApp's grid) call
     ``pull_objects`` with its keyword defaults, so changing the defaults of the one
     function object changes every call; ``pull_and_inflate_object_from_tree`` passes its
-    own defaults on, so it gets the same.
+    own defaults on, so it gets the same. ``max_tries`` an object (``None``: no limit but
+    Flower's ``max_time``) keeps a slow object's wait as long as Flower's back-off allows.
     """
     def apply() -> None:
         module = importlib.import_module("flwr.supercore.inflatable.inflatable_utils")
         for function in (module.pull_objects, module.pull_and_inflate_object_from_tree):
-            function.__kwdefaults__.update(initial_backoff=initial, backoff_cap=cap)
+            function.__kwdefaults__.update(initial_backoff=initial, backoff_cap=cap,
+                                           max_tries_per_object=max_tries)
     return _apply("object-pulls", apply, f"object pulls back off from {initial:g} s to {cap:g} s")
 
 

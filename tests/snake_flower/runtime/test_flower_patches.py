@@ -23,6 +23,7 @@ from snake_flower.runtime import flower_patches
 from snake_flower.runtime.flower_fingerprints import CHECKED
 from snake_flower.runtime.flower_patches import (
     PATCHES,
+    LOCAL_WAIT,
     PICKUP_MAX_WAIT,
     STOCK_ENV,
     CappedTime,
@@ -212,7 +213,21 @@ def test_object_pulls_start_their_back_off_at_20_ms_everywhere_in_the_process():
     assert patch_object_pulls()
     for function in PULLERS:
         assert function.__kwdefaults__["initial_backoff"] == 0.02
-        assert function.__kwdefaults__["backoff_cap"] == 0.5
+        assert function.__kwdefaults__["backoff_cap"] == 0.05
+        assert function.__kwdefaults__["max_tries_per_object"] is None  # Flower's max_time (2 h) bounds it
+        assert function.__kwdefaults__["max_time"] == 7200
+
+
+def test_a_late_object_is_pulled_within_the_back_off_cap_of_its_arrival():
+    arrives = time.monotonic() + 0.3
+
+    def pull(object_id: str) -> bytes:
+        if time.monotonic() < arrives:
+            raise inflatable_utils.ObjectUnavailableError(object_id)
+        return b"content"
+    assert patch_object_pulls()
+    assert inflatable_utils.pull_objects(["a", "b"], pull) == {"a": b"content", "b": b"content"}
+    assert time.monotonic() - arrives < 0.05 * 1.2 + 0.1  # the cap, its jitter, and a loaded machine
 
 
 def test_stock_flower_leaves_everything_alone(monkeypatch):
@@ -230,3 +245,12 @@ def test_the_supernode_sleeps_at_most_the_poll_interval():
     capped.sleep(3)  # the SuperNode's idle poll
     assert time.monotonic() - started < 1.0
     assert time.time is not None and getattr(time, "sleep") is not capped.sleep
+
+
+def test_the_supernode_looks_at_its_own_state_more_often_than_it_polls_the_superlink(monkeypatch):
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    CappedTime(0.1).sleep(3)  # idle poll: a request to the SuperLink
+    CappedTime(0.1).sleep(0.5)  # waiting for a ClientApp's reply: a look at the node's memory
+    CappedTime(0.002).sleep(0.5)  # never longer than the poll interval
+    assert slept == [0.1, LOCAL_WAIT, 0.002] and LOCAL_WAIT <= 0.01
