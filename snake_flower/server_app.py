@@ -46,6 +46,11 @@ from strategies import SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
 
 
+DEPLOYED_POLL = 0.05
+"""Longest wait between the ServerApp's pulls for a reply from a deployed node (``fast-poll``):
+one request to the SuperLink each, while a hop's one reply is awaited."""
+
+
 def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp bound to ``config`` (else to the run's own run-config)."""
     server_app = ServerApp()
@@ -69,6 +74,7 @@ def _setup(grid: Grid, config: dict[str, Any], num_rounds: int, poll: float = 0.
     model = build_model(task, config["seed"])
     if config["fast-poll"] and _deployed(grid):  # reply objects too: not Flower's 1-10 s back-off
         patch_object_pulls()  # (runtime/flower_patches.py)
+        poll = min(poll, DEPLOYED_POLL)
     if config["leave-round"] > 0:  # chaos run: one node leaves for good (see runtime/chaos.py)
         grid = ChaosGrid(grid, config["leave-round"], config["leave-partition"])
     if config["fast-poll"]:
