@@ -37,6 +37,10 @@ QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
+# Reading and partitioning Fashion-MNIST, several nodes at once on a busy 2-core machine: up to a minute
+WARM_TIMEOUT_S = 300.0
+
+
 class DeploymentError(RuntimeError):
     """A daemon did not come up, or a run did not finish; the message names the log."""
 
@@ -128,6 +132,9 @@ class LoopbackDeployment:
                 self.keys[partition] = make_node_keys(self.workdir / "keys", f"node{partition}")
                 self.node_ids[partition] = self.register(self.keys[partition].public_key)
             self.start_supernode(partition, self.keys.get(partition))
+        if self.launcher:  # a node takes its first task warm, as a long-running one does
+            for partition in range(self.num_nodes):
+                self.wait_until_warm(f"supernode-{partition}")
         return self
 
     def superlink_command(self) -> list[str]:
@@ -161,6 +168,21 @@ class LoopbackDeployment:
         name = name or f"supernode-{partition}"
         self.node_ports[name] = port = free_port()
         return self.family.start(name, self.supernode_command(partition, keys, port), cwd=self.workdir)
+
+    def wait_until_warm(self, name: str, timeout: float = WARM_TIMEOUT_S) -> None:
+        """Wait until the launcher node ``name``'s forkserver has preloaded torch, the app and
+        its data (its SuperExec prints ``warm_executor.READY``); fail if the node exits."""
+        from snake_flower.deploy.warm_executor import READY
+
+        deadline, proc, log = time.monotonic() + timeout, self.family.popens[name], self.family.log_path(name)
+        while time.monotonic() < deadline:
+            if READY in log.read_text(errors="replace"):
+                return
+            if proc.poll() is not None:
+                raise DeploymentError(f"{name} exited with code {proc.returncode} before its forkserver "
+                                      f"was warm; see {log}")
+            time.sleep(0.2)
+        raise DeploymentError(f"{name}'s forkserver was not warm within {timeout:.0f} s; see {log}")
 
     def write_connection(self) -> Path:
         """Write ``$FLWR_HOME/config.toml`` with this SuperLink as connection ``loopback``."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import time
 from multiprocessing import forkserver
 from multiprocessing.process import BaseProcess
 
@@ -26,6 +27,8 @@ from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExec
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
 PRELOAD = "snake_flower.deploy.warm_node"
+READY = "snake_flower warm SuperExec: forkserver ready"
+"""What the SuperExec prints (to the SuperNode's log) once its forkserver has preloaded everything."""
 
 
 def clientapp_argv(spec: ExecutionSpec) -> list[str]:
@@ -41,6 +44,10 @@ def clientapp_argv(spec: ExecutionSpec) -> list[str]:
     if spec.runtime_dependency_install:
         argv.append("--allow-runtime-dependency-installation")
     return argv
+
+
+def _nothing() -> None:
+    """A forked process's whole work when it only proves that the forkserver is warm."""
 
 
 def run_clientapp_task(argv: list[str]) -> None:
@@ -67,9 +74,20 @@ class ForkExecutor:
         self._tasks: list[BaseProcess] = []
 
     def start(self) -> int:
-        """Start the forkserver now, so that it warms up before the first task; its PID."""
+        """Start the forkserver and wait until it has preloaded everything; its PID.
+
+        One empty process is forked and joined: the forkserver forks nothing before its
+        preload is done, so when it is back the node is warm (``READY`` is printed), and
+        the first task's fork waits for nothing.
+        """
+        started = time.monotonic()
         forkserver.ensure_running()
-        return forkserver._forkserver._forkserver_pid  # noqa: SLF001 - for logs and tests only
+        pid = forkserver._forkserver._forkserver_pid  # noqa: SLF001 - for logs and tests only
+        probe = self._context.Process(target=_nothing, name="warm-up")
+        probe.start()
+        probe.join()
+        print(f"{READY} (pid {pid}, {time.monotonic() - started:.1f} s)", file=sys.stderr, flush=True)
+        return pid
 
     def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
                               root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
