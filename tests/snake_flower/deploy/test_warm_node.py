@@ -13,12 +13,14 @@ import numpy as np
 WARM_ENV = "SNAKE_FLOWER_WARM"  # (importing deploy.warm_node here would patch this test process)
 
 PROBE = """
+import gc, sys
 import torch
 from snake_flower.deploy import warm_node
 from snake_flower.tasks import data
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
 print(warm_node.PRELOADED, torch.get_num_threads(), data._partitions.cache_info().currsize,
-      pull_objects.__kwdefaults__["initial_backoff"])
+      pull_objects.__kwdefaults__["initial_backoff"], gc.get_freeze_count() > 100_000,
+      "snake_flower.deploy.warm_executor" in sys.modules)
 """
 
 
@@ -38,4 +40,5 @@ def test_the_forkserver_preload_holds_the_partitions_on_one_thread(tmp_path):
            "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300,
                          check=True).stdout.split()
-    assert out == ["True", "1", "1", "0.02"]
+    # one thread, the partitions cut, the back-off fix, what was loaded frozen, the SuperExec's module
+    assert out == ["True", "1", "1", "0.02", "True", "True"]
