@@ -12,11 +12,17 @@ to the next, so that a noisy machine weighs on both alike):
   at 0.1 s, object pulls from 0.02 s), ``fast-poll=true``.
 
 Every process gets ``OMP_NUM_THREADS=1`` (the launcher trains on one torch thread; so
-does stock Flower here). Prints, per arm, the median and mean hop, the median of the
-nodes' own training time (``train_s``, and its CPU seconds ``train_cpu_s``) and of the rest
-(``hop_s - train_s``), and checks
-that both arms end with the same model. ``--json OUT`` writes
-``{"arms": {"stock": {"median_hop_s": ..., "hops": N, ...}, "launcher": {...}}, ...}``.
+does stock Flower here, and so does the Ray simulation). The SuperLink keeps its state in
+memory, ``flower-superlink``'s default (``--superlink-state file``: in a SQLite file, as the
+README's commands and the deployment tests run it). Launcher nodes are warm (their
+forkservers have preloaded everything) before a run is submitted, as long-running nodes are.
+
+Prints, per arm, the median and mean hop, the median of the nodes' own training time
+(``train_s``, and its CPU seconds ``train_cpu_s``) and of the rest (``hop_s - train_s``),
+and checks that every run ends with the same model, and (unless ``--no-in-process``) that
+it is the model the same run gives in the Ray simulation (``snake-flower run``). The load
+average is recorded before and after each run. ``--json OUT`` writes
+``{"arms": {"stock": {"median_hop_s": ..., "hops": N, ...}, "launcher": {...}}, "runs": [...], ...}``.
 
     python experiments/bench_deploy.py --hops 8 --repeats 2 --json results/bench_deploy.json
 """
@@ -25,29 +31,50 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from snake_flower.deploy.loopback import LoopbackDeployment
+from snake_flower.deploy.loopback import BIN, QUIET_ENV, LoopbackDeployment, run_config_text
 from snake_flower.runtime.flower_patches import STOCK_ENV
 
 ARMS = {"stock": {"launcher": False, "fast-poll": False, "env": {STOCK_ENV: "1"}},
         "launcher": {"launcher": True, "fast-poll": True, "env": {}}}
 
 
-def run_arm(workdir: Path, arm: str, hops: int) -> tuple[list[dict], str]:
+def overrides(hops: int) -> dict:
+    """The run-config of every run: the default app, ``hops`` hops, evaluated once at the end."""
+    return {"num-server-rounds": hops, "eval-every": hops, "min-nodes": 3}
+
+
+def run_arm(workdir: Path, arm: str, hops: int, in_memory: bool) -> tuple[list[dict], str]:
     """The rows of one deployed run of the default app, and its final model hash."""
     spec = ARMS[arm]
     env = {"OMP_NUM_THREADS": "1", **spec["env"]}
-    overrides = {"num-server-rounds": hops, "eval-every": hops, "min-nodes": 3, "fast-poll": spec["fast-poll"]}
-    with LoopbackDeployment(workdir, num_nodes=3, env=env, launcher=spec["launcher"]) as deployment:
-        result = deployment.run(overrides, timeout=120.0 * hops + 600)
+    with LoopbackDeployment(workdir, num_nodes=3, env=env, launcher=spec["launcher"],
+                            in_memory=in_memory) as deployment:
+        result = deployment.run({**overrides(hops), "fast-poll": spec["fast-poll"]}, timeout=120.0 * hops + 600)
     if result["failures"]:
         sys.exit(f"a hop failed in {workdir}: {result['failures'][0]}")
     return result["rounds"], result["final"]["model_sha256"]
+
+
+def in_process_sha(workdir: Path, hops: int) -> str:
+    """The final model hash of the same run in Flower's Ray simulation (``snake-flower run``)."""
+    env = {**os.environ, **QUIET_ENV, "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(BIN / "snake-flower"), "run", "--run-config", run_config_text(overrides(hops)),
+                    "--num-supernodes", "3", "--out", str(workdir)], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return json.loads((workdir / "snake.json").read_text())["final"]["model_sha256"]
+
+
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def summary(rows: list[dict]) -> dict[str, float | int]:
@@ -67,27 +94,43 @@ def main() -> None:
     parser.add_argument("--hops", type=int, default=8, help="hops per run (default 8)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per arm (default 2)")
     parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.add_argument("--superlink-state", choices=("memory", "file"), default="memory",
+                        help="the SuperLink's state: in memory (Flower's default) or in a SQLite file")
+    parser.add_argument("--no-in-process", action="store_true",
+                        help="skip the Ray simulation run whose model every deployed run must equal")
     args = parser.parse_args()
     rows: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     hashes: dict[str, set[str]] = {arm: set() for arm in ARMS}
+    runs: list[dict] = []
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             order = list(ARMS) if repeat % 2 == 0 else list(reversed(ARMS))
             for arm in order:
-                arm_rows, sha = run_arm(Path(tmp) / f"{arm}-{repeat}", arm, args.hops)
+                load_before = load_average()
+                arm_rows, sha = run_arm(Path(tmp) / f"{arm}-{repeat}", arm, args.hops,
+                                        args.superlink_state == "memory")
                 rows[arm].extend(arm_rows)
                 hashes[arm].add(sha)
-                print(f"repeat {repeat + 1}/{args.repeats} {arm:8s} hop_s {[r['hop_s'] for r in arm_rows]} "
-                      f"train_s {[r['train_s'] for r in arm_rows]}", flush=True)
-    same_model = len(hashes["stock"] | hashes["launcher"]) == 1
+                runs.append({"arm": arm, "repeat": repeat + 1, "hop_s": [r["hop_s"] for r in arm_rows],
+                             "train_s": [r["train_s"] for r in arm_rows], "model_sha256": sha,
+                             "load_before": load_before, "load_after": load_average()})
+                print(f"repeat {repeat + 1}/{args.repeats} {arm:8s} hop_s {runs[-1]['hop_s']} "
+                      f"train_s {runs[-1]['train_s']} load {load_before} -> {runs[-1]['load_after']}", flush=True)
+        reference = None if args.no_in_process else in_process_sha(Path(tmp) / "in-process", args.hops)
+    deployed = hashes["stock"] | hashes["launcher"]
+    same_model = len(deployed) == 1
     report = {"arms": {arm: summary(arm_rows) for arm, arm_rows in rows.items()},
               "hops_per_run": args.hops, "repeats": args.repeats, "nodes": 3,
-              "same_model": same_model, "model_sha256": sorted(hashes["stock"] | hashes["launcher"]),
-              "wall_s": round(time.time() - started)}
+              "superlink_state": args.superlink_state, "same_model": same_model,
+              "model_sha256": sorted(deployed), "in_process_sha256": reference,
+              "same_as_in_process": None if reference is None else deployed == {reference},
+              "runs": runs, "wall_s": round(time.time() - started)}
     stock, launcher = report["arms"]["stock"], report["arms"]["launcher"]
-    print(f"\n{args.hops} hops x {args.repeats} repeats per arm, 3 SuperNodes on loopback, "
-          f"{report['wall_s']} s in all; same final model in every run: {same_model}")
+    simulated = "" if reference is None else f"; the Ray simulation's too: {report['same_as_in_process']}"
+    print(f"\n{args.hops} hops x {args.repeats} repeats per arm, 3 SuperNodes on loopback, SuperLink state "
+          f"in {args.superlink_state}, {report['wall_s']} s in all; same final model in every run: "
+          f"{same_model}{simulated}")
     print("| arm | hops | median hop s | mean hop s | min-max | median train s | median train CPU s | "
           "median rest s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -99,8 +142,9 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if not same_model:
-        sys.exit(f"the runs ended with different models: {report['model_sha256']}")
+    if not same_model or report["same_as_in_process"] is False:
+        sys.exit(f"the runs ended with different models: {report['model_sha256']} "
+                 f"(Ray simulation: {reference})")
 
 
 if __name__ == "__main__":

@@ -92,19 +92,23 @@ class LoopbackDeployment:
         idle polls; ``deploy/supernode.py``); ``False`` starts stock ``flower-supernode``.
     poll_interval : float (default: 0.1)
         The launcher's ``--poll-interval``.
+    in_memory : bool (default: False)
+        Keep the SuperLink's state in memory (``flower-superlink``'s own default) instead of
+        in ``<workdir>/superlink.db``: every message and object the hop moves is one SQLite
+        transaction less.
     """
 
     def __init__(self, workdir: Path, num_nodes: int = 3, tls: bool = False, auth: bool = False,
                  app_dir: Path = ROOT, capacities: Sequence[Mapping[str, float]] = (),
                  env: Mapping[str, str] | None = None, timeout: float = 60.0, launcher: bool = True,
-                 poll_interval: float = 0.1) -> None:
+                 poll_interval: float = 0.1, in_memory: bool = False) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it over --insecure)")
         # absolute: the daemons and the ServerApp resolve paths from their own working folders
         self.workdir, self.num_nodes, self.tls, self.auth = Path(workdir).resolve(), num_nodes, tls, auth
         self.app_dir, self.timeout = Path(app_dir).resolve(), timeout
         self.capacities = list(capacities)
-        self.launcher, self.poll_interval = launcher, poll_interval
+        self.launcher, self.poll_interval, self.in_memory = launcher, poll_interval, in_memory
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(self.flwr_home),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
@@ -140,8 +144,9 @@ class LoopbackDeployment:
     def superlink_command(self) -> list[str]:
         """The ``flower-superlink`` command line."""
         command = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
-                   "--database", str(self.workdir / "superlink.db"),
                    "--disable-runtime-dependency-installation"]  # else every run re-installs torch
+        if not self.in_memory:
+            command += ["--database", str(self.workdir / "superlink.db")]
         if self.certs is None:
             return command + ["--insecure"]
         command += ["--ssl-ca-certfile", str(self.certs.ca_cert), "--ssl-certfile", str(self.certs.server_cert),
