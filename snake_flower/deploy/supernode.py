@@ -5,9 +5,10 @@ A launcher for edge nodes (Linux). This process becomes Flower's own SuperNode
 ``--node-config``, ...) with ``--isolation process``, and next to it starts a warm
 SuperExec (``deploy/warm_executor.py``) that forks each ClientApp task from a forkserver
 which already imported torch and the app and read the node's data. Before the SuperNode
-starts, its idle poll (3 s) and reply wait (0.5 s) are capped at ``--poll-interval`` and the
-object-pull back-off starts at 0.02 s instead of 1 s (``runtime/flower_patches.py``); the
-SuperExec polls for tasks at the same interval (Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
+starts, its idle poll of the SuperLink (3 s) is capped at ``--poll-interval``, its waits for a
+ClientApp's reply (0.5 s, looks at its own memory) at 5 ms, and the object-pull back-off runs
+from 0.02 to 0.05 s instead of from 1 to 10 s (``runtime/flower_patches.py``); the SuperExec
+polls for tasks at ``--poll-interval`` (Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
 
 The patches hold only for the flwr versions in ``runtime/flower_fingerprints.py``; with
 any other the launcher stops with a one-line error, and ``--stock`` runs plain
@@ -39,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Flower's SuperNode for an edge node: forked ClientApps from a warm forkserver, no idle polls.",
         epilog="Every other argument goes to flower-supernode (see flower-supernode --help).")
     parser.add_argument("--poll-interval", type=float, default=0.1,
-                        help="longest wait, in seconds, of the SuperNode's idle poll, its wait for a "
-                             "ClientApp's reply and its SuperExec's task poll (default 0.1)")
+                        help="longest wait, in seconds, of the SuperNode's idle poll of the SuperLink and "
+                             "of its SuperExec's task poll (default 0.1); it waits for a ClientApp's "
+                             "reply at most 5 ms at a time")
     parser.add_argument("--warm-config", default="",
                         help="run-config whose data the node preloads, e.g. \"partitioner='iid'\" "
                              "(default: the app's defaults)")
