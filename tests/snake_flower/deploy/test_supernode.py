@@ -18,7 +18,9 @@ from flwr.supercore.superexec.executor.types import ExecutionSpec
 
 from snake_flower import cli
 from snake_flower.deploy import supernode
-from snake_flower.deploy.warm_executor import clientapp_argv
+from snake_flower.deploy.loopback import DeploymentError, LoopbackDeployment
+from snake_flower.deploy.processes import alive
+from snake_flower.deploy.warm_executor import READY, clientapp_argv
 from snake_flower.runtime import flower_patches
 from snake_flower.runtime.flower_patches import STOCK_ENV
 
@@ -109,3 +111,20 @@ def test_a_forked_clientapp_gets_the_arguments_flowers_executor_gives_it(monkeyp
                          runtime_dependency_install=False, parent_pid=parent, suppress_output=False, task_id=3)
     subprocess_executor.SubprocessExecutor().launch(spec)
     assert clientapp_argv(spec) == started[0]
+
+
+def test_a_loopback_deployment_waits_for_a_warm_node_and_fails_on_one_that_exits(tmp_path):
+    deployment = LoopbackDeployment(tmp_path)
+    with deployment.family:
+        deployment.family.start("supernode-0", [sys.executable, "-c", "import sys, time; "
+                                                f"print({READY!r}, file=sys.stderr, flush=True); time.sleep(30)"])
+        deployment.wait_until_warm("supernode-0", timeout=60)
+        deployment.family.start("supernode-1", [sys.executable, "-c", "raise SystemExit(3)"])
+        with pytest.raises(DeploymentError, match="supernode-1 exited with code 3 before its forkserver"):
+            deployment.wait_until_warm("supernode-1", timeout=60)
+    assert not [m for m in deployment.family.seen.values() if alive(m)]
+
+
+def test_a_loopback_superlink_keeps_its_state_in_a_file_or_in_memory(tmp_path):
+    assert "--database" in LoopbackDeployment(tmp_path).superlink_command()
+    assert "--database" not in LoopbackDeployment(tmp_path, in_memory=True).superlink_command()  # Flower's default
