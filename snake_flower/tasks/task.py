@@ -22,10 +22,12 @@ from torch import nn
 from snake_flower.segments import segment_model
 from snake_flower.tasks import data
 from snake_flower.tasks.base import Task
+from snake_flower.tasks.pooling import ChannelsLastMaxPool2d
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    # nn.MaxPool2d(2)'s numbers, pooled where torch's CPU kernel is quick (tasks/pooling.py)
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), ChannelsLastMaxPool2d(2))
 
 
 def small_cnn(in_channels: int = 1, width: int = 16, side: int = 28, classes: int = 10) -> nn.Sequential:
