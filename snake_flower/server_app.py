@@ -150,16 +150,22 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
                              min_nodes=config["min-nodes"], backoff=config["node-backoff"],
                              seed=config["seed"], capacity=capacities, misfit=capacities.sizer.misfit,
                              query_timeout=min(60.0, config["hop-timeout"]),
-                             rank_discovery=config["rank-discovery"])
+                             rank_discovery=config["rank-discovery"],
+                             concurrency=1 if whole_model else config["concurrency"])
+    metered.by_group = strategy.concurrency > 1  # hops overlap: each row gets its own hop's bytes
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
-        hop = strategy.hops[-1]
+        hop = strategy.hops[server_round - 1]
         reported = hop.get("metrics", {})
         # P2P: every segment a node receives comes once, straight from the peer that holds it;
         # CS: the same bytes come down from the server, and the window goes up to it as well
         p2p = tally.down.array_bytes
         moved = p2p if config["mode"] == "p2p" else tally.down.bytes + tally.up.bytes
         capacity = strategy.capacity_of(hop["node"])
+        network = hop_time_s(compute_s(reported), moved, capacity)
+        # hops in flight overlap: the model's clock is not the sum of their times
+        clock = ({"network_clock_s": results.concurrent_clock(recorder.rows, network, strategy.concurrency)}
+                 if strategy.concurrency > 1 else {})
         return {"nodes": [hop["node"]], "window": hop["window"],
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
                 "segments_sent": hop["segments_sent"], "status": hop["status"],
@@ -167,7 +173,7 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
                 "train_s": round(float(reported.get("train-seconds", 0.0)), 4),  # the node's, inside hop_s
                 "capacity": capacity.as_dict(), "passed_over": hop.get("passed_over", []),
                 # a failed hop costs the bytes it moved (its compute, if any, is not reported)
-                "network_time_s": hop_time_s(compute_s(reported), moved, capacity),
+                "network_time_s": network, **clock,
                 **_visit_compute(reported, capacities.sizer.step_flops(hop["window"]) if reported else 0.0)}
 
     recorder.describe = describe
@@ -178,7 +184,7 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
     average = ModelAverage(config["average-decay"]) if config["average-decay"] else None
     if config["resume"] and path.exists():
         arrays, state = load_checkpoint(path, config)
-        strategy.load_state(state["strategy"])
+        strategy.load_state(state["strategy"], state["in-flight"])
         recorder.restore(state["recorder"], state["averaged"] or arrays)
         if average:
             average.load(state["averaged"])
@@ -196,7 +202,8 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
         if server_round > 0:
             save_checkpoint(path, arrays, {"config": config, "strategy": strategy.state(),
                                            "recorder": recorder.state()},
-                            averaged=average.arrays if average else None)
+                            averaged=average.arrays if average else None,
+                            in_flight=strategy.in_flight_arrays(arrays))
         return metrics
 
     recorder.mode = config["mode"]
