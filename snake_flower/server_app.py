@@ -228,6 +228,7 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     ledgers: list[dict[str, float]] = []
 
     this_round: list[dict[str, float]] = []  # the replies Flower aggregated in the round now ending
+    failures: list[dict[str, Any]] = []  # a node's visit that sent no good reply
 
     def aggregate_metrics(records: list[RecordDict], weighting: str):
         replies = [dict(r) for rd in records for r in rd.metric_records.values()]
@@ -241,6 +242,9 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
         replies, this_round[:] = list(this_round), []  # Flower drops error replies before aggregating
+        for node, reason in tally.failed_nodes().items():
+            failures.append({"round": server_round, "node": node, "reason": reason})
+            log(WARNING, "round %d: node %d failed its visit: %s", server_round, node, reason)
         # every node is sent the same model and sends one back: its share of the round's bytes
         share = (tally.down.bytes + tally.up.bytes) / max(len(tally.down_by_node), 1)
         times = [hop_time_s(compute_s(led), share,
@@ -267,7 +271,7 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         strategy.start(grid=metered, initial_arrays=ArrayRecord(transport_state(model.state_dict())),
                        num_rounds=num_rounds, timeout=config["hop-timeout"], train_config=train_config,
                        evaluate_fn=recorder.evaluate_fn)
-    return recorder.write([led for led in ledgers if "total-bytes" in led], mode="cs")
+    return recorder.write([led for led in ledgers if "total-bytes" in led], mode="cs", failures=failures)
 
 
 def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:

@@ -63,13 +63,20 @@ class Tally:
 
 @dataclass
 class RoundMeter:
-    """Down and up tallies of one round, in total and per node, plus control traffic."""
+    """Down and up tallies of one round, in total and per node, plus control traffic, and the
+    error replies (node -> reason) among the up ones."""
 
     down: Tally = field(default_factory=Tally)
     up: Tally = field(default_factory=Tally)
     control: Tally = field(default_factory=Tally)
     down_by_node: dict[int, Tally] = field(default_factory=lambda: defaultdict(Tally))
     up_by_node: dict[int, Tally] = field(default_factory=lambda: defaultdict(Tally))
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def failed_nodes(self) -> dict[int, str]:
+        """Nodes sent a model-carrying message this round that sent no good reply, and why."""
+        return {node: self.errors.get(node, "no reply before the round timeout")
+                for node in self.down_by_node if node not in self.up_by_node or node in self.errors}
 
 
 class ForwardingGrid(Grid):
@@ -161,6 +168,9 @@ class MeteredGrid(ForwardingGrid):
         for msg in replies:
             meter = self._meter(msg)
             self._count(msg, meter.up, meter.up_by_node[msg.metadata.src_node_id])
+            if msg.has_error() and msg.metadata.message_type != MessageType.QUERY:
+                lines = [line.strip() for line in msg.error.reason.splitlines() if line.strip()]
+                meter.errors[msg.metadata.src_node_id] = (lines[-1] if lines else msg.error.reason)[:300]
         return replies
 
     def _meter(self, msg: Message) -> RoundMeter:
