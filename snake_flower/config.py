@@ -92,6 +92,8 @@ DEFAULTS: dict[str, Any] = {
     # chaos (simulation): crash a train call with this probability; one node leaves for good
     "fail-rate": 0.0,
     "leave-round": 0,
+    # chaos: the process of the node that trains this round dies at once (0 = never)
+    "crash-round": 0,
     "leave-partition": 0,
 }
 
@@ -117,7 +119,7 @@ POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-bat
             "seq-len", "tune-visits", "concurrency")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
-                "leave-partition", "hop-deadline-s", "validation-size", "prune-above-bytes")
+                "leave-partition", "crash-round", "hop-deadline-s", "validation-size", "prune-above-bytes")
 
 
 class ConfigError(ValueError):
