@@ -62,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     """One Snake hop (or one FedAvg visit when the window is every segment)."""
     cfg = dict(msg.content["config"])
     partition_id, num_partitions = node_partition(context.node_config)
-    maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0)
+    maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0, crash-round)
     payload = str(cfg.get("payload-dtype", "fp32"))  # Snake's choice; FedAvg's config says fp32
     model, held, server_versions = _local_model(cfg, context, decode(msg.content["arrays"], payload))
     del msg.content["arrays"]  # loaded: release the received arrays

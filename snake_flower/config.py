@@ -41,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
     "sync": "delta",
     "sync-tolerance": 0.0,
     "max-update-norm": 0.0,
+    # Snake: hops in flight at once, on disjoint windows (train-head and train-stem off)
+    "concurrency": 1,
     # Snake and relay: evaluate (and return) a moving average of the model over hops; 0 = off
     "average-decay": 0.0,
     # heterogeneous nodes (training/capacity.py): window = "auto" fits each node's memory and compute
@@ -90,6 +92,8 @@ DEFAULTS: dict[str, Any] = {
     # chaos (simulation): crash a train call with this probability; one node leaves for good
     "fail-rate": 0.0,
     "leave-round": 0,
+    # chaos: the process of the node that trains this round dies at once (0 = never)
+    "crash-round": 0,
     "leave-partition": 0,
 }
 
@@ -112,10 +116,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
             "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout", "lora-rank",
-            "seq-len", "tune-visits")
+            "seq-len", "tune-visits", "concurrency")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
-                "leave-partition", "hop-deadline-s", "validation-size", "prune-above-bytes")
+                "leave-partition", "crash-round", "hop-deadline-s", "validation-size", "prune-above-bytes")
 
 
 class ConfigError(ValueError):
@@ -226,6 +230,8 @@ def validate(config: Mapping[str, Any]) -> None:
         what = f"model {config['model']}" if config["task"] == "llm" else f"task {config['task']}"
         raise ConfigError(f"window: {config['window']} exceeds the {sweepable} segments that {what} "
                           f"can sweep (train-head/train-stem excluded)")
+    if config["concurrency"] > 1:
+        _check_concurrency(config, sweepable)
     for key in NON_NEGATIVE:
         if config[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {config[key]!r}")
@@ -258,6 +264,22 @@ def validate(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"average-decay: only snake and relay average over hops, not {config['strategy']!r}")
     if not 0.0 <= config["kd-weight"] <= 1.0:
         raise ConfigError(f"kd-weight: must be in [0, 1], got {config['kd-weight']!r}")
+
+
+def _check_concurrency(config: Mapping[str, Any], sweepable: int) -> None:
+    """Concurrent hops need windows that never overlap: fixed, no extras, room for all."""
+    k = config["concurrency"]
+    if config["strategy"] != "snake":
+        raise ConfigError(f"concurrency: only snake runs hops at once, not {config['strategy']!r}")
+    if config["window"] == "auto":
+        raise ConfigError("concurrency: windows sized per node (window = \"auto\") could overlap; set a window")
+    for flag in ("train-head", "train-stem"):
+        if config[flag]:
+            raise ConfigError(f"concurrency: {k} windows in flight must be disjoint, but {flag} puts the same "
+                              f"segment in every one; set {flag}=false")
+    if k * config["window"] > sweepable:
+        raise ConfigError(f"concurrency: {k} disjoint windows of {config['window']} segment(s) need "
+                          f"{k * config['window']} segments to sweep, the task has {sweepable}")
 
 
 def _segments(config: Mapping[str, Any]) -> tuple[str, ...]:

@@ -156,16 +156,22 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
                              min_nodes=config["min-nodes"], backoff=config["node-backoff"],
                              seed=config["seed"], capacity=capacities, misfit=capacities.sizer.misfit,
                              query_timeout=min(60.0, config["hop-timeout"]),
-                             rank_discovery=config["rank-discovery"])
+                             rank_discovery=config["rank-discovery"],
+                             concurrency=1 if whole_model else config["concurrency"])
+    metered.by_group = strategy.concurrency > 1  # hops overlap: each row gets its own hop's bytes
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
-        hop = strategy.hops[-1]
+        hop = strategy.hops[server_round - 1]
         reported = hop.get("metrics", {})
         # P2P: every segment a node receives comes once, straight from the peer that holds it;
         # CS: the same bytes come down from the server, and the window goes up to it as well
         p2p = tally.down.array_bytes
         moved = p2p if config["mode"] == "p2p" else tally.down.bytes + tally.up.bytes
         capacity = strategy.capacity_of(hop["node"])
+        network = hop_time_s(compute_s(reported), moved, capacity)
+        # hops in flight overlap: the model's clock is not the sum of their times
+        clock = ({"network_clock_s": results.concurrent_clock(recorder.rows, network, strategy.concurrency)}
+                 if strategy.concurrency > 1 else {})
         return {"nodes": [hop["node"]], "window": hop["window"],
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
                 "segments_sent": hop["segments_sent"], "status": hop["status"],
@@ -173,7 +179,7 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
                 "train_s": round(float(reported.get("train-seconds", 0.0)), 4),  # the node's, inside hop_s
                 "capacity": capacity.as_dict(), "passed_over": hop.get("passed_over", []),
                 # a failed hop costs the bytes it moved (its compute, if any, is not reported)
-                "network_time_s": hop_time_s(compute_s(reported), moved, capacity),
+                "network_time_s": network, **clock,
                 **_visit_compute(reported, capacities.sizer.step_flops(hop["window"]) if reported else 0.0)}
 
     recorder.describe = describe
@@ -184,7 +190,7 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
     average = ModelAverage(config["average-decay"]) if config["average-decay"] else None
     if config["resume"] and path.exists():
         arrays, state = load_checkpoint(path, config)
-        strategy.load_state(state["strategy"])
+        strategy.load_state(state["strategy"], state["in-flight"])
         recorder.restore(state["recorder"], state["averaged"] or arrays)
         if average:
             average.load(state["averaged"])
@@ -202,7 +208,8 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
         if server_round > 0:
             save_checkpoint(path, arrays, {"config": config, "strategy": strategy.state(),
                                            "recorder": recorder.state()},
-                            averaged=average.arrays if average else None)
+                            averaged=average.arrays if average else None,
+                            in_flight=strategy.in_flight_arrays(arrays))
         return metrics
 
     recorder.mode = config["mode"]
@@ -227,6 +234,7 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     ledgers: list[dict[str, float]] = []
 
     this_round: list[dict[str, float]] = []  # the replies Flower aggregated in the round now ending
+    failures: list[dict[str, Any]] = []  # a node's visit that sent no good reply
 
     def aggregate_metrics(records: list[RecordDict], weighting: str):
         replies = [dict(r) for rd in records for r in rd.metric_records.values()]
@@ -240,6 +248,9 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
         replies, this_round[:] = list(this_round), []  # Flower drops error replies before aggregating
+        for node, reason in tally.failed_nodes().items():
+            failures.append({"round": server_round, "node": node, "reason": reason})
+            log(WARNING, "round %d: node %d failed its visit: %s", server_round, node, reason)
         # every node is sent the same model and sends one back: its share of the round's bytes
         share = (tally.down.bytes + tally.up.bytes) / max(len(tally.down_by_node), 1)
         times = [hop_time_s(compute_s(led), share,
@@ -266,7 +277,7 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         strategy.start(grid=metered, initial_arrays=ArrayRecord(transport_state(model.state_dict())),
                        num_rounds=num_rounds, timeout=config["hop-timeout"], train_config=train_config,
                        evaluate_fn=recorder.evaluate_fn)
-    return recorder.write([led for led in ledgers if "total-bytes" in led], mode="cs")
+    return recorder.write([led for led in ledgers if "total-bytes" in led], mode="cs", failures=failures)
 
 
 def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:

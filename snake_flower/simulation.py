@@ -73,6 +73,7 @@ def load_results(config: dict[str, Any], code: int = 0) -> dict[str, Any] | None
         return None
     final = result["final"]
     failed = len(result.get("failures", []))
+    what = "visits" if result.get("strategy") == "fedavg" else "rounds"  # FedAvg: a node's failed visit
     print(f"{name}: accuracy {final['accuracy']:.4f}, {final['bytes_total'] / 1e6:.2f} MB moved, "
-          f"{final['wall_s']:.0f} s{f', {failed} FAILED rounds' if failed else ''} -> {path}", flush=True)
+          f"{final['wall_s']:.0f} s{f', {failed} FAILED {what}' if failed else ''} -> {path}", flush=True)
     return result

@@ -13,7 +13,7 @@ federation (10,000 simulated nodes) would wait for every answer to train one nod
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -155,6 +155,10 @@ def round_robin(turn: int, ordered: Sequence[int], order: str = "fixed", seed: i
     return ordered[node_permutation(cycle, len(ordered), seed)[slot]]
 
 
+class NoFreeNode(RuntimeError):
+    """Every connected node is training a hop in flight (fewer nodes than ``concurrency``)."""
+
+
 class NodeBackoff:
     """Nodes that failed a hop sit out a while: ``base`` hops, doubling per failure in a row.
 
@@ -189,16 +193,25 @@ class NodeBackoff:
         """Has ``node`` sat out its time by ``hop``?"""
         return self.until.get(node, 0) <= hop
 
-    def pick(self, hop: int, ordered: Sequence[int], turn: Callable[[int, Sequence[int]], int]) -> int:
+    def pick(self, hop: int, ordered: Sequence[int], turn: Callable[[int, Sequence[int]], int],
+             busy: Collection[int] = ()) -> int:
         """``turn(hop)``'s node, or if it sits out, the node of the nearest later turn that does not.
 
         When every node sits out, the scheduled node goes anyway: a risky hop beats a stalled run.
+        ``busy`` nodes (training a hop in flight) are never picked; the caller leaves one free.
         """
+        free = [node for node in ordered if node not in busy]
+        if not free:
+            raise NoFreeNode(f"no free node: all {len(ordered)} are training a hop in flight")
         for ahead in range(2 * len(ordered) + 1):  # a shuffled cycle may hide a node for < 2 cycles
             node = turn(hop + ahead, ordered)
-            if self.available(node, hop):
+            if node not in busy and self.available(node, hop):
                 return node
-        return turn(hop, ordered)
+        scheduled = turn(hop, ordered)
+        if scheduled not in busy:
+            return scheduled
+        later = (turn(hop + ahead, ordered) for ahead in range(2 * len(ordered) + 1))
+        return next((node for node in later if node not in busy), free[0])
 
     def state(self, key: Callable[[int], Any]) -> list[list[Any]]:
         """``[[key(node), until, streak], ...]`` (node ids change between runs; keys need not)."""

@@ -5,6 +5,10 @@ lock together: a serpentine over 4 positions has period 6, and with 6 (or 3, or
 2) nodes in fixed order a node would meet the same positions forever. The fixed
 order therefore shifts its starting node by one after every ``lcm(nodes, period)``
 hops; the shuffled order draws a fresh permutation of the nodes every cycle.
+
+Concurrent snakes (``lanes = K``) cut the swept segments into K contiguous lanes, each
+with its own serpentine; hop ``h`` trains in lane ``h % K``. K hops in a row therefore
+train K disjoint windows spread along the depth, whatever each lane's position.
 """
 
 from __future__ import annotations
@@ -55,18 +59,34 @@ class SnakeSchedule:
         Train the last (first) segment in every window; it then leaves the sweep.
     seed : int
         Seed of the shuffled order.
+    lanes : int (default: 1)
+        Concurrent snakes: the swept segments are cut into this many contiguous lanes (as
+        even as possible, each at least ``window`` long), and hop ``h`` trains in lane
+        ``h % lanes``, so any ``lanes`` hops in a row have disjoint windows. The head and
+        stem extras would be in every window, so they must be off.
     """
 
     def __init__(self, segments: Sequence[str], window: int, *, sweep: str = "serpentine",
                  order: str = "shuffle", train_head: bool = True, train_stem: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, lanes: int = 1) -> None:
         if order not in ORDERS:
             raise ValueError(f"order: {order!r} is not one of {', '.join(ORDERS)}")
+        if lanes < 1:
+            raise ValueError(f"concurrency: must be >= 1, got {lanes}")
+        if lanes > 1 and (train_head or train_stem):
+            raise ValueError(f"concurrency: {lanes} windows at once must be disjoint, but the "
+                             f"{'head' if train_head else 'stem'} would be in every one; set "
+                             f"train-head=false and train-stem=false")
         self.segments = list(segments)
         self.stem = self.segments[:1] if train_stem else []
         self.head = self.segments[-1:] if train_head else []
         self.body = self.segments[len(self.stem):len(self.segments) - len(self.head)]
-        self.offsets = serpentine_schedule(len(self.body), window, sweep)
+        if lanes * window > len(self.body):
+            raise ValueError(f"concurrency: {lanes} disjoint windows of {window} segment(s) need "
+                             f"{lanes * window} segments to sweep, the model has {len(self.body)}")
+        self.lanes = _lanes(len(self.body), lanes)  # (first segment, length) of each lane
+        self.lane_offsets = [serpentine_schedule(length, window, sweep) for _, length in self.lanes]
+        self.offsets = self.lane_offsets[0]  # one lane: the whole body
         self.window, self.order, self.seed = window, order, seed
 
     def sized_window_at(self, hop: int, size: int) -> list[str]:
@@ -83,12 +103,16 @@ class SnakeSchedule:
 
     @property
     def period(self) -> int:
-        """Hops after which the window position repeats."""
-        return len(self.offsets)
+        """Hops after which the window positions repeat."""
+        if len(self.lanes) == 1:
+            return len(self.offsets)
+        return len(self.lanes) * math.lcm(*(len(offsets) for offsets in self.lane_offsets))
 
     def window_at(self, hop: int) -> list[str]:
         """Segments trained at ``hop``, in model order (extras included)."""
-        start = self.offsets[hop % self.period]
+        lane, step = hop % len(self.lanes), hop // len(self.lanes)
+        offsets = self.lane_offsets[lane]
+        start = self.lanes[lane][0] + offsets[step % len(offsets)]
         return self.stem + self.body[start:start + self.window] + self.head
 
     def node_at(self, hop: int, ordered: Sequence[int]) -> int:
@@ -101,6 +125,13 @@ class SnakeSchedule:
             return ordered[(hop + shift) % count]
         cycle, slot = divmod(hop, count)
         return ordered[node_permutation(cycle, count, self.seed)[slot]]
+
+
+def _lanes(num_segments: int, count: int) -> list[tuple[int, int]]:
+    """``count`` contiguous lanes over ``num_segments`` segments, the longer ones first."""
+    base, extra = divmod(num_segments, count)
+    lengths = [base + (lane < extra) for lane in range(count)]
+    return [(sum(lengths[:lane]), length) for lane, length in enumerate(lengths)]
 
 
 @lru_cache(maxsize=4)

@@ -2,13 +2,16 @@
 
 ``fail-rate`` makes a node's ClientApp raise before it trains (Flower turns that
 into an error reply), drawn from a seeded stream per (round, partition) so that a
-chaos run is reproducible. ``leave-round``/``leave-partition`` make one node vanish
+chaos run is reproducible. ``crash-round`` makes the process of the node that trains
+that round die on the spot, as an out-of-memory kill or a segfault would (in the Ray
+simulation: its actor). ``leave-round``/``leave-partition`` make one node vanish
 for good: from that round on, the Grid no longer lists it and drops its replies,
 as if its machine went away mid-hop (the server waits out ``hop-timeout``).
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterable, Mapping
 from logging import WARNING
@@ -21,12 +24,20 @@ from flwr.supercore import log
 from snake_flower.runtime.metering import ForwardingGrid
 
 
+CRASH_EXIT_CODE = 137  # what an out-of-memory kill (SIGKILL) leaves
+
+
 class InjectedFailure(RuntimeError):
     """The crash that ``fail-rate`` injects."""
 
 
 def maybe_fail(config: Mapping[str, Any], partition_id: int) -> None:
-    """Raise :class:`InjectedFailure` with probability ``fail-rate`` (seeded per round and node)."""
+    """Raise :class:`InjectedFailure` with probability ``fail-rate`` (seeded per round and node);
+    at round ``crash-round``, end this process at once."""
+    if int(config.get("crash-round", 0)) == int(config.get("server-round", -1)) > 0:
+        log(WARNING, "chaos: partition %d's process dies at round %s (crash-round)", partition_id,
+            config["server-round"])
+        os._exit(CRASH_EXIT_CODE)
     rate = float(config.get("fail-rate", 0.0))
     if rate > 0:
         draw = random.Random(f"fail:{config['seed']}:{config['server-round']}:{partition_id}").random()

@@ -31,11 +31,14 @@ def checkpoint_path(config: Mapping[str, Any]) -> Path:
 
 
 def save_checkpoint(path: Path, arrays: ArrayRecord, state: Mapping[str, Any],
-                    averaged: ArrayRecord | None = None) -> None:
-    """Write ``arrays``, the JSON-able ``state`` and the moving average, if any, to ``path`` atomically."""
+                    averaged: ArrayRecord | None = None,
+                    in_flight: Mapping[str, ArrayRecord] | None = None) -> None:
+    """Write ``arrays``, the JSON-able ``state``, the moving average and the arrays of hops in
+    flight (``SnakeStrategy.in_flight_arrays``), if any, to ``path`` atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"arrays": arrays.to_torch_state_dict(), "torch-rng": torch.get_rng_state(),
                "averaged": averaged.to_torch_state_dict() if averaged is not None else {},
+               "in-flight": {hop: record.to_torch_state_dict() for hop, record in (in_flight or {}).items()},
                "state": json.dumps({**state, "python-rng": random.getstate()})}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -70,4 +73,5 @@ def load_checkpoint(path: Path, config: Mapping[str, Any]) -> tuple[ArrayRecord,
     version, internal, gauss = state.pop("python-rng")
     random.setstate((version, tuple(internal), gauss))
     state["averaged"] = ArrayRecord(payload["averaged"]) if payload.get("averaged") else None
+    state["in-flight"] = {hop: ArrayRecord(arrays) for hop, arrays in payload.get("in-flight", {}).items()}
     return ArrayRecord(payload["arrays"]), state

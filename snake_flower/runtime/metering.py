@@ -63,13 +63,20 @@ class Tally:
 
 @dataclass
 class RoundMeter:
-    """Down and up tallies of one round, in total and per node, plus control traffic."""
+    """Down and up tallies of one round, in total and per node, plus control traffic, and the
+    error replies (node -> reason) among the up ones."""
 
     down: Tally = field(default_factory=Tally)
     up: Tally = field(default_factory=Tally)
     control: Tally = field(default_factory=Tally)
     down_by_node: dict[int, Tally] = field(default_factory=lambda: defaultdict(Tally))
     up_by_node: dict[int, Tally] = field(default_factory=lambda: defaultdict(Tally))
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def failed_nodes(self) -> dict[int, str]:
+        """Nodes sent a model-carrying message this round that sent no good reply, and why."""
+        return {node: self.errors.get(node, "no reply before the round timeout")
+                for node in self.down_by_node if node not in self.up_by_node or node in self.errors}
 
 
 class ForwardingGrid(Grid):
@@ -110,6 +117,9 @@ class MeteredGrid(ForwardingGrid):
 
     ``close_round()`` ends the current round's tally and starts the next, so the
     caller decides what a round is (Flower's ``evaluate_fn`` runs once per round).
+    With hops that overlap in time (``by_group``), each message is tallied under its
+    ``group_id`` (a Snake hop's round; a reply keeps its message's) and
+    ``close_round(group)`` returns that hop's tally, whenever its bytes moved.
 
     Parameters
     ----------
@@ -131,10 +141,16 @@ class MeteredGrid(ForwardingGrid):
         self.poll_interval, self.first_poll = poll_interval, first_poll
         self.rounds: list[RoundMeter] = []
         self.current = RoundMeter()
+        self.by_group = False
+        self.groups: dict[str, RoundMeter] = {}  # by_group: the tallies of hops not closed yet
 
-    def close_round(self) -> RoundMeter:
-        """Return the tally of the round that just ended and start a new one."""
+    def close_round(self, group: str | None = None) -> RoundMeter:
+        """Return the tally of the round that just ended (``by_group``: of hop ``group``, with
+        the control traffic since the last close) and start a new one."""
         done, self.current = self.current, RoundMeter()
+        if group is not None:
+            done, control = self.groups.pop(group, RoundMeter()), done.control
+            done.control = control
         self.rounds.append(done)
         return done
 
@@ -142,15 +158,25 @@ class MeteredGrid(ForwardingGrid):
         """Count each message's content down to its node, then push."""
         messages = list(messages)
         for msg in messages:
-            self._count(msg, self.current.down, self.current.down_by_node[msg.metadata.dst_node_id])
+            meter = self._meter(msg)
+            self._count(msg, meter.down, meter.down_by_node[msg.metadata.dst_node_id])
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Pull replies and count each one's content up from its node."""
         replies = list(self.grid.pull_messages(message_ids))
         for msg in replies:
-            self._count(msg, self.current.up, self.current.up_by_node[msg.metadata.src_node_id])
+            meter = self._meter(msg)
+            self._count(msg, meter.up, meter.up_by_node[msg.metadata.src_node_id])
+            if msg.has_error() and msg.metadata.message_type != MessageType.QUERY:
+                lines = [line.strip() for line in msg.error.reason.splitlines() if line.strip()]
+                meter.errors[msg.metadata.src_node_id] = (lines[-1] if lines else msg.error.reason)[:300]
         return replies
+
+    def _meter(self, msg: Message) -> RoundMeter:
+        if self.by_group and msg.metadata.message_type != MessageType.QUERY:
+            return self.groups.setdefault(msg.metadata.group_id, RoundMeter())
+        return self.current
 
     def _count(self, msg: Message, total: Tally, by_node: Tally) -> None:
         content = msg.content if msg.has_content() else None

@@ -58,7 +58,7 @@ class RunRecorder:
             self.model.load_state_dict(arrays.to_torch_state_dict())
             self.evaluated[server_round] = self.score(self.model, *self.test)
         if server_round > 0:
-            tally = self.meter.close_round()
+            tally = self.meter.close_round(str(server_round) if self.meter.by_group else None)
             metrics = self.evaluated.get(server_round)
             row = {"round": server_round, **self.describe(server_round, tally),
                    "bytes_down": tally.down.bytes, "bytes_up": tally.up.bytes,

@@ -84,8 +84,26 @@ def cumulative_bytes(rows: list[dict[str, Any]], mode: str = "cs") -> list[int]:
 
 
 def cumulative_network_time(rows: list[dict[str, Any]]) -> list[float]:
-    """The network-time model's seconds up to each row (``training/capacity.py``); 0 for old rows."""
-    return list(accumulate(float(r.get("network_time_s", 0.0)) for r in rows))
+    """The network-time model's seconds up to each row (``training/capacity.py``); 0 for old rows.
+
+    One hop (or round) after the other, the clock is the sum of their times; rows of hops
+    that overlapped (``concurrency > 1``) carry their own clock, ``network_clock_s``.
+    """
+    clock, clocks = 0.0, []
+    for row in rows:
+        clock = float(row["network_clock_s"]) if "network_clock_s" in row else clock + float(
+            row.get("network_time_s", 0.0))
+        clocks.append(clock)
+    return clocks
+
+
+def concurrent_clock(previous: list[dict[str, Any]], seconds: float, concurrency: int) -> float:
+    """When the hop after ``previous`` merges, in the network-time model, with ``concurrency``
+    hops in flight: it is sent when the hop ``concurrency`` before it merged, takes
+    ``seconds``, and merges once it is back and the hop before it has merged."""
+    clocks = cumulative_network_time(previous)
+    sent = clocks[len(previous) - concurrency] if len(previous) >= concurrency else 0.0
+    return max(sent + seconds, clocks[-1] if clocks else 0.0)
 
 
 def cumulative_visits(rows: list[dict[str, Any]]) -> list[int]:

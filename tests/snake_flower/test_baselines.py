@@ -119,3 +119,21 @@ def test_compare_reads_the_per_strategy_tables_of_the_experiment_file(tmp_path):
     assert configs["snake"]["local-steps"] == 100 and configs["snake"]["clip-norm"] == 1.0
     assert configs["relay"]["kd"] == "off" and configs["snake-w1"]["window"] == 1
     assert all(c["lr"] == 0.02 and c["seed"] == 7 for c in configs.values())
+
+
+def test_a_fedavg_visit_without_a_good_reply_is_recorded_as_a_failure(loopback, nodes, tmp_path, capsys):
+    from flwr.app import Error
+
+    from snake_flower.simulation import load_results
+
+    config = resolve({"task": "synthetic", "strategy": "fedavg", "num-server-rounds": 6, "local-steps": 3,
+                      "out-dir": str(tmp_path)})
+    node = nodes(3)
+    failing = sorted(node.contexts)[1]
+    node.tamper = lambda content, node_id: Error(code=1, reason="Traceback ...\nRuntimeError: boom") \
+        if node_id == failing and "arrays" in content else content
+    run(loopback(list(node.contexts), node), config)
+    result = load_results(config)
+    assert [(f["round"], f["node"], f["reason"]) for f in result["failures"]] == \
+        [(1, failing, "RuntimeError: boom"), (2, failing, "RuntimeError: boom")]
+    assert "2 FAILED visits" in capsys.readouterr().out

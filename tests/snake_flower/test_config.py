@@ -48,6 +48,11 @@ def test_resolve_coerces_and_keeps_defaults():
     ({"frozen-segments": "conv1", "train-stem": True}, "train-stem"),
     ({"rank-discovery": "lazy", "order": "capacity"}, "rank-discovery"),  # needs every node's report
     ({"rank-discovery": "some"}, "rank-discovery"),
+    ({"concurrency": 2}, "concurrency"),  # train-head puts the head in every window
+    ({"concurrency": 2, "train-head": False, "window": 3}, "concurrency"),  # 6 of 5 segments
+    ({"concurrency": 2, "train-head": False, "window": 1, "strategy": "fedavg"}, "concurrency"),
+    ({"concurrency": 2, "train-head": False, "window": "auto"}, "concurrency"),
+    ({"concurrency": 0}, "concurrency"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -69,3 +69,22 @@ def test_flower_poll_interval_is_the_wrapped_grids_cadence(loopback):
     message = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
     MeteredGrid(grid, poll_interval=0.05).send_and_receive([message], timeout=0.12)
     assert len(pulls) > fixed  # the default backoff starts at 2 ms
+
+
+def test_overlapping_hops_are_tallied_each_under_its_own_group(loopback):
+    # two hops in flight: hop 2 is sent before hop 1's reply is pulled, and its reply comes first
+    grid = MeteredGrid(loopback([1, 2], lambda msg: RecordDict({"arrays": msg.content["arrays"]})))
+    grid.by_group = True
+    record = _model_record()
+    small = ArrayRecord({key: record[key] for key in list(record.keys())[:1]})
+    one = Message(RecordDict({"arrays": record}), dst_node_id=1, message_type=MessageType.TRAIN, group_id="1")
+    two = Message(RecordDict({"arrays": small}), dst_node_id=2, message_type=MessageType.TRAIN, group_id="2")
+    [first] = grid.push_messages([one])
+    [second] = grid.push_messages([two])
+    grid.pull_messages([second])
+    grid.pull_messages([first])
+    hop1, hop2 = grid.close_round("1"), grid.close_round("2")
+    assert hop1.down.bytes == hop1.up.bytes == content_bytes(RecordDict({"arrays": record}))
+    assert hop2.down.bytes == hop2.up.bytes == content_bytes(RecordDict({"arrays": small}))
+    assert hop1.down_by_node.keys() == {1} and hop2.up_by_node.keys() == {2}
+    assert not grid.groups
