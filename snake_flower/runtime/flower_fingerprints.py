@@ -51,6 +51,12 @@ _FLWR_1_41_0 = {
         '() -> None sha256:9e02b412fb895b05',
     'flwr.supernode.runtime.run_clientapp:run_clientapp':
         '(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None = None, parent_pid: int | None = None, runtime_dependency_install: bool = False) -> None sha256:6ce09559f3a2f5dc',
+    'flwr.simulation.ray_transport.ray_actor:BasicActorPool.fetch_result_and_return_actor_to_pool':
+        '(self, future: Any) -> tuple[flwr.app.message.message.Message, flwr.app.message.context.Context] sha256:4e9babbe276dedd7',
+    'flwr.simulation.ray_transport.ray_actor:BasicActorPool.add_actor_back_to_pool':
+        '(self, future: Any) -> None sha256:e88f89e6e878f4ce',
+    'flwr.server.superlink.fleet.vce.backend.raybackend:RayBackend.process_message':
+        '(self, message: flwr.app.message.message.Message, context: flwr.app.message.context.Context) -> tuple[flwr.app.message.message.Message, flwr.app.message.context.Context] sha256:32a5db14180222d3',
 }
 
 CHECKED: dict[str, dict[str, str]] = {

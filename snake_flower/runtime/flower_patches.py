@@ -11,7 +11,11 @@ Flower's deployment runtime waits in places no flag reaches (flwr 1.41.0 and 1.4
 - the SuperExec starts a fresh ``flwr-clientapp`` interpreter per message (``get_executor``
   in ``flwr.supercore.superexec.run_superexec``), about 3 s of importing torch and the app;
 - the simulation engine sweeps for new messages every 0.1 s
-  (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``).
+  (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``);
+- and one fault, not a wait: a ClientApp actor that dies in the Ray simulation (killed by
+  Ray's memory monitor, a crash) is put back into the actor pool
+  (``BasicActorPool.fetch_result_and_return_actor_to_pool``), and every message it is given
+  afterwards fails at once: one lost process costs every later hop, not one.
 
 Each ``patch_*`` function below changes exactly one of these in the calling process, after
 checking that the installed flwr is a version in ``CHECKED`` whose patched functions still
@@ -32,7 +36,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from hashlib import sha256
 from importlib.metadata import version
-from logging import DEBUG
+from logging import DEBUG, WARNING
 from queue import Queue
 from typing import Any
 
@@ -68,8 +72,11 @@ EXECUTOR = ("flwr.supercore.superexec.run_superexec:run_superexec",
             "flwr.supercore.cli.flower_superexec:flower_superexec",
             "flwr.supernode.cli.flwr_clientapp:flwr_clientapp",
             "flwr.supernode.runtime.run_clientapp:run_clientapp")
+RAY_ACTORS = ("flwr.simulation.ray_transport.ray_actor:BasicActorPool.fetch_result_and_return_actor_to_pool",
+              "flwr.simulation.ray_transport.ray_actor:BasicActorPool.add_actor_back_to_pool",
+              "flwr.server.superlink.fleet.vce.backend.raybackend:RayBackend.process_message")
 PATCHES = {"pickup": PICKUP, "supernode-sleeps": SUPERNODE_SLEEPS, "object-pulls": OBJECT_PULLS,
-           "executor": EXECUTOR}
+           "executor": EXECUTOR, "ray-actors": RAY_ACTORS}
 
 
 class UncheckedFlower(ConfigError):
@@ -216,6 +223,37 @@ def patch_pickup() -> bool:
         importlib.import_module("flwr.server.superlink.fleet.vce.vce_api").add_messages_to_queue = \
             add_messages_to_queue_quickly
     return _apply("pickup", apply, "simulation pickup every 1-20 ms instead of 0.1 s")
+
+
+def fetch_result_replacing_dead_actors(pool: Any, future: Any) -> tuple[Any, Any]:
+    """``BasicActorPool.fetch_result_and_return_actor_to_pool``, but an actor that died is replaced.
+
+    On any error ``RayBackend.process_message`` hands the future's actor back to the pool
+    (``add_actor_back_to_pool``); when the actor is dead, a new one now stands behind the
+    future instead, so that the hop that lost its process fails and the next one runs.
+    """
+    import ray
+
+    try:
+        _, message, context = ray.get(future)
+    except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError,
+            ray.exceptions.WorkerCrashedError) as err:
+        ray.kill(pool._future_to_actor[future])  # pylint: disable=protected-access; gone already, or now
+        pool._future_to_actor[future] = pool.create_actor_fn()  # pylint: disable=protected-access
+        from flwr.supercore import log
+
+        log(WARNING, "a ClientApp actor died (%s): a new one takes its place", type(err).__name__)
+        raise
+    pool.add_actor_back_to_pool(future)
+    return message, context
+
+
+def patch_ray_actors() -> bool:
+    """Replace a dead ClientApp actor in this process's simulation engine; ``True`` if patched."""
+    def apply() -> None:
+        pool = importlib.import_module("flwr.simulation.ray_transport.ray_actor").BasicActorPool
+        pool.fetch_result_and_return_actor_to_pool = fetch_result_replacing_dead_actors
+    return _apply("ray-actors", apply, "a dead ClientApp actor is replaced, not put back")
 
 
 # -- the SuperNode's idle poll and reply wait ----------------------------------------------

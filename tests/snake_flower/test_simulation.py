@@ -147,11 +147,15 @@ def test_run_killed_half_way_resumes_to_the_same_model(tmp_path):
 
 def test_chaos_run_in_ray_records_failed_hops_and_the_node_that_left(tmp_path):
     result = _simulate(tmp_path, "task=synthetic num-server-rounds=10 window=1 fail-rate=0.3 "
-                                 "leave-round=5 leave-partition=1 hop-timeout=60")
+                                 "leave-round=5 leave-partition=1 crash-round=3 hop-timeout=60")
     rows = result["rounds"]
     assert len(rows) == 10 and result["failures"]
     assert {f["round"] for f in result["failures"]} == {r["round"] for r in rows if r["status"] == "failed"}
     assert any("injected failure" in f["reason"] for f in result["failures"])
+    # the process that died at hop 3 (crash-round) costs that hop alone: its actor is replaced,
+    # and no later hop meets a dead one (runtime/flower_patches.py, patch_ray_actors)
+    died = [f for f in result["failures"] if "injected failure" not in f["reason"]]
+    assert [f["round"] for f in died] == [3] and "actor is dead" in died[0]["reason"], died
     assert [m["left"] != [] for m in result["membership"]] == [True]
     assert all(1 not in r["partitions"] for r in rows[5:])  # partition 1 is gone from hop 6 on
     assert result["final"]["accuracy"] > result["initial"]["accuracy"]
