@@ -41,8 +41,10 @@ DEFAULTS: dict[str, Any] = {
     "sync": "delta",
     "sync-tolerance": 0.0,
     "max-update-norm": 0.0,
-    # Snake: hops in flight at once, on disjoint windows (train-head and train-stem off)
+    # Snake: hops in flight at once, on disjoint windows (train-head and train-stem off), and the
+    # schedule's lanes (0: as many as concurrency; more: the same windows, fewer hops at once)
     "concurrency": 1,
+    "lanes": 0,
     # Snake and relay: evaluate (and return) a moving average of the model over hops; 0 = off
     "average-decay": 0.0,
     # heterogeneous nodes (training/capacity.py): window = "auto" fits each node's memory and compute
@@ -119,7 +121,7 @@ POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-bat
             "seq-len", "tune-visits", "concurrency")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
-                "leave-partition", "crash-round", "hop-deadline-s", "validation-size", "prune-above-bytes")
+                "leave-partition", "crash-round", "lanes", "hop-deadline-s", "validation-size", "prune-above-bytes")
 
 
 class ConfigError(ValueError):
@@ -230,7 +232,7 @@ def validate(config: Mapping[str, Any]) -> None:
         what = f"model {config['model']}" if config["task"] == "llm" else f"task {config['task']}"
         raise ConfigError(f"window: {config['window']} exceeds the {sweepable} segments that {what} "
                           f"can sweep (train-head/train-stem excluded)")
-    if config["concurrency"] > 1:
+    if config["concurrency"] > 1 or config["lanes"] > 1:
         _check_concurrency(config, sweepable)
     for key in NON_NEGATIVE:
         if config[key] < 0:
@@ -267,8 +269,11 @@ def validate(config: Mapping[str, Any]) -> None:
 
 
 def _check_concurrency(config: Mapping[str, Any], sweepable: int) -> None:
-    """Concurrent hops need windows that never overlap: fixed, no extras, room for all."""
-    k = config["concurrency"]
+    """Concurrent hops need windows that never overlap: fixed, no extras, room for all lanes."""
+    k = max(config["concurrency"], config["lanes"])
+    if config["lanes"] and config["lanes"] < config["concurrency"]:
+        raise ConfigError(f"lanes: {config['concurrency']} hops in flight need at least as many lanes, "
+                          f"got {config['lanes']}")
     if config["strategy"] != "snake":
         raise ConfigError(f"concurrency: only snake runs hops at once, not {config['strategy']!r}")
     if config["window"] == "auto":

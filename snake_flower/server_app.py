@@ -157,7 +157,8 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
                              seed=config["seed"], capacity=capacities, misfit=capacities.sizer.misfit,
                              query_timeout=min(60.0, config["hop-timeout"]),
                              rank_discovery=config["rank-discovery"],
-                             concurrency=1 if whole_model else config["concurrency"])
+                             concurrency=1 if whole_model else config["concurrency"],
+                             lanes=None if whole_model or not config["lanes"] else config["lanes"])
     metered.by_group = strategy.concurrency > 1  # hops overlap: each row gets its own hop's bytes
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:

@@ -78,6 +78,12 @@ class SnakeStrategy(Strategy):
         depth (needs a fixed ``window``, ``train_head=False`` and ``train_stem=False``). Each
         trains against the global model as it was sent; replies merge in dispatch order, so
         a seeded run, and a resumed one, give the same model (see ``HopPipeline``).
+    lanes : int | None (default: None)
+        Lanes of the schedule (see :class:`strategies.schedule.SnakeSchedule`); ``None``: as
+        many as ``concurrency``, at least that many. More lanes than hops in flight (say
+        ``concurrency=1, lanes=4``) train the same windows in the same order, one hop at a
+        time (on the scheduled nodes: hops in flight pass over busy ones): what concurrency
+        changes, apart from the schedule.
     report_keys : Sequence[str] (default: ("train-loss", "num-examples"))
         Reply metrics handed back to Flower each round (it logs them); every metric
         a node reports is kept in ``hops[i]["metrics"]``.
@@ -90,7 +96,7 @@ class SnakeStrategy(Strategy):
                  train_stem: bool = False, sync: str = "delta", sync_tolerance: float = 0.0,
                  min_nodes: int = 1, backoff: int = 2, max_update_norm: float = 0.0,
                  payload_dtype: str = "fp32", query_timeout: float = 60.0, rank_discovery: str = "auto",
-                 seed: int = 0, concurrency: int = 1,
+                 seed: int = 0, concurrency: int = 1, lanes: int | None = None,
                  capacity: Callable[[float, Mapping[str, float]], Any] | None = None,
                  misfit: Callable[[list[str], Any], str | None] | None = None,
                  report_keys: Sequence[str] = ("train-loss", "num-examples"),
@@ -107,12 +113,15 @@ class SnakeStrategy(Strategy):
             raise ValueError(f"window {window!r} with order {order!r} needs node capacities")
         if not self.auto and not isinstance(window, int):
             raise ValueError(f"window: expected a number of segments or 'auto', got {window!r}")
-        if concurrency > 1 and self.auto:
+        lanes = concurrency if lanes is None else lanes
+        if lanes < concurrency:
+            raise ValueError(f"lanes: {concurrency} hops in flight need at least as many lanes, got {lanes}")
+        if lanes > 1 and self.auto:
             raise ValueError("concurrency: windows sized per node ('auto') could overlap; set a fixed window")
         # auto: the snake's position is that of a one-segment sweep; sizes vary per node
         self.schedule = SnakeSchedule(list(self.segments), 1 if self.auto else window, sweep=sweep, order=order,
                                       train_head=train_head, train_stem=train_stem, seed=seed,
-                                      lanes=concurrency)
+                                      lanes=lanes)
         self.concurrency = concurrency
         self.fitter = WindowFitter(self.schedule, capacity, misfit) if capacity is not None else None
         self.copies = NodeCopies(self.segments, sync, sync_tolerance)  # what each node holds
@@ -147,9 +156,9 @@ class SnakeStrategy(Strategy):
         s = self.schedule
         log(INFO, "\t├── SnakeStrategy: %d segments, window %s (+head %s, +stem %s)",
             len(self.segments), "auto" if self.auto else s.window, bool(s.head), bool(s.stem))
-        log(INFO, "\t└── %s sweep (period %d hops), %s order, %s sync, %d hop(s) in flight",
+        log(INFO, "\t└── %s sweep (period %d hops, %d lane(s)), %s order, %s sync, %d hop(s) in flight",
             "serpentine" if len(s.offsets) > s.lanes[0][1] - s.window + 1 else "forward",
-            s.period, s.order, self.sync, self.concurrency)
+            s.period, len(s.lanes), s.order, self.sync, self.concurrency)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Any:
         """Flower's ``Strategy.start``, after checking that every segment key is in ``initial_arrays``.

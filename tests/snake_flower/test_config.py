@@ -53,6 +53,8 @@ def test_resolve_coerces_and_keeps_defaults():
     ({"concurrency": 2, "train-head": False, "window": 1, "strategy": "fedavg"}, "concurrency"),
     ({"concurrency": 2, "train-head": False, "window": "auto"}, "concurrency"),
     ({"concurrency": 0}, "concurrency"),
+    ({"concurrency": 4, "lanes": 2, "train-head": False, "window": 1}, "lanes"),
+    ({"lanes": 3, "window": 1}, "concurrency"),  # lanes need disjoint windows too (train-head)
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -240,3 +240,13 @@ def test_fewer_nodes_than_hops_in_flight_send_fewer_at_once(loopback):
     strategy, final, nodes = run(loopback, {1: 0, 2: 1}, 10, 4, watch=True)
     assert [h["status"] for h in strategy.hops] == ["merged"] * 10 and final.rounds == list(range(11))
     assert max(len(pending) for pending in nodes.in_flight) == 2  # two nodes: two out, never more
+
+
+def test_more_lanes_than_hops_in_flight_train_the_same_windows_one_at_a_time(loopback):
+    ranks = {1: 0, 2: 1, 3: 2, 4: 3}
+    concurrent, _, _ = run(loopback, ranks, 16, 3)
+    sequential, _, nodes = run(loopback, ranks, 16, 1, lanes=3, watch=True)
+    assert max(len(pending) for pending in nodes.in_flight) == 1  # one hop at a time
+    assert [h["window"] for h in sequential.hops] == [h["window"] for h in concurrent.hops]
+    with pytest.raises(ValueError, match="lanes"):
+        SnakeStrategy(SEGMENTS, 1, train_head=False, concurrency=3, lanes=2)
