@@ -94,20 +94,22 @@ def plot_memory(runs: dict[str, dict[str, Any]], path: str | Path) -> Path:
 def plot_bands(runs: dict[str, list[dict[str, Any]]], path: str | Path, x: str = "visits") -> Path:
     """Each run's median accuracy over its seeds, with a band from the lowest to the highest seed.
 
-    The seeds of a run are evaluated at the same node visits; against megabytes, each
-    evaluation's x is the median of the seeds' cumulative megabytes there.
+    The seeds of a run are evaluated at the same node visits; against megabytes (or network
+    seconds), each evaluation's x is the median of the seeds' cumulative figure there.
     """
     task = next(iter(runs.values()))[0]["task"] if runs else ""
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    lowest = float("inf")
     for name, seeds in runs.items():
         curves = [_curve(run, x) for run in seeds]
         n = min(len(c[0]) for c in curves)  # equal unless a seed's run was cut short
         xs = [statistics.median(c[0][i] for c in curves) for i in range(n)]
+        lowest = min([lowest, *xs])
         ys = [[c[1][i] for c in curves] for i in range(n)]
         line, = ax.plot(xs, [statistics.median(v) for v in ys], label=f"{name} (median of {len(seeds)})")
         ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=line.get_color(), alpha=0.2)
     ax.set(ylabel="test accuracy", ylim=(0, 1), xlabel=XLABELS[x], title=f"{task}: accuracy, median and range over seeds")
-    if x == "megabytes":
+    if x == "megabytes" or (x == "network" and lowest > 0):
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")

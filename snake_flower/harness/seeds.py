@@ -65,6 +65,7 @@ def write_seed_comparison(out: str | Path, by_seed: dict[int, dict[str, dict[str
     results.write_json(out / "summary.json", summary)
     plot_bands(runs, out / "accuracy_vs_round.png", x="visits")
     plot_bands(runs, out / "accuracy_vs_mb.png", x="megabytes")
+    plot_bands(runs, out / "accuracy_vs_network_time.png", x="network")
     (out / "report.md").write_text(report(summary, runs))
     return summary
 
@@ -87,13 +88,13 @@ def report(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> st
              "accuracy gets to it and stays at or above it at every later evaluation; a seed that never "
              "reached it counts as ∞ (a median of ∞ means fewer than half the seeds reached it).", "",
              "| run | seeds at target | final acc | MB to target | MB to first touch | visits to target "
-             "| MB total | CPU s / visit | GFLOP / visit | node peak memory (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| MB total | network s to target | CPU s / visit | GFLOP / visit | node peak memory (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary["runs"].items():
         lines.append(f"| {name} | {s['reached_target']['count']}/{len(seeds)} | {_fmt(s['final_accuracy'], 1, 4)} "
                      f"| {_fmt(s['bytes_to_target'], 1e6)} | {_fmt(s['bytes_to_first_target'], 1e6)} "
                      f"| {_fmt(s['visits_to_target'], 1, 0)} | {_fmt(s['bytes_total'], 1e6)} "
-                     f"| {_fmt(s['cpu_s_per_visit'])} | {_fmt(s['flops_per_visit'], 1e9, 1)} "
+                     f"| {_fmt(s['network_time_to_target_s'], 1, 1)} | {_fmt(s['cpu_s_per_visit'])} | {_fmt(s['flops_per_visit'], 1e9, 1)} "
                      f"| {_fmt(s['node_peak_memory_bytes'], 1e6)} |")
     snake, fedavg = summary["runs"].get("snake"), summary["runs"].get("fedavg")
     if snake and fedavg and snake["bytes_to_target"]["median"] and fedavg["bytes_to_target"]["median"]:
@@ -101,5 +102,6 @@ def report(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> st
         lines += ["", f"- Snake / FedAvg median bytes to the sustained target: {ratio:.2f}."]
     if summary.get("side_by_side"):
         lines.append("- Runs were made side by side (`--jobs`): wall times include waiting for the CPU.")
-    lines += ["", "![accuracy vs node visits](accuracy_vs_round.png)", "![accuracy vs MB](accuracy_vs_mb.png)", ""]
+    lines += ["", "![accuracy vs node visits](accuracy_vs_round.png)", "![accuracy vs MB](accuracy_vs_mb.png)",
+              "![accuracy vs network time](accuracy_vs_network_time.png)", ""]
     return "\n".join(lines)

@@ -46,7 +46,8 @@ def test_seed_comparison_writes_medians_a_report_and_band_plots(tmp_path):
     assert snake["final_accuracy"]["median"] == 0.9 and snake["reached_target"]["count"] == 2
     report = (tmp_path / "report.md").read_text()
     assert "| snake | 2/3 |" in report and "Snake / FedAvg median bytes to the sustained target: 0.38." in report
-    for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png"):
+    assert "| network s to target |" in report
+    for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "accuracy_vs_network_time.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
