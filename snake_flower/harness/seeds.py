@@ -96,12 +96,14 @@ def report(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> st
                      f"| {_fmt(s['visits_to_target'], 1, 0)} | {_fmt(s['bytes_total'], 1e6)} "
                      f"| {_fmt(s['network_time_to_target_s'], 1, 1)} | {_fmt(s['cpu_s_per_visit'])} | {_fmt(s['flops_per_visit'], 1e9, 1)} "
                      f"| {_fmt(s['node_peak_memory_bytes'], 1e6)} |")
+    notes = []
     snake, fedavg = summary["runs"].get("snake"), summary["runs"].get("fedavg")
     if snake and fedavg and snake["bytes_to_target"]["median"] and fedavg["bytes_to_target"]["median"]:
         ratio = snake["bytes_to_target"]["median"] / fedavg["bytes_to_target"]["median"]
-        lines += ["", f"- Snake / FedAvg median bytes to the sustained target: {ratio:.2f}."]
+        notes.append(f"- Snake / FedAvg median bytes to the sustained target: {ratio:.2f}.")
     if summary.get("side_by_side"):
-        lines.append("- Runs were made side by side (`--jobs`): wall times include waiting for the CPU.")
+        notes.append("- Runs were made side by side (`--jobs`): wall times include waiting for the CPU.")
+    lines += ["", *notes] if notes else []
     lines += ["", "![accuracy vs node visits](accuracy_vs_round.png)", "![accuracy vs MB](accuracy_vs_mb.png)",
               "![accuracy vs network time](accuracy_vs_network_time.png)", ""]
     return "\n".join(lines)

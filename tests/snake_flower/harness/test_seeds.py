@@ -38,7 +38,7 @@ def test_seed_comparison_writes_medians_a_report_and_band_plots(tmp_path):
     by_seed = {42: {"snake": _run([0.5, 0.9, 0.9]), "fedavg": _run([0.4, 0.6, 0.7], 4000)},
                43: {"snake": _run([0.6, 0.8, 0.9]), "fedavg": _run([0.5, 0.9, 0.88], 4000)},
                44: {"snake": _run([0.5, 0.7, 0.8]), "fedavg": _run([0.5, 0.86, 0.9], 4000)}}
-    summary = write_seed_comparison(tmp_path, by_seed, target=0.85)
+    summary = write_seed_comparison(tmp_path, by_seed, target=0.85, side_by_side=True)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     snake, fedavg = summary["runs"]["snake"], summary["runs"]["fedavg"]
     assert snake["bytes_to_target"]["seeds"] == [2000, 3000, None] and snake["bytes_to_target"]["median"] == 3000
@@ -47,6 +47,12 @@ def test_seed_comparison_writes_medians_a_report_and_band_plots(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| snake | 2/3 |" in report and "Snake / FedAvg median bytes to the sustained target: 0.38." in report
     assert "| network s to target |" in report
+    assert "target: 0.38.\n- Runs were made side by side" in report
+    # without a Snake / FedAvg ratio the notes are still a list of their own, not a row of the table
+    (tmp_path / "solo").mkdir()
+    write_seed_comparison(tmp_path / "solo", {s: {"snake": runs["snake"]} for s, runs in by_seed.items()},
+                          target=0.85, side_by_side=True)
+    assert "|\n\n- Runs were made side by side" in (tmp_path / "solo" / "report.md").read_text()
     for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "accuracy_vs_network_time.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
