@@ -274,16 +274,17 @@ def _check_concurrency(config: Mapping[str, Any], sweepable: int) -> None:
     if config["lanes"] and config["lanes"] < config["concurrency"]:
         raise ConfigError(f"lanes: {config['concurrency']} hops in flight need at least as many lanes, "
                           f"got {config['lanes']}")
+    key = "concurrency" if config["concurrency"] > 1 else "lanes"  # the key the user set
     if config["strategy"] != "snake":
-        raise ConfigError(f"concurrency: only snake runs hops at once, not {config['strategy']!r}")
+        raise ConfigError(f"{key}: only snake has lanes and hops at once, not {config['strategy']!r}")
     if config["window"] == "auto":
-        raise ConfigError("concurrency: windows sized per node (window = \"auto\") could overlap; set a window")
+        raise ConfigError(f"{key}: windows sized per node (window = \"auto\") could overlap; set a window")
     for flag in ("train-head", "train-stem"):
         if config[flag]:
-            raise ConfigError(f"concurrency: {k} windows in flight must be disjoint, but {flag} puts the same "
+            raise ConfigError(f"{key}: {k} windows in flight must be disjoint, but {flag} puts the same "
                               f"segment in every one; set {flag}=false")
     if k * config["window"] > sweepable:
-        raise ConfigError(f"concurrency: {k} disjoint windows of {config['window']} segment(s) need "
+        raise ConfigError(f"{key}: {k} disjoint windows of {config['window']} segment(s) need "
                           f"{k * config['window']} segments to sweep, the task has {sweepable}")
 
 

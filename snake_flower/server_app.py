@@ -171,8 +171,8 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
         capacity = strategy.capacity_of(hop["node"])
         network = hop_time_s(compute_s(reported), moved, capacity)
         # hops in flight overlap: the model's clock is not the sum of their times
-        clock = ({"network_clock_s": results.concurrent_clock(recorder.rows, network, strategy.concurrency)}
-                 if strategy.concurrency > 1 else {})
+        clock = ({"network_clock_s": results.concurrent_clock(recorder.rows, network, hop["sent_after"]),
+                  "sent_after": hop["sent_after"]} if strategy.concurrency > 1 else {})
         return {"nodes": [hop["node"]], "window": hop["window"],
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
                 "segments_sent": hop["segments_sent"], "status": hop["status"],

@@ -201,6 +201,8 @@ class NodeBackoff:
         ``busy`` nodes (training a hop in flight) are never picked; the caller leaves one free.
         """
         free = [node for node in ordered if node not in busy]
+        if not ordered:  # no node at all is the schedule's error, not a busy federation
+            return turn(hop, ordered)
         if not free:
             raise NoFreeNode(f"no free node: all {len(ordered)} are training a hop in flight")
         for ahead in range(2 * len(ordered) + 1):  # a shuffled cycle may hide a node for < 2 cycles

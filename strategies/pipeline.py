@@ -68,7 +68,7 @@ class HopPipeline:
         self.strategy, self.grid = strategy, grid
         self.flights: deque[Flight] = deque()
         self.replies: dict[str, Message] = {}  # arrived, not merged yet (an earlier hop is in flight)
-        self.warned = False
+        self.warned: set[str] = set()
 
     def start(self, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
@@ -86,18 +86,25 @@ class HopPipeline:
             result.evaluate_metrics_serverapp[0] = metrics
         first = strategy.round_offset
         end = first + num_rounds
-        self._resend_restored(arrays, config, timeout, end)
-        sent = first + len(self.flights)
+        resends = self._restored(arrays, end)
+        sent = first + len(resends)
         for current_round in range(1, num_rounds + 1):
-            while len(self.flights) < strategy.concurrency and sent < end:
+            while len(self.flights) < strategy.concurrency and (resends or sent < end):
                 try:
-                    self._send(sent, arrays, config, timeout)
+                    merged = first + current_round - 1  # hops merged (or failed) so far
+                    if resends:  # before any new hop: replies merge in the order hops were sent
+                        hop, moved, rank, versions = resends[0]
+                        self._send(hop, merged, moved, config, timeout, rank=rank, versions=versions)
+                        resends.popleft()
+                    else:
+                        self._send(sent, merged, arrays, config, timeout)
+                        sent += 1
                 except NoFreeNode:  # fewer nodes than hops in flight: wait for one
                     if not self.flights:
                         raise
-                    self._warn_once(len(self.flights))
+                    self._warn_once(f"concurrency {strategy.concurrency}: only {len(self.flights)} node(s) free "
+                                    "of a hop in flight; fewer hops go out at once")
                     break
-                sent += 1
             flight = self.flights.popleft()
             reply = self._wait_for(flight)
             merged, metrics = strategy.merge(strategy.hops[flight.hop], [reply] if reply else [], arrays)
@@ -109,29 +116,40 @@ class HopPipeline:
                 result.evaluate_metrics_serverapp[current_round] = metrics
         return result
 
-    def _send(self, hop: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float,
+    def _send(self, hop: int, merged: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float,
               rank: float | None = None, versions: dict[str, int] | None = None) -> None:
+        """Send hop ``hop`` (from 0) to a node free of the hops in flight, ``merged`` hops after the start."""
         busy = {self.strategy.hops[flight.hop]["node"] for flight in self.flights}
         message = self.strategy.dispatch(hop, arrays, config, self.grid, busy=busy, rank=rank, versions=versions)
+        self.strategy.hops[-1]["sent_after"] = merged  # the network-time model's send time
         [message_id] = self.grid.push_messages([message])
         self.flights.append(Flight(hop, message_id, time.time() + timeout))
+        concurrency, nodes = self.strategy.concurrency, len(self.strategy.chain.connected)
+        if concurrency > 1 and nodes == concurrency:
+            # hop h goes out when hop h - K merged, and its node is then the only free one:
+            # it trained lane h mod K before and trains it again, never another lane
+            self._warn_once(f"concurrency {concurrency} on {nodes} nodes: each node trains the same "
+                            "layers at every hop; keep fewer hops in flight than nodes")
 
-    def _warn_once(self, in_flight: int) -> None:
-        if not self.warned:
-            self.warned = True
-            log(WARNING, "concurrency %d: only %d node(s) free of a hop in flight; fewer hops go out at once",
-                self.strategy.concurrency, in_flight)
+    def _warn_once(self, why: str) -> None:
+        if why not in self.warned:
+            self.warned.add(why)
+            log(WARNING, why)
 
-    def _resend_restored(self, arrays: ArrayRecord, config: ConfigRecord, timeout: float, end: int) -> None:
-        """Hops in flight at the checkpoint, sent again, each with the model it was first sent
-        and to the node of the same rank (whose copy is unknown now: it gets every segment)."""
+    def _restored(self, arrays: ArrayRecord, end: int
+                  ) -> deque[tuple[int, ArrayRecord, float | None, dict[str, int]]]:
+        """Hops in flight at the checkpoint, to send again first: each with the model it was
+        first sent, to the node of the same rank (whose copy is unknown now: it gets every
+        segment) if that node is connected and free."""
+        resends: deque[tuple[int, ArrayRecord, float | None, dict[str, int]]] = deque()
         for hop, moved in self.strategy.restored_flights:
             if hop["round"] > end:  # the resumed run stops before it
                 continue
             sent = ArrayRecord({key: moved[key] if key in moved else arrays[key] for key in arrays.keys()})
             log(INFO, "hop %d was in flight at the checkpoint: sent again", hop["round"])
-            self._send(hop["round"] - 1, sent, config, timeout, rank=hop.get("rank"), versions=hop["versions"])
+            resends.append((hop["round"] - 1, sent, hop.get("rank"), hop["versions"]))
         self.strategy.restored_flights = []
+        return resends
 
     def _wait_for(self, flight: Flight) -> Message | None:
         """``flight``'s reply, or ``None`` once its deadline passed; later replies are kept."""

@@ -81,13 +81,13 @@ class SnakeSchedule:
         self.stem = self.segments[:1] if train_stem else []
         self.head = self.segments[-1:] if train_head else []
         self.body = self.segments[len(self.stem):len(self.segments) - len(self.head)]
-        if lanes * window > len(self.body):
+        if lanes > 1 and lanes * window > len(self.body):  # one lane: serpentine_schedule says why
             raise ValueError(f"concurrency: {lanes} disjoint windows of {window} segment(s) need "
                              f"{lanes * window} segments to sweep, the model has {len(self.body)}")
         self.lanes = _lanes(len(self.body), lanes)  # (first segment, length) of each lane
         self.lane_offsets = [serpentine_schedule(length, window, sweep) for _, length in self.lanes]
         self.offsets = self.lane_offsets[0]  # one lane: the whole body
-        self.window, self.order, self.seed = window, order, seed
+        self.window, self.sweep, self.order, self.seed = window, sweep, order, seed
 
     def sized_window_at(self, hop: int, size: int) -> list[str]:
         """The window of ``size`` segments that covers ``hop``'s position (``window = "auto"``).

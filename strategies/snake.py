@@ -113,6 +113,8 @@ class SnakeStrategy(Strategy):
             raise ValueError(f"window {window!r} with order {order!r} needs node capacities")
         if not self.auto and not isinstance(window, int):
             raise ValueError(f"window: expected a number of segments or 'auto', got {window!r}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency: hops in flight must be at least 1, got {concurrency}")
         lanes = concurrency if lanes is None else lanes
         if lanes < concurrency:
             raise ValueError(f"lanes: {concurrency} hops in flight need at least as many lanes, got {lanes}")
@@ -157,7 +159,7 @@ class SnakeStrategy(Strategy):
         log(INFO, "\t├── SnakeStrategy: %d segments, window %s (+head %s, +stem %s)",
             len(self.segments), "auto" if self.auto else s.window, bool(s.head), bool(s.stem))
         log(INFO, "\t└── %s sweep (period %d hops, %d lane(s)), %s order, %s sync, %d hop(s) in flight",
-            "serpentine" if len(s.offsets) > s.lanes[0][1] - s.window + 1 else "forward",
+            s.sweep,
             s.period, len(s.lanes), s.order, self.sync, self.concurrency)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Any:
@@ -274,6 +276,9 @@ class SnakeStrategy(Strategy):
             norm = update_norm(window_arrays, arrays, keys)
             if norm > self.max_update_norm:
                 reason = f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}"
+        examples = reported.get("num-examples", 0)
+        if reason is None and (isinstance(examples, bool) or not isinstance(examples, (int, float))):
+            reason = f"num-examples: expected a number, got {examples!r}"  # checked before any state moves
         if reason is not None:
             self.rejected_replies += 1
             return self._fail(hop, f"rejected reply: {reason}")
@@ -284,7 +289,7 @@ class SnakeStrategy(Strategy):
         for name in window:
             self.versions[name] += 1
             self.provenance[name] = {"node": node, "round": hop["round"],
-                                     "num-examples": int(reported.get("num-examples", 0))}
+                                     "num-examples": int(examples)}
         # what the node holds now: the segments as they were sent (others may have moved on
         # since, under concurrent hops) and its own window as merged
         self.copies.trained(node, {name: hop["versions_sent"][name] for name in hop["segments_sent"]},
@@ -347,7 +352,8 @@ class SnakeStrategy(Strategy):
         reason = reason[:300]
         hop["status"], hop["reason"] = "failed", reason
         self.chain.relist()  # the node may have left: list the nodes again at the next hop
-        wait = self.backoff.failed(hop["node"], hop["round"] - 1)
+        # counted from the last hop sent: with K in flight, hops up to h + K - 1 already went out
+        wait = self.backoff.failed(hop["node"], len(self.hops) - 1)
         self.failures.append({"round": hop["round"], "node": hop["node"], "reason": reason,
                               "backoff_hops": wait})
         log(WARNING, "hop %d: node %d failed, global model unchanged, node sits out %d hops: %s",

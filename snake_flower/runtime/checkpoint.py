@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from snake_flower.config import ConfigError, run_name
+from snake_flower.config import DEFAULTS, ConfigError, run_name
 
 # Keys that may change between a run and its resumption: none alters the training.
 FREE_ON_RESUME = ("resume", "out-dir", "hop-timeout", "fast-poll", "num-server-rounds", "min-nodes")
@@ -59,7 +59,8 @@ def load_checkpoint(path: Path, config: Mapping[str, Any]) -> tuple[ArrayRecord,
         state = json.loads(payload["state"])
     except (OSError, RuntimeError, KeyError, ValueError, EOFError) as err:
         raise ConfigError(f"resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
-    saved = state["config"]
+    # a key the checkpoint lacks came after it was written: that run had the key's default
+    saved = {**{k: v for k, v in DEFAULTS.items() if k not in state["config"]}, **state["config"]}
     changed = sorted(k for k in config if k not in FREE_ON_RESUME and saved.get(k) != config[k])
     if changed:
         key = changed[0]

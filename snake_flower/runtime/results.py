@@ -97,12 +97,13 @@ def cumulative_network_time(rows: list[dict[str, Any]]) -> list[float]:
     return clocks
 
 
-def concurrent_clock(previous: list[dict[str, Any]], seconds: float, concurrency: int) -> float:
-    """When the hop after ``previous`` merges, in the network-time model, with ``concurrency``
-    hops in flight: it is sent when the hop ``concurrency`` before it merged, takes
-    ``seconds``, and merges once it is back and the hop before it has merged."""
+def concurrent_clock(previous: list[dict[str, Any]], seconds: float, sent_after: int) -> float:
+    """When the hop after ``previous`` merges, in the network-time model, with hops in flight:
+    it was sent once the first ``sent_after`` hops had merged (with K in flight and nodes
+    enough, all but the K - 1 before it), takes ``seconds``, and merges once it is back and
+    the hop before it has merged."""
     clocks = cumulative_network_time(previous)
-    sent = clocks[len(previous) - concurrency] if len(previous) >= concurrency else 0.0
+    sent = clocks[sent_after - 1] if sent_after > 0 else 0.0
     return max(sent + seconds, clocks[-1] if clocks else 0.0)
 
 

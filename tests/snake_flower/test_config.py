@@ -54,7 +54,8 @@ def test_resolve_coerces_and_keeps_defaults():
     ({"concurrency": 2, "train-head": False, "window": "auto"}, "concurrency"),
     ({"concurrency": 0}, "concurrency"),
     ({"concurrency": 4, "lanes": 2, "train-head": False, "window": 1}, "lanes"),
-    ({"lanes": 3, "window": 1}, "concurrency"),  # lanes need disjoint windows too (train-head)
+    ({"lanes": 3, "window": 1}, "lanes"),  # lanes need disjoint windows too (train-head)
+    ({"lanes": 2, "train-head": False, "window": 1, "strategy": "relay"}, "lanes"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:

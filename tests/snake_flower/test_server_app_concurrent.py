@@ -45,6 +45,8 @@ def test_each_row_meters_its_own_hop_though_hops_overlap(loopback, nodes, tmp_pa
         assert row["raw_bytes_down"] == _raw_bytes(row["segments_sent"])
         assert row["array_bytes_up"] == _window_bytes(row["window"])
     # the network-time model overlaps the hops: its clock runs slower than their sum
+    k = CONCURRENT["concurrency"]
+    assert [r["sent_after"] for r in rows] == [max(0, i - k + 1) for i in range(8)]  # nodes enough: K out
     clocks = [r["network_clock_s"] for r in rows]
     assert clocks == sorted(clocks) and clocks[-1] < sum(r["network_time_s"] for r in rows)
     assert result["final"]["network_time_s"] == clocks[-1]

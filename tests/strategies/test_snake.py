@@ -129,7 +129,13 @@ def _nan(reply, node):
     return reply
 
 
-@pytest.mark.parametrize("tamper", [_extra, _missing, _shape, _nan], ids=["extra", "missing", "shape", "nan"])
+def _examples(reply, node):  # a list where a count belongs
+    reply["metrics"]["num-examples"] = [1, 2]
+    return reply
+
+
+@pytest.mark.parametrize("tamper", [_extra, _missing, _shape, _nan, _examples],
+                         ids=["extra", "missing", "shape", "nan", "num-examples"])
 def test_bad_reply_is_rejected_logged_counted_and_model_unchanged(loopback, caplog, tamper):
     caplog.set_level(logging.WARNING, logger="flwr")
     strategy, result = run(loopback, AddOneNodes({1: 0, 2: 1}, tamper=tamper), rounds=3,
@@ -139,7 +145,7 @@ def test_bad_reply_is_rejected_logged_counted_and_model_unchanged(loopback, capl
     assert all("rejected reply" in f["reason"] for f in strategy.failures)
     assert "rejected reply" in caplog.text
     assert values(result.arrays) == values(initial())
-    assert strategy.provenance == {}
+    assert strategy.provenance == {} and set(strategy.versions.values()) == {0}
 
 
 def test_an_error_reply_records_the_last_line_of_its_remote_traceback(loopback):

@@ -196,6 +196,27 @@ def test_a_resumed_run_with_hops_in_flight_ends_with_the_same_model(loopback):
         [ranks[h["node"]] for h in whole.hops]
 
 
+def test_a_resume_with_fewer_free_nodes_than_hops_in_flight_sends_them_in_turn(loopback):
+    ranks = {1: 0, 2: 1, 3: 2, 4: 3}
+    checkpoint = {}
+
+    def save(server_round, arrays):
+        if server_round == 6:
+            checkpoint.update(state=json.loads(json.dumps(first.state())), arrays=arrays,
+                              flights=first.in_flight_arrays(arrays))
+
+    first = SnakeStrategy(SEGMENTS, 1, train_head=False, seed=0, concurrency=3)
+    first.start(grid=loopback(list(ranks), MeanNodes(ranks)), initial_arrays=initial(), num_rounds=14,
+                timeout=5.0, evaluate_fn=save)
+    resumed = SnakeStrategy(SEGMENTS, 1, train_head=False, seed=0, concurrency=3)
+    resumed.load_state(checkpoint["state"], checkpoint["flights"])
+    alone = {40: 0}  # one node came back for two hops in flight
+    resumed.start(grid=loopback(list(alone), MeanNodes(alone)), initial_arrays=checkpoint["arrays"],
+                  num_rounds=8, timeout=5.0)
+    assert [h["round"] for h in resumed.hops] == list(range(1, 15))  # the six before, then 7 to 14
+    assert [h["status"] for h in resumed.hops[6:]] == ["merged"] * 8 and {h["node"] for h in resumed.hops[6:]} == {40}
+
+
 def test_a_failed_hop_costs_only_itself(loopback):
     ranks = {1: 0, 2: 1, 3: 2}
     nodes = MeanNodes(ranks)
@@ -240,6 +261,8 @@ def test_fewer_nodes_than_hops_in_flight_send_fewer_at_once(loopback):
     strategy, final, nodes = run(loopback, {1: 0, 2: 1}, 10, 4, watch=True)
     assert [h["status"] for h in strategy.hops] == ["merged"] * 10 and final.rounds == list(range(11))
     assert max(len(pending) for pending in nodes.in_flight) == 2  # two nodes: two out, never more
+    # hop h went out once hop h - 2 merged, not h - 4: what the network-time model's clock reads
+    assert [h["sent_after"] for h in strategy.hops] == [0, 0, 1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_more_lanes_than_hops_in_flight_train_the_same_windows_one_at_a_time(loopback):
@@ -250,3 +273,37 @@ def test_more_lanes_than_hops_in_flight_train_the_same_windows_one_at_a_time(loo
     assert [h["window"] for h in sequential.hops] == [h["window"] for h in concurrent.hops]
     with pytest.raises(ValueError, match="lanes"):
         SnakeStrategy(SEGMENTS, 1, train_head=False, concurrency=3, lanes=2)
+
+
+def test_a_failed_node_sits_out_its_hops_counted_from_the_last_hop_sent(loopback):
+    ranks = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4}
+    nodes = MeanNodes(ranks)
+
+    def broken(msg):  # node 1 fails every hop it is sent
+        if msg.metadata.message_type == MessageType.TRAIN and msg.metadata.dst_node_id == 1:
+            return None
+        return nodes(msg)
+
+    concurrency = 4
+    # fixed order: node 1's turn comes back every 5 hops, right where a short sit-out would end
+    strategy = SnakeStrategy(SEGMENTS, 1, train_head=False, seed=0, concurrency=concurrency, order="fixed")
+    strategy.start(grid=loopback(list(ranks), broken), initial_arrays=initial(), num_rounds=24, timeout=0.2)
+    visits = [i for i, h in enumerate(strategy.hops) if h["node"] == 1]
+    assert strategy.failures and len(visits) >= 2
+    for failure, later in zip(strategy.failures, visits[1:]):
+        # hop h failed when hops up to h + K - 1 had gone out: it sits out `wait` hops after those
+        last_sent = failure["round"] - 1 + concurrency - 1
+        assert later > last_sent + failure["backoff_hops"]
+
+
+def test_fewer_than_one_hop_in_flight_is_refused():
+    with pytest.raises(ValueError, match="concurrency: hops in flight must be at least 1"):
+        SnakeStrategy(SEGMENTS, 1, train_head=False, concurrency=0, lanes=2)
+
+
+def test_as_many_nodes_as_hops_in_flight_pins_each_node_to_its_lane_and_says_so(loopback, caplog):
+    with caplog.at_level("WARNING"):
+        strategy, _, _ = run(loopback, {1: 0, 2: 1, 3: 2}, 18, 3)
+    windows = {node: {w for h in strategy.hops if h["node"] == node for w in h["window"]} for node in (1, 2, 3)}
+    assert sum(map(len, windows.values())) == len(SEGMENTS)  # no segment trained by two nodes
+    assert any("each node trains the same layers" in r.getMessage() for r in caplog.records)

@@ -44,6 +44,17 @@ def test_a_different_run_config_is_refused_in_one_line(tmp_path):
         load_checkpoint(path, {**config, "num-server-rounds": 3})
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default(tmp_path):
+    config = resolve({"task": "synthetic", "out-dir": str(tmp_path)})
+    older = {k: v for k, v in config.items() if k not in ("concurrency", "lanes", "crash-round")}
+    save_checkpoint(checkpoint_path(config), ArrayRecord(build_model(TASKS["synthetic"], 3).state_dict()),
+                    {"config": older, "strategy": {"rounds-done": 4}, "recorder": {}})
+    assert load_checkpoint(checkpoint_path(config), config)[1]["strategy"]["rounds-done"] == 4
+    # ... but not when this run sets the new key otherwise
+    with pytest.raises(ConfigError, match="written with concurrency=1, this run has concurrency=2"):
+        load_checkpoint(checkpoint_path(config), {**config, "concurrency": 2})
+
+
 def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path):
     config, _, path = _saved(tmp_path)
     path.write_bytes(path.read_bytes()[:100])

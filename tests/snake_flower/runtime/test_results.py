@@ -7,9 +7,9 @@ from snake_flower.runtime.results import concurrent_clock, cumulative_network_ti
 
 def _clocks(times: list[float], concurrency: int) -> list[float]:
     rows: list[dict[str, float]] = []
-    for seconds in times:
+    for i, seconds in enumerate(times):  # every hop sent once the one K before it merged
         rows.append({"network_time_s": seconds,
-                     "network_clock_s": concurrent_clock(rows, seconds, concurrency)})
+                     "network_clock_s": concurrent_clock(rows, seconds, max(0, i - concurrency + 1))})
     return cumulative_network_time(rows)
 
 
