@@ -27,15 +27,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from .chain import NodeChain
 from .fitting import WindowFitter
 from .pipeline import HopPipeline
-from .chain import NodeChain
 from .nodes import NodeBackoff, rank_in
-from .payload import PAYLOAD_DTYPES, PayloadError, decode, encode
+from .payload import PAYLOAD_DTYPES, encode
+from .reply import checked_window, last_line
 from .schedule import SnakeSchedule
 from .sync import NodeCopies
-from .window import (MUST_SEND, check_segments, check_window, merge_window, select, tied_aliases, unknown_keys,
-                     update_norm, window_keys)
+from .window import check_segments, merge_window, select, tied_aliases, unknown_keys, window_keys
 
 
 class SnakeStrategy(Strategy):
@@ -259,27 +259,17 @@ class SnakeStrategy(Strategy):
             return self._fail(hop, "no reply before the hop timeout")
         reply = replies[0]
         if reply.has_error():
-            return self._fail(hop, f"error reply: {_last_line(reply.error.reason)}")
+            return self._fail(hop, f"error reply: {last_line(reply.error.reason)}")
         content = reply.content
-        records = list(content.array_records.values())
         reported = {k: v for record in content.metric_records.values() for k, v in record.items()}
         hop["metrics"] = reported
         if node not in self.node_ranks and (rank := rank_in(reported)) is not None:  # lazy discovery
             self.node_ranks[node] = rank
-        keys = window_keys(self.segments, window)
-        window_arrays, reason = self._decoded(records, arrays)
-        if reason is None:
-            reason = _stale(hop, self.versions)
-        if reason is None:
-            reason = check_window(window_arrays, arrays, keys)
-        if reason is None and self.max_update_norm > 0:
-            norm = update_norm(window_arrays, arrays, keys)
-            if norm > self.max_update_norm:
-                reason = f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}"
-        examples = reported.get("num-examples", 0)
-        if reason is None and (isinstance(examples, bool) or not isinstance(examples, (int, float))):
-            reason = f"num-examples: expected a number, got {examples!r}"  # checked before any state moves
-        if reason is not None:
+        window_arrays, reason = checked_window(hop, list(content.array_records.values()), reported, arrays,
+                                               window_keys(self.segments, window), self.versions,
+                                               payload_dtype=self.payload_dtype,
+                                               max_update_norm=self.max_update_norm)
+        if window_arrays is None:
             self.rejected_replies += 1
             return self._fail(hop, f"rejected reply: {reason}")
         merged = merge_window(arrays, window_arrays)  # fp32: the master copy
@@ -289,7 +279,7 @@ class SnakeStrategy(Strategy):
         for name in window:
             self.versions[name] += 1
             self.provenance[name] = {"node": node, "round": hop["round"],
-                                     "num-examples": int(examples)}
+                                     "num-examples": int(reported.get("num-examples", 0))}
         # what the node holds now: the segments as they were sent (others may have moved on
         # since, under concurrent hops) and its own window as merged
         self.copies.trained(node, {name: hop["versions_sent"][name] for name in hop["segments_sent"]},
@@ -335,15 +325,6 @@ class SnakeStrategy(Strategy):
         return self.fitter.skipped if self.fitter is not None else {}
 
     # ---- helpers -----------------------------------------------------------
-    def _decoded(self, records: list[ArrayRecord], reference: ArrayRecord) -> tuple[ArrayRecord | None, str | None]:
-        """The reply's one record decoded to fp32, or why it cannot be."""
-        if len(records) != 1:
-            return None, f"expected one ArrayRecord, got {len(records)}; {MUST_SEND}"
-        try:
-            return decode(records[0], self.payload_dtype, reference=reference), None
-        except PayloadError as err:
-            return None, f"undecodable {self.payload_dtype} payload: {err}"
-
     def _fail(self, hop: dict[str, Any], reason: str) -> tuple[None, None]:
         # The node's copy is now unknown: its next visit resends the whole model.
         self.sent_arrays.pop(hop["round"] - 1, None)
@@ -417,18 +398,3 @@ class SnakeStrategy(Strategy):
         if self.fitter is not None:
             self.fitter.reset()
 
-
-def _stale(hop: Mapping[str, Any], versions: Mapping[str, int]) -> str | None:
-    """Why ``hop``'s reply is stale: a window segment merged by another hop since it was sent."""
-    moved = [name for name in hop["window"] if versions[name] != hop["versions_sent"][name]]
-    if moved:
-        return (f"stale: window segment(s) {', '.join(moved)} merged by another hop since this one "
-                f"was sent (only disjoint windows may be in flight together)")
-    return None
-
-
-def _last_line(reason: str) -> str:
-    """The line of a remote error that says what happened."""
-    # An error reply can carry a whole remote traceback, wrapped as "<class ...>:<'...'>".
-    lines = [line.strip() for line in reason.splitlines() if line.strip()]
-    return lines[-1].removesuffix("'>") if lines else reason
