@@ -167,25 +167,31 @@ def test_a_stale_reply_is_rejected_and_the_model_left_as_it_was(loopback):
     assert "stale" in strategy.failures[-1]["reason"] and strategy.hops[0]["status"] == "failed"
 
 
-def test_a_resumed_run_with_hops_in_flight_ends_with_the_same_model(loopback):
-    ranks = {1: 0, 2: 1, 3: 2, 4: 3}
-    whole, final, _ = run(loopback, ranks, 14, 3)
-
+def _stopped_after(loopback, ranks, rounds, at):
+    """A K = 3 run's checkpoint after round ``at`` (what run_snake's evaluate_fn saves), and a
+    fresh strategy resumed from it."""
     checkpoint = {}
 
-    def save(server_round, arrays):  # what run_snake's evaluate_fn checkpoints after round 6
-        if server_round == 6:
+    def save(server_round, arrays):
+        if server_round == at:
             checkpoint.update(state=json.loads(json.dumps(first.state())), arrays=arrays,
                               flights=first.in_flight_arrays(arrays))
 
     first = SnakeStrategy(SEGMENTS, 1, train_head=False, seed=0, concurrency=3)
-    first.start(grid=loopback(list(ranks), MeanNodes(ranks)), initial_arrays=initial(), num_rounds=14,
+    first.start(grid=loopback(list(ranks), MeanNodes(ranks)), initial_arrays=initial(), num_rounds=rounds,
                 timeout=5.0, evaluate_fn=save)
+    resumed = SnakeStrategy(SEGMENTS, 1, train_head=False, seed=0, concurrency=3)
+    resumed.load_state(checkpoint["state"], checkpoint["flights"])
+    return checkpoint, resumed
+
+
+def test_a_resumed_run_with_hops_in_flight_ends_with_the_same_model(loopback):
+    ranks = {1: 0, 2: 1, 3: 2, 4: 3}
+    whole, final, _ = run(loopback, ranks, 14, 3)
+    checkpoint, resumed = _stopped_after(loopback, ranks, 14, at=6)
     assert [h["round"] for h in checkpoint["state"]["in-flight"]] == [7, 8]  # two hops were out
     assert any(len(record) for record in checkpoint["flights"].values())  # ... sent older models
 
-    resumed = SnakeStrategy(SEGMENTS, 1, train_head=False, seed=0, concurrency=3)
-    resumed.load_state(checkpoint["state"], checkpoint["flights"])
     fresh = {40 + rank: rank for rank in ranks.values()}  # restarted: new ids, empty copies, same ranks
     rest = Global()
     resumed.start(grid=loopback(list(fresh), MeanNodes(fresh)), initial_arrays=checkpoint["arrays"],
@@ -197,19 +203,7 @@ def test_a_resumed_run_with_hops_in_flight_ends_with_the_same_model(loopback):
 
 
 def test_a_resume_with_fewer_free_nodes_than_hops_in_flight_sends_them_in_turn(loopback):
-    ranks = {1: 0, 2: 1, 3: 2, 4: 3}
-    checkpoint = {}
-
-    def save(server_round, arrays):
-        if server_round == 6:
-            checkpoint.update(state=json.loads(json.dumps(first.state())), arrays=arrays,
-                              flights=first.in_flight_arrays(arrays))
-
-    first = SnakeStrategy(SEGMENTS, 1, train_head=False, seed=0, concurrency=3)
-    first.start(grid=loopback(list(ranks), MeanNodes(ranks)), initial_arrays=initial(), num_rounds=14,
-                timeout=5.0, evaluate_fn=save)
-    resumed = SnakeStrategy(SEGMENTS, 1, train_head=False, seed=0, concurrency=3)
-    resumed.load_state(checkpoint["state"], checkpoint["flights"])
+    checkpoint, resumed = _stopped_after(loopback, {1: 0, 2: 1, 3: 2, 4: 3}, 14, at=6)
     alone = {40: 0}  # one node came back for two hops in flight
     resumed.start(grid=loopback(list(alone), MeanNodes(alone)), initial_arrays=checkpoint["arrays"],
                   num_rounds=8, timeout=5.0)
