@@ -205,15 +205,15 @@ class NodeBackoff:
             return turn(hop, ordered)
         if not free:
             raise NoFreeNode(f"no free node: all {len(ordered)} are training a hop in flight")
+        first_free = None  # the nearest turn's free node: it goes if every free node sits out
         for ahead in range(2 * len(ordered) + 1):  # a shuffled cycle may hide a node for < 2 cycles
             node = turn(hop + ahead, ordered)
-            if node not in busy and self.available(node, hop):
+            if node in busy:
+                continue
+            if self.available(node, hop):
                 return node
-        scheduled = turn(hop, ordered)
-        if scheduled not in busy:
-            return scheduled
-        later = (turn(hop + ahead, ordered) for ahead in range(2 * len(ordered) + 1))
-        return next((node for node in later if node not in busy), free[0])
+            first_free = node if first_free is None else first_free
+        return free[0] if first_free is None else first_free
 
     def state(self, key: Callable[[int], Any]) -> list[list[Any]]:
         """``[[key(node), until, streak], ...]`` (node ids change between runs; keys need not)."""

@@ -60,7 +60,7 @@ def load_checkpoint(path: Path, config: Mapping[str, Any]) -> tuple[ArrayRecord,
     except (OSError, RuntimeError, KeyError, ValueError, EOFError) as err:
         raise ConfigError(f"resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
     # a key the checkpoint lacks came after it was written: that run had the key's default
-    saved = {**{k: v for k, v in DEFAULTS.items() if k not in state["config"]}, **state["config"]}
+    saved = {**DEFAULTS, **state["config"]}
     changed = sorted(k for k in config if k not in FREE_ON_RESUME and saved.get(k) != config[k])
     if changed:
         key = changed[0]

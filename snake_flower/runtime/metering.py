@@ -20,6 +20,8 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.common.serde import array_record_to_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 
+from strategies.reply import last_line
+
 
 def flower_poll_interval(grid: Grid) -> float:
     """The fixed pull cadence of Flower's own ``send_and_receive`` for this Grid."""
@@ -169,8 +171,7 @@ class MeteredGrid(ForwardingGrid):
             meter = self._meter(msg)
             self._count(msg, meter.up, meter.up_by_node[msg.metadata.src_node_id])
             if msg.has_error() and msg.metadata.message_type != MessageType.QUERY:
-                lines = [line.strip() for line in msg.error.reason.splitlines() if line.strip()]
-                meter.errors[msg.metadata.src_node_id] = (lines[-1] if lines else msg.error.reason)[:300]
+                meter.errors[msg.metadata.src_node_id] = last_line(msg.error.reason)[:300]
         return replies
 
     def _meter(self, msg: Message) -> RoundMeter:
