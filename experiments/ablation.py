@@ -1,4 +1,4 @@
-"""Ablation of Snake's knobs under IID and non-IID data (experiments/README.md, "Ablation").
+"""Ablation of Snake's knobs under IID and non-IID data (docs/ablation.md).
 
 Each variant changes one knob of the main job's Snake run (experiments/fashion-mnist-noniid.toml:
 8 nodes, 100 local steps per hop, window 2 + head, KD on for non-IID, clipping 1.0, delta

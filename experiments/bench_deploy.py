@@ -1,7 +1,7 @@
 """Per-hop latency of Snake in a real deployment: stock Flower against the warm node launcher.
 
 Each run is a fresh ``LoopbackDeployment`` (one ``flower-superlink``, three SuperNodes on
-loopback, ``flwr run .``; README, "Deploy") of the default app: Fashion-MNIST CNN, 100
+loopback, ``flwr run .``; docs/deploy.md) of the default app: Fashion-MNIST CNN, 100
 local steps per hop, real payloads. A hop is the server's ``hop_s``: from sending the hop
 to the reply it accepts. Two arms, run alternately (their order swapped from one repeat
 to the next, so that a noisy machine weighs on both alike):
@@ -14,7 +14,7 @@ to the next, so that a noisy machine weighs on both alike):
 Every process gets ``OMP_NUM_THREADS=1`` (the launcher trains on one torch thread; so
 does stock Flower here, and so does the Ray simulation). The SuperLink keeps its state in
 memory, ``flower-superlink``'s default (``--superlink-state file``: in a SQLite file, as the
-README's commands and the deployment tests run it). Launcher nodes are warm (their
+commands of docs/deploy.md and the deployment tests run it). Launcher nodes are warm (their
 forkservers have preloaded everything) before a run is submitted, as long-running nodes are.
 
 Prints, per arm, the median and mean hop, the median of the nodes' own training time

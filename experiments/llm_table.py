@@ -1,4 +1,4 @@
-"""Print the markdown table of the LLM runs (experiments/README.md, "LLM fine-tuning").
+"""Print the markdown table of the LLM runs (docs/llm.md).
 
 Usage: ``python experiments/llm_table.py results/llm`` after the four runs wrote
 ``results/llm/<strategy>-<finetune>/<strategy>.json``.

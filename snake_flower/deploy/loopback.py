@@ -1,7 +1,7 @@
 """A real Flower deployment on loopback: one SuperLink, N SuperNodes, runs by ``flwr run``.
 
 Nothing here is simulated. ``LoopbackDeployment`` starts the same commands a user
-would type (README, "Deploy"), each daemon on its own free loopback port and each
+would type (docs/deploy.md), each daemon on its own free loopback port and each
 SuperNode with its own partition (``--node-config "partition-id=i num-partitions=N"``),
 writes a SuperLink connection into a private ``FLWR_HOME/config.toml``, and submits
 the app with ``flwr run . <connection> --stream``. With ``tls=True`` it makes a CA and

@@ -21,7 +21,7 @@ class Task:
 
     The built-in tasks are ``Task`` objects, and so is a plugin: ``task =
     "package.module:factory"`` in a run-config calls ``factory()``, which returns a ``Task``
-    (README, "Your own task in snake-flower run/compare"). A run seeds the weights
+    (docs/own-model.md, "Your own task in snake-flower run and compare"). A run seeds the weights
     (``seed``), builds the model with ``build()``, splits ``load(data_dir)``'s training
     set among the nodes with the run's ``partitioner`` and evaluates on its test set.
     """

@@ -1,6 +1,6 @@
 """A real deployment on loopback: flower-superlink, three SuperNodes, ``flwr run .``.
 
-The commands are the README's "Deploy" section. The SuperNodes run the launcher,
+The commands are those of docs/deploy.md. The SuperNodes run the launcher,
 ``snake-flower supernode``: every hop is trained by a ClientApp forked from a warm
 forkserver. Each test checks the results the ServerApp wrote and that every process the
 deployment started, and every child of those it traced (SuperExecs, forkservers and their
