@@ -218,7 +218,7 @@ def run_snake(grid: Grid, config: RunConfig, whole_model: bool = False) -> dict[
     recorder.mode = config.mode
     with recorder.prunable():
         strategy.start(grid=metered, initial_arrays=arrays, num_rounds=config.num_server_rounds - done,
-                       timeout=config.hop_timeout, train_config=ConfigRecord(dict(config)),
+                       timeout=config.hop_timeout, train_config=ConfigRecord(node_message(config)),
                        evaluate_fn=evaluate_and_checkpoint)
     ledgers = [h["metrics"] for h in strategy.hops if "total-bytes" in h.get("metrics", {})]
     return recorder.write(ledgers, provenance=strategy.provenance, failures=strategy.failures,
@@ -272,7 +272,7 @@ def run_fedavg(grid: Grid, config: RunConfig) -> dict[str, Any]:
     # FedAvg trains as its community does: plain cross-entropy, never Snake's distillation.
     # lr-rounds: FedAvg's lr decays over its own rounds (Snake's and split's: num-server-rounds)
     # Flower's FedAvg averages what it is sent as it is: payloads stay fp32 whatever payload-dtype says
-    train_config = ConfigRecord({**config, "payload-dtype": "fp32", "kd": "off", "window": segments,
+    train_config = ConfigRecord({**node_message(config), "payload-dtype": "fp32", "kd": "off", "window": segments,
                                  "sync": "window",
                                  "lr-rounds": num_rounds,
                                  "segments-sent": segments, "segment-versions": [0] * len(segments)})
@@ -319,7 +319,7 @@ def run_split(grid: Grid, config: RunConfig) -> dict[str, Any]:
     with recorder.prunable():
         strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
                        num_rounds=config.num_server_rounds, timeout=config.hop_timeout,
-                       train_config=ConfigRecord(dict(config)), evaluate_fn=recorder.evaluate_fn)
+                       train_config=ConfigRecord(node_message(config)), evaluate_fn=recorder.evaluate_fn)
     ledgers = [v["metrics"] for v in strategy.visits if "total-bytes" in v.get("metrics", {})]
     server = []  # the server side of split learning: the top, trained in this process
     if strategy.server_optimizer is not None:
