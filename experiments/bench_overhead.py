@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from snake_flower.config import resolve
+from snake_flower.config import node_message, resolve
 from snake_flower.tasks.data import partition_indices
 from snake_flower.tasks.task import TASKS, build_model
 from snake_flower.training.loop import LocalWork, train_window
@@ -32,14 +32,14 @@ def bare_loop(steps: int, runs: int) -> list[float]:
     """Seconds per run of ``train_window`` on the whole model, one thread like a Ray actor."""
     torch.set_num_threads(1)
     config = resolve({"partitioner": "iid", "local-steps": steps})
-    task = TASKS[config["task"]]
+    task = TASKS[config.task]
     x, y, _, _ = task.load("")
     idx = partition_indices(y, "iid", 1, 0)
     times = []
     for run in range(runs):
-        model = build_model(task, config["seed"])
+        model = build_model(task, config.seed)
         start = time.perf_counter()
-        train_window(model, task.segment_names, x[idx], y[idx], LocalWork.from_config(config, kd=False),
+        train_window(model, task.segment_names, x[idx], y[idx], LocalWork.from_config(node_message(config), kd=False),
                      seed=run)
         times.append(time.perf_counter() - start)
     return times

@@ -118,7 +118,7 @@ def strategy_bytes(nodes: int, hops: int) -> int:
     grid.segments = swept_segment_keys(model, config)
     initial = ArrayRecord(transport_state(model.state_dict()))
     tracemalloc.start()
-    strategy = SnakeStrategy(grid.segments, config["window"], min_nodes=nodes, seed=config["seed"])
+    strategy = SnakeStrategy(grid.segments, config.window, min_nodes=nodes, seed=config.seed)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=hops, timeout=60.0)
     del result, grid  # the final model is the caller's; the grid is not the strategy's
     snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*/strategies/*")])

@@ -11,11 +11,11 @@ from typing import Any
 from snake_flower.config import (
     CHOICES,
     ConfigError,
+    RunConfig,
     experiment_layers,
     load_toml,
     parse_overrides,
     resolve,
-    run_name,
 )
 from snake_flower.runtime.flower_patches import check as check_flower
 from snake_flower.tasks.data import DataError, partition_from_config
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_runs(args: argparse.Namespace, names: list[str] | None = None) -> list[dict[str, Any]]:
+def resolve_runs(args: argparse.Namespace, names: list[str] | None = None) -> list[RunConfig]:
     """One config per run: defaults < the file's flat keys < its table < ``--run-config`` < ``--out``.
 
     ``names`` are the comparison's strategies or variant tables; ``run`` resolves the one
@@ -122,18 +122,17 @@ def resolve_runs(args: argparse.Namespace, names: list[str] | None = None) -> li
         if args.out:
             layers.append({"out-dir": args.out})
         config = resolve(*layers)
-        config["out-dir"] = str(Path(config["out-dir"]).resolve())
-        if not any("min-nodes" in layer for layer in layers):
-            config["min-nodes"] = args.num_supernodes  # simulation: start once every node is up
-        if config["min-nodes"] > args.num_supernodes:
-            raise ConfigError(f"min-nodes: {config['min-nodes']} exceeds --num-supernodes {args.num_supernodes}")
-        configs.append(config)
+        # simulation: start once every node is up
+        min_nodes = config.min_nodes if any("min-nodes" in layer for layer in layers) else args.num_supernodes
+        if min_nodes > args.num_supernodes:
+            raise ConfigError(f"min-nodes: {min_nodes} exceeds --num-supernodes {args.num_supernodes}")
+        configs.append(config.replace(out_dir=str(Path(config.out_dir).resolve()), min_nodes=min_nodes))
     from snake_flower.tasks.task import task_for
 
-    for config in {c["task"]: c for c in configs}.values():
+    for config in {c.task: c for c in configs}.values():
         task = task_for(config)
-        _, y_train, _, _ = task.load(config["data-dir"])  # fail now, not inside a Ray actor
-        labels = task.partition_by(config["data-dir"]) if task.partition_by else y_train
+        _, y_train, _, _ = task.load(config.data_dir)  # fail now, not inside a Ray actor
+        labels = task.partition_by(config.data_dir) if task.partition_by else y_train
         partition_from_config(labels, config, args.num_supernodes, 0)  # e.g. fewer topics than nodes
     return configs
 
@@ -292,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_one(config, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
     if result is None:
         return 1
-    plot_accuracy({run_name(config): result}, Path(config["out-dir"]) / f"{run_name(config)}.png")
+    plot_accuracy({config.name: result}, Path(config.out_dir) / f"{config.name}.png")
     return 0
 
 

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from snake_flower.config import kd_enabled, resolve, run_name
+from snake_flower.config import RunConfig, node_message, resolve
 from snake_flower.runtime import results
 from snake_flower.runtime.averaging import ModelAverage
 from snake_flower.runtime.chaos import ChaosGrid
@@ -41,7 +41,7 @@ from snake_flower.training.capacity import (
     compute_s,
     hop_time_s,
 )
-from snake_flower.training.loop import SavedActivations, evaluate, memory_ledger, scheduled_lr
+from snake_flower.training.loop import LocalWork, SavedActivations, evaluate, memory_ledger, scheduled_lr
 from strategies import SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
 
@@ -62,36 +62,38 @@ def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
     return server_app
 
 
-def run(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
-    """Run ``config["strategy"]`` and write ``<out-dir>/<strategy>.json``."""
+def run(grid: Grid, config: RunConfig) -> dict[str, Any]:
+    """Run ``config.strategy`` and write ``<out-dir>/<run name>.json``."""
     runners = {"snake": run_snake, "relay": run_relay, "fedavg": run_fedavg, "split": run_split}
-    return runners[config["strategy"]](grid, config)
+    return runners[config.strategy](grid, config)
 
 
-def _setup(grid: Grid, config: dict[str, Any], num_rounds: int, poll: float = 0.1,
+def _setup(grid: Grid, config: RunConfig, num_rounds: int, poll: float = 0.1,
            visits_per_round: int = 1):
     task = task_for(config)
-    model = build_model(task, config["seed"])
-    if config["fast-poll"] and _deployed(grid):  # reply objects too: not Flower's 1-10 s back-off
+    model = build_model(task, config.seed)
+    if config.fast_poll and _deployed(grid):  # reply objects too: not Flower's 1-10 s back-off
         patch_object_pulls()  # (runtime/flower_patches.py)
         poll = min(poll, DEPLOYED_POLL)
-    if config["leave-round"] > 0:  # chaos run: one node leaves for good (see runtime/chaos.py)
-        grid = ChaosGrid(grid, config["leave-round"], config["leave-partition"])
-    if config["fast-poll"]:
+    if config.leave_round > 0:  # chaos run: one node leaves for good (see runtime/chaos.py)
+        grid = ChaosGrid(grid, config.leave_round, config.leave_partition)
+    if config.fast_poll:
         metered = MeteredGrid(grid, poll_interval=poll)
     else:  # Flower's own fixed cadence, to measure what the fast poll saves
         metered = MeteredGrid(grid, poll_interval=flower_poll_interval(grid),
                               first_poll=flower_poll_interval(grid))
     x_test, y_test = _evaluation_set(task, config)
     # a full batch of evaluation inputs stands in for a node's: the ledger and FLOPs depend on shapes only
-    sizer = WindowSizer(model, x_test[:config["batch-size"]], y_test[:config["batch-size"]], config,
-                        align=task.align, kd=kd_enabled(config))
-    if config["eval-samples"]:  # the first N test examples, the same for every strategy
-        x_test, y_test = x_test[:config["eval-samples"]], y_test[:config["eval-samples"]]
-    recorder = RunRecorder(run_name(config), config, model, (x_test, y_test), metered, num_rounds, visits_per_round,
-                           score=partial(_score, task, config["eval-batch-size"]))
-    num_nodes = max(config["min-nodes"], len(list(grid.get_node_ids())))
-    capacities = NodeCapacities(config, num_nodes, sizer, list(segment_keys(model)))
+    # the local work a node does, from what its messages say
+    work = LocalWork.from_config(node_message(config), kd=config.kd_enabled)
+    sizer = WindowSizer(model, x_test[:config.batch_size], y_test[:config.batch_size], work,
+                        config.hop_deadline_s, align=task.align)
+    if config.eval_samples:  # the first N test examples, the same for every strategy
+        x_test, y_test = x_test[:config.eval_samples], y_test[:config.eval_samples]
+    recorder = RunRecorder(config.name, config, model, (x_test, y_test), metered, num_rounds, visits_per_round,
+                           score=partial(_score, task, config.eval_batch_size))
+    num_nodes = max(config.min_nodes, len(list(grid.get_node_ids())))
+    capacities = NodeCapacities(config.capacity_profile, config.seed, num_nodes, sizer, list(segment_keys(model)))
     return model, metered, recorder, capacities
 
 
@@ -102,13 +104,13 @@ def _deployed(grid: Grid) -> bool:
     return isinstance(grid, HttpGrid)
 
 
-def _evaluation_set(task: Task, config: dict[str, Any]) -> tuple[Any, Any]:
+def _evaluation_set(task: Task, config: RunConfig) -> tuple[Any, Any]:
     """The test set, or with ``evaluate-on = "validation"`` the slice held out of the training
     data (tuning picks its settings there and never reads the test set)."""
-    x_train, y_train, x_test, y_test = task.load(config["data-dir"])
-    if config["evaluate-on"] == "test":
+    x_train, y_train, x_test, y_test = task.load(config.data_dir)
+    if config.evaluate_on == "test":
         return x_test, y_test
-    labels = task.partition_by(config["data-dir"]) if task.partition_by else y_train
+    labels = task.partition_by(config.data_dir) if task.partition_by else y_train
     held_out = torch.as_tensor(validation_split(labels, config)[1])
     return x_train[held_out], y_train[held_out]
 
@@ -128,7 +130,7 @@ def _visit_compute(reported: Mapping[str, Any], step_flops: float) -> dict[str, 
     return {"train_cpu_s": round(compute_s(reported), 4), "train_flops": step_flops * reported.get("steps", 0.0)}
 
 
-def run_relay(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
+def run_relay(grid: Grid, config: RunConfig) -> dict[str, Any]:
     """Sequential full-model training: Snake without windows, in Snake's chain order.
 
     One node per round trains every segment and the next node receives the whole
@@ -138,27 +140,27 @@ def run_relay(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     return run_snake(grid, config, whole_model=True)
 
 
-def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> dict[str, Any]:
+def run_snake(grid: Grid, config: RunConfig, whole_model: bool = False) -> dict[str, Any]:
     """One node trains one window per round (hop); only the window travels back.
 
     The server's state is checkpointed after every hop; ``resume`` continues from it.
     ``whole_model``: every hop's window is every segment (the relay baseline).
     """
-    model, metered, recorder, capacities = _setup(grid, config, config["num-server-rounds"])
+    model, metered, recorder, capacities = _setup(grid, config, config.num_server_rounds)
     segments = swept_segment_keys(model, config)
-    window = len(segments) if whole_model else config["window"]
-    strategy = SnakeStrategy(segments, window, sweep=config["sweep"],
-                             order=config["order"], train_head=config["train-head"] and not whole_model,
-                             train_stem=config["train-stem"] and not whole_model, sync=config["sync"],
-                             sync_tolerance=config["sync-tolerance"],
-                             max_update_norm=config["max-update-norm"],
-                             payload_dtype=config["payload-dtype"],
-                             min_nodes=config["min-nodes"], backoff=config["node-backoff"],
-                             seed=config["seed"], capacity=capacities, misfit=capacities.sizer.misfit,
-                             query_timeout=min(60.0, config["hop-timeout"]),
-                             rank_discovery=config["rank-discovery"],
-                             concurrency=1 if whole_model else config["concurrency"],
-                             lanes=None if whole_model or not config["lanes"] else config["lanes"])
+    window = len(segments) if whole_model else config.window
+    strategy = SnakeStrategy(segments, window, sweep=config.sweep,
+                             order=config.order, train_head=config.train_head and not whole_model,
+                             train_stem=config.train_stem and not whole_model, sync=config.sync,
+                             sync_tolerance=config.sync_tolerance,
+                             max_update_norm=config.max_update_norm,
+                             payload_dtype=config.payload_dtype,
+                             min_nodes=config.min_nodes, backoff=config.node_backoff,
+                             seed=config.seed, capacity=capacities, misfit=capacities.sizer.misfit,
+                             query_timeout=min(60.0, config.hop_timeout),
+                             rank_discovery=config.rank_discovery,
+                             concurrency=1 if whole_model else config.concurrency,
+                             lanes=None if whole_model or not config.lanes else config.lanes)
     metered.by_group = strategy.concurrency > 1  # hops overlap: each row gets its own hop's bytes
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
         # P2P: every segment a node receives comes once, straight from the peer that holds it;
         # CS: the same bytes come down from the server, and the window goes up to it as well
         p2p = tally.down.array_bytes
-        moved = p2p if config["mode"] == "p2p" else tally.down.bytes + tally.up.bytes
+        moved = p2p if config.mode == "p2p" else tally.down.bytes + tally.up.bytes
         capacity = strategy.capacity_of(hop["node"])
         network = hop_time_s(compute_s(reported), moved, capacity)
         # hops in flight overlap: the model's clock is not the sum of their times
@@ -184,20 +186,20 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
                 **_visit_compute(reported, capacities.sizer.step_flops(hop["window"]) if reported else 0.0)}
 
     recorder.describe = describe
-    if config["window"] == "auto" and config["capacity-profile"] == "uniform" and not config["hop-deadline-s"]:
+    if config.window == "auto" and config.capacity_profile == "uniform" and not config.hop_deadline_s:
         log(WARNING, "window auto: no memory budgets (capacity-profile uniform) and no hop-deadline-s; "
             "every node trains the whole model unless its --node-config states memory-budget-mb")
     path, arrays, done = checkpoint_path(config), ArrayRecord(transport_state(model.state_dict())), 0
-    average = ModelAverage(config["average-decay"]) if config["average-decay"] else None
-    if config["resume"] and path.exists():
+    average = ModelAverage(config.average_decay) if config.average_decay else None
+    if config.resume and path.exists():
         arrays, state = load_checkpoint(path, config)
         strategy.load_state(state["strategy"], state["in-flight"])
         recorder.restore(state["recorder"], state["averaged"] or arrays)
         if average:
             average.load(state["averaged"])
         done = strategy.round_offset
-        log(INFO, "resuming from %s after %d of %d hops", path, done, config["num-server-rounds"])
-    elif config["resume"]:
+        log(INFO, "resuming from %s after %d of %d hops", path, done, config.num_server_rounds)
+    elif config.resume:
         log(INFO, "resume: no checkpoint at %s yet, starting from the first hop", path)
 
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -207,29 +209,29 @@ def run_snake(grid: Grid, config: dict[str, Any], whole_model: bool = False) -> 
         shown = average.update(arrays) if average and server_round > 0 else arrays
         metrics = recorder.evaluate_fn(server_round + done, shown)
         if server_round > 0:
-            save_checkpoint(path, arrays, {"config": config, "strategy": strategy.state(),
+            save_checkpoint(path, arrays, {"config": config.as_dict(), "strategy": strategy.state(),
                                            "recorder": recorder.state()},
                             averaged=average.arrays if average else None,
                             in_flight=strategy.in_flight_arrays(arrays))
         return metrics
 
-    recorder.mode = config["mode"]
+    recorder.mode = config.mode
     with recorder.prunable():
-        strategy.start(grid=metered, initial_arrays=arrays, num_rounds=config["num-server-rounds"] - done,
-                       timeout=config["hop-timeout"], train_config=ConfigRecord(dict(config)),
+        strategy.start(grid=metered, initial_arrays=arrays, num_rounds=config.num_server_rounds - done,
+                       timeout=config.hop_timeout, train_config=ConfigRecord(node_message(config)),
                        evaluate_fn=evaluate_and_checkpoint)
     ledgers = [h["metrics"] for h in strategy.hops if "total-bytes" in h.get("metrics", {})]
     return recorder.write(ledgers, provenance=strategy.provenance, failures=strategy.failures,
                           rejected_replies=strategy.rejected_replies, membership=strategy.membership,
-                          mode=config["mode"], skipped_nodes=[{"node": n, "reason": r}
+                          mode=config.mode, skipped_nodes=[{"node": n, "reason": r}
                                                               for n, r in strategy.skipped.items()],
                           resumed_at_round=done or None, checkpoint=str(path))
 
 
-def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
+def run_fedavg(grid: Grid, config: RunConfig) -> dict[str, Any]:
     """Flower's FedAvg: every node trains every segment; rounds = hops / nodes (equal visits)."""
-    nodes = len(wait_for_nodes(grid, config["min-nodes"]))
-    num_rounds = max(1, math.ceil(config["num-server-rounds"] / nodes))
+    nodes = len(wait_for_nodes(grid, config.min_nodes))
+    num_rounds = max(1, math.ceil(config.num_server_rounds / nodes))
     model, metered, recorder, capacities = _setup(grid, config, num_rounds, visits_per_round=nodes)
     segments = list(segment_keys(model))
     ledgers: list[dict[str, float]] = []
@@ -270,33 +272,33 @@ def run_fedavg(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     # FedAvg trains as its community does: plain cross-entropy, never Snake's distillation.
     # lr-rounds: FedAvg's lr decays over its own rounds (Snake's and split's: num-server-rounds)
     # Flower's FedAvg averages what it is sent as it is: payloads stay fp32 whatever payload-dtype says
-    train_config = ConfigRecord({**config, "payload-dtype": "fp32", "kd": "off", "window": segments,
+    train_config = ConfigRecord({**node_message(config), "payload-dtype": "fp32", "kd": "off", "window": segments,
                                  "sync": "window",
                                  "lr-rounds": num_rounds,
                                  "segments-sent": segments, "segment-versions": [0] * len(segments)})
     with recorder.prunable():
         strategy.start(grid=metered, initial_arrays=ArrayRecord(transport_state(model.state_dict())),
-                       num_rounds=num_rounds, timeout=config["hop-timeout"], train_config=train_config,
+                       num_rounds=num_rounds, timeout=config.hop_timeout, train_config=train_config,
                        evaluate_fn=recorder.evaluate_fn)
     return recorder.write([led for led in ledgers if "total-bytes" in led], mode="cs", failures=failures)
 
 
-def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
+def run_split(grid: Grid, config: RunConfig) -> dict[str, Any]:
     """Relay split learning: per batch, activations up and gradients down; bottoms relayed."""
     # One round trip per batch: poll the Grid often, or waiting dominates the run.
-    model, metered, recorder, capacities = _setup(grid, config, config["num-server-rounds"],
+    model, metered, recorder, capacities = _setup(grid, config, config.num_server_rounds,
                                                   poll=0.005)
     names = list(segment_keys(model))
-    top = copy.deepcopy(model[config["cut"]:])  # the server's part, same seeded weights
-    bottom_flops = bottom_step_flops(model[:config["cut"]], capacities.sizer.x)
-    strategy = SplitStrategy(segment_keys(model), config["cut"], top, config["local-steps"],
-                             lr=config["lr"], momentum=config["momentum"],
-                             lr_at=lambda visit: scheduled_lr(config["lr"], visit, config["num-server-rounds"],
-                                                              config["lr-decay"], config["lr-floor"]),
-                             weight_decay=config["weight-decay"], clip_norm=config["clip-norm"],
-                             order=config["order"], seed=config["seed"], min_nodes=config["min-nodes"],
-                             query_timeout=min(60.0, config["hop-timeout"]),
-                             message_timeout=config["hop-timeout"], activation_meter=SavedActivations)
+    top = copy.deepcopy(model[config.cut:])  # the server's part, same seeded weights
+    bottom_flops = bottom_step_flops(model[:config.cut], capacities.sizer.x)
+    strategy = SplitStrategy(segment_keys(model), config.cut, top, config.local_steps,
+                             lr=config.lr, momentum=config.momentum,
+                             lr_at=lambda visit: scheduled_lr(config.lr, visit, config.num_server_rounds,
+                                                              config.lr_decay, config.lr_floor),
+                             weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+                             order=config.order, seed=config.seed, min_nodes=config.min_nodes,
+                             query_timeout=min(60.0, config.hop_timeout),
+                             message_timeout=config.hop_timeout, activation_meter=SavedActivations)
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
         visit = strategy.visits[-1]
@@ -307,7 +309,7 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
         # a failed visit costs the bytes it moved and the server's compute (the node's is not reported)
         network = (hop_time_s(reported.get("compute-seconds", 0.0), tally.down.bytes + tally.up.bytes, capacity)
                    + visit.get("server-seconds", 0.0))
-        return {"nodes": [visit["node"]], "window": names[:config["cut"]], "status": visit["status"],
+        return {"nodes": [visit["node"]], "window": names[:config.cut], "status": visit["status"],
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
                 "steps": visit["steps"], "capacity": capacity.as_dict(), "network_time_s": network,
                 "train_cpu_s": round(reported.get("compute-seconds", 0.0), 4),
@@ -316,14 +318,14 @@ def run_split(grid: Grid, config: dict[str, Any]) -> dict[str, Any]:
     recorder.describe = describe
     with recorder.prunable():
         strategy.start(grid=metered, initial_arrays=ArrayRecord(model.state_dict()),
-                       num_rounds=config["num-server-rounds"], timeout=config["hop-timeout"],
-                       train_config=ConfigRecord(dict(config)), evaluate_fn=recorder.evaluate_fn)
+                       num_rounds=config.num_server_rounds, timeout=config.hop_timeout,
+                       train_config=ConfigRecord(node_message(config)), evaluate_fn=recorder.evaluate_fn)
     ledgers = [v["metrics"] for v in strategy.visits if "total-bytes" in v.get("metrics", {})]
     server = []  # the server side of split learning: the top, trained in this process
     if strategy.server_optimizer is not None:
         server = [memory_ledger(top, list(top.parameters()), strategy.server_optimizer,
                                 strategy.server_activation_peak)]
-    return recorder.write(ledgers, failures=strategy.failures, cut=config["cut"], mode="cs",
+    return recorder.write(ledgers, failures=strategy.failures, cut=config.cut, mode="cs",
                           memory_server=results.peak_ledger(server))
 
 

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snake_flower.config import run_name
+from snake_flower.config import RunConfig
 
 
-def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0, ray_address: str = "") -> None:
+def simulate(config: RunConfig, num_supernodes: int, parallel: int = 0, ray_address: str = "") -> None:
     """Run the ServerApp and ClientApp in Flower's Ray simulation engine.
 
     ``parallel`` ClientApps train at once (0: one per core, at most one per node).
@@ -46,7 +46,7 @@ def simulate(config: dict[str, Any], num_supernodes: int, parallel: int = 0, ray
                    num_supernodes=num_supernodes, backend_config=backend)
 
 
-def run_one(config: dict[str, Any], num_supernodes: int, parallel: int = 0,
+def run_one(config: RunConfig, num_supernodes: int, parallel: int = 0,
             ray_address: str = "") -> dict[str, Any] | None:
     """Simulate one strategy; return its results (``None`` if none were written)."""
     results_path(config).unlink(missing_ok=True)  # never report a previous run's file as this one's
@@ -54,13 +54,14 @@ def run_one(config: dict[str, Any], num_supernodes: int, parallel: int = 0,
     return load_results(config)
 
 
-def results_path(config: dict[str, Any]) -> Path:
-    return Path(config["out-dir"]) / f"{run_name(config)}.json"
+def results_path(config: RunConfig) -> Path:
+    """``<out-dir>/<run name>.json``."""
+    return Path(config.out_dir) / f"{config.name}.json"
 
 
-def load_results(config: dict[str, Any], code: int = 0) -> dict[str, Any] | None:
+def load_results(config: RunConfig, code: int = 0) -> dict[str, Any] | None:
     """A finished run's results, with its one-line summary; ``None`` (and why) if it failed."""
-    path, name = results_path(config), run_name(config)
+    path, name = results_path(config), config.name
     if code != 0 or not path.exists():
         where = f"see {path.with_suffix('.log')}" if code != 0 else f"it wrote no {path}"
         print(f"snake-flower: error: the {name} run failed (exit {code}); {where}", file=sys.stderr)

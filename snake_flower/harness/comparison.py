@@ -11,33 +11,33 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snake_flower.config import resolve, run_name
+from snake_flower.config import RunConfig, resolve
 from snake_flower.harness.compare import whole_rounds, write_comparison
 from snake_flower.harness.seeds import write_seed_comparison
 from snake_flower.simulation import load_results, results_path, run_one
 
 
-def _run_side_by_side(args: argparse.Namespace, configs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _run_side_by_side(args: argparse.Namespace, configs: list[RunConfig]) -> dict[str, dict[str, Any]]:
     """``compare --jobs N``: the strategies' runs as child processes, N at a time."""
     from snake_flower.harness.jobs import child_command, run_side_by_side
 
-    out = Path(configs[0]["out-dir"])
+    out = Path(configs[0].out_dir)
     for cfg in configs:
         results_path(cfg).unlink(missing_ok=True)
     # what the children must share with this process beyond the file and --run-config
-    fixed = f"seed={configs[0]['seed']} eval-every={configs[0]['eval-every']}"
-    commands = {run_name(cfg): child_command(args.config, f"{args.run_config} {fixed}".strip(), run_name(cfg),
+    fixed = f"seed={configs[0].seed} eval-every={configs[0].eval_every}"
+    commands = {cfg.name: child_command(args.config, f"{args.run_config} {fixed}".strip(), cfg.name,
                                              args.num_supernodes, str(out), args.ray_address)
                 for cfg in configs}
     codes = run_side_by_side(commands, out, jobs=args.jobs)
-    runs = {run_name(cfg): load_results(cfg, codes[run_name(cfg)]) for cfg in configs}
+    runs = {cfg.name: load_results(cfg, codes[cfg.name]) for cfg in configs}
     return {name: run for name, run in runs.items() if run is not None}
 
 
-def compare(args: argparse.Namespace, configs: list[dict[str, Any]]) -> int:
+def compare(args: argparse.Namespace, configs: list[RunConfig]) -> int:
     """``compare``: every run, seed after seed, then the summary, report and plots."""
-    out, target = Path(configs[0]["out-dir"]), configs[0]["target-accuracy"]
-    seeds = [configs[0]["seed"] + i for i in range(args.seeds)]
+    out, target = Path(configs[0].out_dir), configs[0].target_accuracy
+    seeds = [configs[0].seed + i for i in range(args.seeds)]
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in seeds:
         folder = out if len(seeds) == 1 else out / f"seed-{seed}"
@@ -54,11 +54,11 @@ def compare(args: argparse.Namespace, configs: list[dict[str, Any]]) -> int:
         else:
             runs = {}
             for i, cfg in enumerate(seeded, 1):
-                print(f"[{i}/{len(seeded)}] {run_name(cfg)} on {cfg['task']}, {args.num_supernodes} nodes",
+                print(f"[{i}/{len(seeded)}] {cfg.name} on {cfg.task}, {args.num_supernodes} nodes",
                       flush=True)
                 result = run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
                 if result is not None:
-                    runs[run_name(cfg)] = result
+                    runs[cfg.name] = result
         if len(runs) < len(seeded):
             return 1
         by_seed[seed] = runs
@@ -81,17 +81,17 @@ def _headline(line: dict[str, Any]) -> str:
     return f"final {final:.4f}, {reached}"
 
 
-def evaluated_alike(configs: list[dict[str, Any]], num_supernodes: int) -> list[dict[str, Any]]:
+def evaluated_alike(configs: list[RunConfig], num_supernodes: int) -> list[RunConfig]:
     """Every run of a comparison is evaluated at the same node visits.
 
     A FedAvg round is ``num_supernodes`` visits and can only be evaluated at its end, so
     when FedAvg is compared every run's ``eval-every`` becomes the smallest multiple of a
     round at least as large as the largest asked for.
     """
-    every = max(cfg["eval-every"] for cfg in configs)
-    if any(cfg["strategy"] == "fedavg" for cfg in configs):
+    every = max(cfg.eval_every for cfg in configs)
+    if any(cfg.strategy == "fedavg" for cfg in configs):
         every = whole_rounds(every, num_supernodes)
-    if any(cfg["eval-every"] != every for cfg in configs):
+    if any(cfg.eval_every != every for cfg in configs):
         print(f"compare: every run is evaluated every {every} node visits (eval-every), at the same visits",
               flush=True)
     return [resolve(cfg, {"eval-every": every}) for cfg in configs]

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from snake_flower.config import ConfigError, parse_overrides, resolve
+from snake_flower.config import ConfigError, RunConfig, parse_overrides, resolve
 from snake_flower.harness.compare import summarize, whole_rounds
 
 
@@ -107,7 +107,7 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
-def _finished(config: dict[str, Any]) -> dict[str, Any] | None:
+def _finished(config: RunConfig) -> dict[str, Any] | None:
     """The results a previous run of this configuration left in its folder, if complete.
 
     A pruned run counts only if it was below the target past this trial's bound as well.
@@ -121,9 +121,9 @@ def _finished(config: dict[str, Any]) -> dict[str, Any] | None:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    bound = config.get("prune-above-bytes", 0)
+    bound = config.prune_above_bytes
     ran, wanted = (json.loads(json.dumps({k: v for k, v in c.items() if k != "prune-above-bytes"}))
-                   for c in (result.get("config", {}), config))  # as the recorder stored it
+                   for c in (result.get("config", {}), config.as_dict()))  # as the recorder stored it
     pruned = result.get("pruned")
     usable = not pruned or (bound and pruned["bytes"] >= bound)
     return result if ran == wanted and "final" in result and usable else None
@@ -136,7 +136,7 @@ def _bound(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float) -
     return float(min(reached)) if reached else 0.0
 
 
-def run_tuning(args: Any, base: dict[str, Any]) -> int:
+def run_tuning(args: Any, base: RunConfig) -> int:
     """``snake-flower tune``: every point of the grid, then the extra points on the winner.
 
     Writes ``<out>/tune-<run>.md`` and ``.json``; with ``--write`` the winner's settings
@@ -145,18 +145,18 @@ def run_tuning(args: Any, base: dict[str, Any]) -> int:
     from snake_flower.runtime import results
     from snake_flower.simulation import run_one
 
-    name, target, out = base["run-name"] or base["strategy"], base["target-accuracy"], Path(base["out-dir"])
-    if base["validation-size"] == 0:
+    name, target, out = base.name, base.target_accuracy, Path(base.out_dir)
+    if base.validation_size == 0:
         raise ConfigError("validation-size: tune needs a slice held out of the training data (e.g. 5000), "
                           "the same that compare holds out")
     # every strategy is scored at the same node visits: multiples of a FedAvg round
-    every = whole_rounds(base["eval-every"], args.num_supernodes)
+    every = whole_rounds(base.eval_every, args.num_supernodes)
     trials: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
     def trial(point: dict[str, Any]) -> None:
         folder = out / name / label(point)
         # a trial below the target past the best one's bytes to target cannot win: it stops there
-        config = resolve(base, point, {"evaluate-on": "validation", "num-server-rounds": base["tune-visits"],
+        config = resolve(base, point, {"evaluate-on": "validation", "num-server-rounds": base.tune_visits,
                                        "eval-every": every, "out-dir": str(folder), "resume": False,
                                        "prune-above-bytes": _bound(trials, target)})
         result = _finished(config)
@@ -180,7 +180,7 @@ def run_tuning(args: Any, base: dict[str, Any]) -> int:
     settings = trials[winner][0]
     (out / f"tune-{name}.md").write_text(table(name, trials, target, winner))
     results.write_json(out / f"tune-{name}.json", {
-        "run": name, "target_accuracy": target, "visits": base["tune-visits"], "winner": settings,
+        "run": name, "target_accuracy": target, "visits": base.tune_visits, "winner": settings,
         "trials": [{"settings": p, **summarize(r, target), "pruned": r.get("pruned")} for p, r in trials]})
     print(f"tune {name}: winner {label(settings)} -> {out / f'tune-{name}.md'}")
     if args.write:

@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from snake_flower.config import DEFAULTS, ConfigError, run_name
+from snake_flower.config import DEFAULTS, ConfigError, RunConfig
 
 # Keys that may change between a run and its resumption: none alters the training.
 FREE_ON_RESUME = ("resume", "out-dir", "hop-timeout", "fast-poll", "num-server-rounds", "min-nodes")
 
 
-def checkpoint_path(config: Mapping[str, Any]) -> Path:
+def checkpoint_path(config: RunConfig) -> Path:
     """``<out-dir>/<run name>.ckpt`` (the run name: ``run-name``, else the strategy)."""
-    return Path(config["out-dir"]) / f"{run_name(config)}.ckpt"
+    return Path(config.out_dir) / f"{config.name}.ckpt"
 
 
 def save_checkpoint(path: Path, arrays: ArrayRecord, state: Mapping[str, Any],
@@ -48,7 +48,7 @@ def save_checkpoint(path: Path, arrays: ArrayRecord, state: Mapping[str, Any],
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, config: Mapping[str, Any]) -> tuple[ArrayRecord, dict[str, Any]]:
+def load_checkpoint(path: Path, config: RunConfig) -> tuple[ArrayRecord, dict[str, Any]]:
     """The model and state saved at ``path``, after checking they belong to ``config``'s run.
 
     Restores the random state. Raises ``ConfigError`` (one line) for an unreadable
@@ -60,15 +60,15 @@ def load_checkpoint(path: Path, config: Mapping[str, Any]) -> tuple[ArrayRecord,
     except (OSError, RuntimeError, KeyError, ValueError, EOFError) as err:
         raise ConfigError(f"resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
     # a key the checkpoint lacks came after it was written: that run had the key's default
-    saved = {**DEFAULTS, **state["config"]}
-    changed = sorted(k for k in config if k not in FREE_ON_RESUME and saved.get(k) != config[k])
+    saved, wanted = {**DEFAULTS, **state["config"]}, config.as_dict()
+    changed = sorted(k for k in wanted if k not in FREE_ON_RESUME and saved.get(k) != wanted[k])
     if changed:
         key = changed[0]
         raise ConfigError(f"resume: {path} was written with {key}={saved.get(key)!r}, this run has "
-                          f"{key}={config[key]!r} ({len(changed)} key(s) differ)")
+                          f"{key}={wanted[key]!r} ({len(changed)} key(s) differ)")
     done = state["strategy"]["rounds-done"]
-    if config["num-server-rounds"] < done:
-        raise ConfigError(f"num-server-rounds: {config['num-server-rounds']} is fewer than the "
+    if config.num_server_rounds < done:
+        raise ConfigError(f"num-server-rounds: {config.num_server_rounds} is fewer than the "
                           f"{done} rounds the checkpoint {path} has done")
     torch.set_rng_state(payload["torch-rng"])
     version, internal, gauss = state.pop("python-rng")

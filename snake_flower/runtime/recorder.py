@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.supercore import log
 from torch import nn
 
+from snake_flower.config import RunConfig
 from snake_flower.runtime import results
 from snake_flower.runtime.metering import MeteredGrid
 from snake_flower.training.loop import evaluate
@@ -36,11 +37,11 @@ class RunPruned(Exception):
 class RunRecorder:
     """Rows, evaluation and the final JSON of one run of one strategy."""
 
-    def __init__(self, name: str, config: dict[str, Any], model: nn.Module,
+    def __init__(self, name: str, config: RunConfig, model: nn.Module,
                  test: tuple[torch.Tensor, torch.Tensor], meter: MeteredGrid, num_rounds: int,
                  visits_per_round: int = 1, score: Score | None = None) -> None:
         self.name, self.config, self.model, self.test, self.meter = name, config, model, test, meter
-        self.score = score or (lambda model, x, y: evaluate(model, x, y, config["eval-batch-size"]))
+        self.score = score or (lambda model, x, y: evaluate(model, x, y, config.eval_batch_size))
         self.num_rounds, self.visits_per_round = num_rounds, visits_per_round
         self.describe: Describe = lambda server_round, tally: {}
         self.rows: list[dict[str, Any]] = []
@@ -105,9 +106,9 @@ class RunRecorder:
         or above it; an evaluation below it after B bytes puts that point past B, so a
         trial already past the best trial's bytes to target cannot win any more.
         """
-        bound = self.config.get("prune-above-bytes", 0)
+        bound = self.config.prune_above_bytes
         moved = results.cumulative_bytes(self.rows, self.mode)[-1]
-        if bound and metrics["accuracy"] < self.config["target-accuracy"] and moved >= bound:
+        if bound and metrics["accuracy"] < self.config.target_accuracy and moved >= bound:
             self.pruned = {"round": self.rows[-1]["round"], "bytes": moved, "accuracy": metrics["accuracy"]}
             raise RunPruned(self.name)
 
@@ -120,8 +121,8 @@ class RunRecorder:
         moved = results.cumulative_bytes(self.rows, mode)[-1] if self.rows else 0
         network = results.cumulative_network_time(self.rows)[-1] if self.rows else 0.0
         payload = {
-            "strategy": self.config["strategy"], "run_name": self.name, "task": self.config["task"],
-            "config": dict(self.config),
+            "strategy": self.config.strategy, "run_name": self.name, "task": self.config.task,
+            "config": self.config.as_dict(),
             "versions": results.versions(), "rounds": self.rows,
             "provenance": extra.pop("provenance", {}), "memory": results.peak_ledger(ledgers),
             "memory_by_node": results.ledgers_by_node(ledgers),
@@ -134,7 +135,7 @@ class RunRecorder:
                       "model_sha256": results.model_sha256(self.arrays)},
             **extra,
         }
-        path = results.write_json(Path(self.config["out-dir"]) / f"{self.name}.json", payload)
+        path = results.write_json(Path(self.config.out_dir) / f"{self.name}.json", payload)
         log(INFO, "%s: final accuracy %.4f after %d rounds, %.2f MB moved; results in %s", self.name,
             payload["final"]["accuracy"], len(self.rows), moved / 1e6, path)
         return payload
@@ -145,7 +146,7 @@ class RunRecorder:
         Counting visits, not rounds, evaluates every strategy as often per unit of
         work: a FedAvg round of 8 visits is evaluated even when ``eval-every`` is 2.
         """
-        every, per_round = self.config["eval-every"], self.visits_per_round
+        every, per_round = self.config.eval_every, self.visits_per_round
         return server_round * per_round // every > (server_round - 1) * per_round // every
 
     def _progress(self, row: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import copy
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -90,7 +90,7 @@ def reported_capacity(metrics: Mapping[str, Any]) -> dict[str, float]:
     return stated
 
 
-def node_capacity(reported: Mapping[str, Any], rank: float, config: Mapping[str, Any],
+def node_capacity(reported: Mapping[str, Any], rank: float, profile: str, seed: int,
                   num_nodes: int, full_ledger_mb: float) -> Capacity:
     """What a node stated in its node-config, else its share of the ``capacity-profile``.
 
@@ -99,8 +99,7 @@ def node_capacity(reported: Mapping[str, Any], rank: float, config: Mapping[str,
     if not math.isfinite(rank):
         base = Capacity()
     else:
-        base = profile_capacity(config["capacity-profile"], int(rank), num_nodes, int(config["seed"]),
-                                full_ledger_mb)
+        base = profile_capacity(profile, int(rank), num_nodes, seed, full_ledger_mb)
     return Capacity(compute=float(reported.get("compute", base.compute)),
                     memory_budget_mb=float(reported.get("memory-budget-mb", base.memory_budget_mb)),
                     link_mbps=float(reported.get("link-mbps", base.link_mbps)))
@@ -134,24 +133,25 @@ class WindowSizer:
         The task's model (copied, never changed).
     x, y : torch.Tensor
         One batch of the task's inputs and labels (``batch-size`` rows).
-    config : Mapping[str, Any]
-        The run-config: local work (``local-steps``, ``frozen-dtype``...) and ``hop-deadline-s``.
+    work : LocalWork
+        A node visit's local work (its ``steps`` > 0 when ``deadline_s`` is set). With
+        ``kd_weight`` > 0 (the run distils) a node also holds the window as received and one
+        batch of teacher outputs, and the ledger counts them.
+    deadline_s : float (default: 0.0)
+        ``hop-deadline-s``: the longest estimated compute time of a hop (0: no limit).
     align : Align | None (default: None)
         The task's ``align`` (an LLM predicts every answer token).
-    kd : bool (default: False)
-        Whether the run distils (``config.kd_enabled``): a node then also holds the window as
-        received and one batch of teacher outputs, and the ledger counts them.
 
     The model is copied for each measurement only: its values may change between them
     (the server evaluates into it), but ledgers and FLOPs depend on shapes alone.
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Mapping[str, Any],
-                 align: Align | None = None, kd: bool = False) -> None:
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, work: LocalWork,
+                 deadline_s: float = 0.0, align: Align | None = None) -> None:
         self.model, self.x, self.y, self.align = model, x, y, align
-        self.work = LocalWork.from_config({**config, "local-steps": 1}, kd=kd)
-        self.steps = int(config["local-steps"])  # hop-deadline-s > 0 requires local-steps > 0
-        self.deadline = float(config["hop-deadline-s"])
+        self.work = replace(work, steps=1)  # one step measures the ledger and a step's FLOPs
+        self.steps = work.steps  # hop-deadline-s > 0 requires local-steps > 0
+        self.deadline = deadline_s
         self._cache: dict[tuple[str, ...], tuple[float, float]] = {}
 
     def measure(self, window: list[str]) -> tuple[float, float]:
@@ -202,8 +202,10 @@ class NodeCapacities:
 
     Parameters
     ----------
-    config : Mapping[str, Any]
-        The run-config (``capacity-profile``, ``seed``).
+    profile : str
+        The run's ``capacity-profile`` (``uniform``, ``mixed``).
+    seed : int
+        Seeds the profile's draws.
     num_nodes : int
         Partitions the profile deals capacities over, when a node does not say.
     sizer : WindowSizer
@@ -213,17 +215,17 @@ class NodeCapacities:
         Every segment of the model.
     """
 
-    def __init__(self, config: Mapping[str, Any], num_nodes: int, sizer: WindowSizer,
+    def __init__(self, profile: str, seed: int, num_nodes: int, sizer: WindowSizer,
                  segments: list[str]) -> None:
-        self.config, self.num_nodes, self.sizer, self.segments = config, num_nodes, sizer, segments
+        self.profile, self.seed, self.num_nodes, self.sizer, self.segments = profile, seed, num_nodes, sizer, segments
 
     def full_ledger_mb(self) -> float:
         """Ledger of training every segment (a FedAvg node's), in MB."""
         return self.sizer.measure(self.segments)[0]
 
     def __call__(self, rank: float, reported: Mapping[str, Any]) -> Capacity:
-        needs_profile = self.config["capacity-profile"] != "uniform" and any(k not in reported for k in KEYS)
+        needs_profile = self.profile != "uniform" and any(k not in reported for k in KEYS)
         # the profile deals capacities over the partitions: the node knows how many there are
         num_nodes = int(reported.get("num-partitions", self.num_nodes))
-        return node_capacity(reported, rank, self.config, num_nodes,
+        return node_capacity(reported, rank, self.profile, self.seed, num_nodes,
                              self.full_ledger_mb() if needs_profile else 0.0)

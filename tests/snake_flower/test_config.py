@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import tomllib
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from snake_flower.config import DEFAULTS, ConfigError, parse_overrides, resolve
+from snake_flower.config import DEFAULTS, ConfigError, RunConfig, field_name, key_of, parse_overrides, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,6 +19,29 @@ def test_pyproject_holds_every_default():
     with open(ROOT / "pyproject.toml", "rb") as fh:
         table = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
     assert table == DEFAULTS
+
+
+def test_every_field_has_one_kebab_case_key_and_its_default():
+    fields = [f.name for f in dataclasses.fields(RunConfig)]
+    assert list(DEFAULTS) == [key_of(name) for name in fields]
+    assert all(field_name(key_of(name)) == name for name in fields)
+    assert all(DEFAULTS[key_of(f.name)] == f.default for f in dataclasses.fields(RunConfig))
+
+
+def test_resolve_gives_typed_fields_and_the_same_values_by_key():
+    config = resolve({"num-server-rounds": 3, "out-dir": "elsewhere", "train-head": False})
+    assert isinstance(config, RunConfig)
+    assert (config.num_server_rounds, config.out_dir, config.train_head) == (3, "elsewhere", False)
+    assert config.as_dict() == {**DEFAULTS, "num-server-rounds": 3, "out-dir": "elsewhere", "train-head": False}
+    assert dict(config) == config.as_dict() and config["out-dir"] == "elsewhere"
+    assert resolve(config, {"seed": 7}) == config.replace(seed=7)  # a resolved config is a layer too
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1
+
+
+def test_the_run_name_is_the_strategy_unless_set():
+    assert resolve({"strategy": "fedavg"}).name == "fedavg"
+    assert resolve({"strategy": "fedavg", "run-name": "fedavg-600"}).name == "fedavg-600"
 
 
 def test_overrides_parse_toml_values_and_bare_words():

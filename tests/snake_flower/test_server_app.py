@@ -8,7 +8,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.common.serde import array_record_to_proto
 
-from snake_flower.config import resolve
+from snake_flower.config import NODE_KEYS, resolve
 from snake_flower.runtime.metering import content_bytes
 from snake_flower.runtime.results import LEDGER_KEYS
 from snake_flower.server_app import run
@@ -163,3 +163,24 @@ def test_int8_payloads_and_frozen_layers_run_end_to_end(loopback, nodes, tmp_pat
     assert quant["memory"]["frozen_param_bytes"] < plain["memory"]["frozen_param_bytes"]
     # the synthetic task's accuracy moves in steps of 1/300: within 5 test examples of fp32
     assert abs(quant["final"]["accuracy"] - plain["final"]["accuracy"]) <= 5 / 300 + 1e-9
+
+
+# what the strategies add to a node's message beside the run-config's NODE_KEYS
+STRATEGY_KEYS = {"server-round", "window", "segments-sent", "segment-versions", "lr-rounds",
+                 "split-batch", "split-steps", "split-cut"}
+
+
+@pytest.mark.parametrize("strategy", ["snake", "fedavg", "split"])
+def test_a_nodes_message_bytes_do_not_depend_on_out_dir(loopback, nodes, tmp_path, strategy):
+    rows, sent = [], []
+    for out in (tmp_path / "a", tmp_path / ("a-much-longer-folder-name" * 8)):
+        node = nodes(3)
+        grid = loopback(list(node.contexts), node)
+        config = resolve({"task": "synthetic", "strategy": strategy, "num-server-rounds": 3, "local-steps": 2,
+                          "out-dir": str(out)})
+        rows.append([(r["bytes_down"], r["bytes_up"]) for r in run(grid, config)["rounds"]])
+        sent.append([set(msg.content["config"]) for msg in grid.sent if "config" in msg.content.config_records
+                     and "server-round" in msg.content["config"]])
+    assert rows[0] == rows[1] and all(down > 0 for down, _ in rows[0])
+    # a node is sent the keys it reads (NODE_KEYS) and what the strategy adds per message, no other
+    assert sent[0] and all(set(NODE_KEYS) <= keys and keys - set(NODE_KEYS) <= STRATEGY_KEYS for keys in sent[0])

@@ -113,11 +113,11 @@ def test_an_interrupted_tune_reuses_only_finished_runs_of_the_same_configuration
     config = resolve({"out-dir": str(tmp_path), "strategy": "fedavg", "local-steps": 600})
     path = results_path(config)
     assert _finished(config) is None                                  # nothing ran yet
-    path.write_text(json.dumps({"config": config, "rounds": []}))     # killed before the end
+    path.write_text(json.dumps({"config": config.as_dict(), "rounds": []}))     # killed before the end
     assert _finished(config) is None
-    path.write_text(json.dumps({"config": config, "rounds": [], "final": {"accuracy": 0.9}}))
+    path.write_text(json.dumps({"config": config.as_dict(), "rounds": [], "final": {"accuracy": 0.9}}))
     assert _finished(config)["final"]["accuracy"] == 0.9
-    assert _finished({**config, "lr": 0.02}) is None                  # another point's settings
+    assert _finished(config.replace(lr=0.02)) is None                  # another point's settings
     path.write_text("{not json")
     assert _finished(config) is None
 

@@ -18,7 +18,7 @@ def _saved(tmp_path, **overrides):
     config = resolve({"task": "synthetic", "out-dir": str(tmp_path), **overrides})
     arrays = ArrayRecord(build_model(TASKS["synthetic"], 3).state_dict())
     path = checkpoint_path(config)
-    save_checkpoint(path, arrays, {"config": config, "strategy": {"rounds-done": 4}, "recorder": {}})
+    save_checkpoint(path, arrays, {"config": config.as_dict(), "strategy": {"rounds-done": 4}, "recorder": {}})
     return config, arrays, path
 
 
@@ -28,8 +28,8 @@ def test_round_trip_keeps_model_state_and_random_state(tmp_path):
     expected_random, expected_torch = random.random(), torch.rand(3)
     random.random(), torch.rand(5)  # move both streams on
     random.seed(0)
-    config["num-server-rounds"] = 200  # free on resume, like hop-timeout and out-dir
-    loaded, state = load_checkpoint(path, config)
+    # num-server-rounds is free on resume, like hop-timeout and out-dir
+    loaded, state = load_checkpoint(path, config.replace(num_server_rounds=200))
     assert model_sha256(loaded) == model_sha256(arrays)
     assert state["strategy"]["rounds-done"] == 4
     # the random state saved before the draws above is back
@@ -39,9 +39,9 @@ def test_round_trip_keeps_model_state_and_random_state(tmp_path):
 def test_a_different_run_config_is_refused_in_one_line(tmp_path):
     config, _, path = _saved(tmp_path)
     with pytest.raises(ConfigError, match=r"^resume: .* written with lr=0.05, this run has lr=0.1"):
-        load_checkpoint(path, {**config, "lr": 0.1})
+        load_checkpoint(path, config.replace(lr=0.1))
     with pytest.raises(ConfigError, match="num-server-rounds: 3 is fewer than the 4 rounds"):
-        load_checkpoint(path, {**config, "num-server-rounds": 3})
+        load_checkpoint(path, config.replace(num_server_rounds=3))
 
 
 def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default(tmp_path):
@@ -52,7 +52,7 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default(tmp_pat
     assert load_checkpoint(checkpoint_path(config), config)[1]["strategy"]["rounds-done"] == 4
     # ... but not when this run sets the new key otherwise
     with pytest.raises(ConfigError, match="written with concurrency=1, this run has concurrency=2"):
-        load_checkpoint(checkpoint_path(config), {**config, "concurrency": 2})
+        load_checkpoint(checkpoint_path(config), config.replace(concurrency=2))
 
 
 def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from snake_flower.config import resolve
+from snake_flower.config import node_message, resolve
 from snake_flower.tasks.task import TASKS, build_model
 from snake_flower.training.capacity import (
     Capacity,
@@ -24,7 +24,8 @@ SEGMENTS = list(TASKS["synthetic"].segment_names)
 def _sizer(**overrides) -> WindowSizer:
     config = resolve({"task": "synthetic", "batch-size": 8, **overrides})
     x, y = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
-    return WindowSizer(build_model(TASKS["synthetic"], 0), x, y, config)
+    work = LocalWork.from_config(node_message(config), kd=False)
+    return WindowSizer(build_model(TASKS["synthetic"], 0), x, y, work, config.hop_deadline_s)
 
 
 def test_uniform_profile_is_every_node_alike():
@@ -44,10 +45,9 @@ def test_mixed_profile_spreads_compute_and_memory_at_least_4x_and_is_seeded():
 
 
 def test_a_node_config_overrides_the_profile_key_by_key():
-    config = resolve({"task": "synthetic", "capacity-profile": "mixed"})
     stated = reported_capacity({"partition-id": 3, "compute": 0.5, "link-mbps": 20})
     assert stated == {"compute": 0.5, "link-mbps": 20.0}
-    cap = node_capacity(stated, 3, config, 8, 10.0)
+    cap = node_capacity(stated, 3, "mixed", 42, 8, 10.0)
     assert (cap.compute, cap.link_mbps) == (0.5, 20.0)
     assert cap.memory_budget_mb == profile_capacity("mixed", 3, 8, 42, 10.0).memory_budget_mb
 
@@ -79,7 +79,7 @@ def test_misfit_names_the_limit_that_a_window_breaks():
 
 def test_profile_budgets_scale_with_the_full_models_ledger():
     sizer = _sizer(**{"capacity-profile": "mixed"})
-    caps = NodeCapacities(resolve({"task": "synthetic", "capacity-profile": "mixed"}), 8, sizer, SEGMENTS)
+    caps = NodeCapacities("mixed", 42, 8, sizer, SEGMENTS)
     full = caps.full_ledger_mb()
     budgets = [caps(r, {}).memory_budget_mb for r in range(8)]
     assert max(budgets) == pytest.approx(full, rel=1e-3) and min(budgets) == pytest.approx(full / 4, rel=1e-3)
@@ -95,5 +95,4 @@ def test_a_bad_stated_capacity_is_a_one_line_error(stated, message):
 
 
 def test_a_node_without_a_rank_gets_no_share_of_the_profile():
-    config = resolve({"task": "synthetic", "capacity-profile": "mixed"})
-    assert node_capacity({}, float("inf"), config, 8, 10.0) == Capacity()
+    assert node_capacity({}, float("inf"), "mixed", 42, 8, 10.0) == Capacity()
