@@ -24,7 +24,7 @@ import torch
 
 from snake_flower.config import node_message, resolve
 from snake_flower.tasks.data import partition_indices
-from snake_flower.tasks.task import TASKS, build_model
+from snake_flower.tasks.task import TASKS, build_model, segment_keys
 from snake_flower.training.loop import LocalWork, train_window
 
 
@@ -39,8 +39,8 @@ def bare_loop(steps: int, runs: int) -> list[float]:
     for run in range(runs):
         model = build_model(task, config.seed)
         start = time.perf_counter()
-        train_window(model, task.segment_names, x[idx], y[idx], LocalWork.from_config(node_message(config), kd=False),
-                     seed=run)
+        train_window(model, task.segment_names, (x[idx], y[idx]), segments=segment_keys(model),
+                     work=LocalWork.from_config(node_message(config), kd=False), seed=run)
         times.append(time.perf_counter() - start)
     return times
 

@@ -16,6 +16,7 @@ import torch
 from snake_flower.tasks.architectures import load_config
 from snake_flower.tasks.llm_data import align_tokens
 from snake_flower.training.frozen import DTYPES
+from snake_flower.tasks.task import segment_keys
 from snake_flower.training.loop import LocalWork, train_window
 from snake_flower.training.measure import build_node_model, trained_segments
 
@@ -28,8 +29,8 @@ def main() -> None:
     for dtype in ("bf16", "fp16", "bf16"):  # bf16 twice: the first pays for warming up
         model = build_node_model(config, DTYPES[dtype], "snake", 1)
         start = time.process_time()
-        train_window(model, trained_segments(model, "snake", 1), x, y,
-                     LocalWork(steps=1, batch_size=8, frozen_dtype=dtype, lr=0.02), seed=0, align=align_tokens)
+        train_window(model, trained_segments(model, "snake", 1), (x, y), segments=segment_keys(model),
+                     work=LocalWork(steps=1, batch_size=8, frozen_dtype=dtype, lr=0.02), seed=0, align=align_tokens)
         print(f"{dtype}: {time.process_time() - start:.1f} CPU s per step", flush=True)
 
 

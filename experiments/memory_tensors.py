@@ -20,6 +20,7 @@ from conftest import LiveBytes  # noqa: E402
 
 from snake_flower.tasks.architectures import load_config  # noqa: E402
 from snake_flower.tasks.llm_data import align_tokens  # noqa: E402
+from snake_flower.tasks.task import segment_keys  # noqa: E402
 from snake_flower.training.loop import LocalWork, train_window  # noqa: E402
 from snake_flower.training.measure import build_node_model, trained_segments  # noqa: E402
 
@@ -49,9 +50,9 @@ def main() -> None:
     model = build_node_model(config, torch.bfloat16, "snake", 1)
     live = PeakOp(*model.parameters(), x, y)
     with live:
-        _, ledger = train_window(model, trained_segments(model, "snake", 1), x, y,
-                                 LocalWork(steps=2, batch_size=8, frozen_dtype="bf16", optimizer=args.optimizer),
-                                 seed=0, align=align_tokens)
+        ledger = train_window(model, trained_segments(model, "snake", 1), (x, y), segments=segment_keys(model),
+                              work=LocalWork(steps=2, batch_size=8, frozen_dtype="bf16", optimizer=args.optimizer),
+                              seed=0, align=align_tokens)
     mib = 2**20
     print(f"peak live tensors {live.peak / mib:,.0f} MiB in {live.at}; ledger {ledger['total-bytes'] / mib:,.0f} MiB")
 

@@ -6,14 +6,14 @@ The public API:
 - ``SnakeStrategy(segments, window)``: the Flower strategy (server side);
 - ``make_client_app(model_fn, train_data_fn)``: the Flower ClientApp (node side), for
   Snake and FedAvg alike;
-- ``train_window(model, window, loader)``: one hop's training, for your own ``@app.train``;
+- ``train_window(model, window, data)``: one hop's training, for your own ``@app.train``;
 - ``Task``: what a ``task = "package.module:factory"`` plugin returns to ``snake-flower``.
 """
 
 from snake_flower.node import make_client_app
 from snake_flower.segments import segment_model
 from snake_flower.tasks.base import Task
-from snake_flower.training.window import train_window
+from snake_flower.training.loop import train_window
 from strategies import SnakeStrategy
 
 __all__ = ["SnakeStrategy", "Task", "make_client_app", "segment_model", "train_window"]

@@ -1,23 +1,31 @@
 """``make_client_app``: the node side of Snake for any PyTorch model, in one call.
 
-One ClientApp serves every strategy (docs/protocol.md has the message protocol):
+This is the one node implementation: a plugin user's app and the built-in tasks
+(``client_app.py`` hands it their model and data functions) run the same code. One
+ClientApp serves every strategy (docs/protocol.md has the message protocol, key by key):
 
-- a Snake message (its config has a ``window``) loads the partial download over the
-  node's own copy of the model (kept in ``context.state``), checks that the copy is
+- a Snake or relay message (its config has a ``window``) loads the partial download over
+  the node's own copy of the model (kept in ``context.state``), checks that the copy is
   current (delta sync), trains the window alone and replies with exactly the window's
-  keys, encoded in the message's ``payload-dtype``;
+  keys, encoded in the message's ``payload-dtype``; the node keeps what the server will
+  merge (the reply decoded), so its copy and the server's master agree exactly;
 - a message without a ``window`` (Flower's ``FedAvg``, or any strategy that sends the
-  whole model) trains every segment and replies with every key it received;
-- a ``query`` message gets the node's rank (its ``partition-id``), which orders the chain.
+  whole model) trains every segment and replies with every key it received, keeping no copy;
+- a ``query`` message gets the node's rank (its ``partition-id``), which orders the chain,
+  and the capacities its ``--node-config`` states.
 
-Knowledge distillation is used only on a Snake window smaller than the whole model and
-only if the message's config asks for it (``kd-weight > 0``); FedAvg and relay messages
-(``strategy = "fedavg" | "relay"``, or a window of every segment) never distil.
+Knowledge distillation follows the message's ``kd`` (``"auto"``: only on non-IID
+partitions) when ``kd-weight > 0``; FedAvg (``strategy = "fedavg"`` or no ``window``) and
+split learning never distil. The frozen layers are held in ``frozen-dtype`` while the
+window trains, and restored exactly from the node's copy.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,59 +33,85 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from snake_flower.config import kd_enabled
+from snake_flower.runtime.chaos import maybe_fail
 from snake_flower.segments import segment_model
 from snake_flower.tasks.task import transport_state
+from snake_flower.training.batches import split_batch, visit_seed
+from snake_flower.training.capacity import reported_capacity
+from snake_flower.training.frozen import ArrayView
+from snake_flower.training.loop import Align, LocalWork, train_window
 from snake_flower.training.loop import evaluate as _evaluate_tensors
-from snake_flower.training.window import split_batch, train_window
 from strategies.payload import decode, encode
 
-ModelFn = Callable[[], nn.Module]
-DataFn = Callable[[Context], Iterable]
+ModelFn = Callable[..., nn.Module]
+"""``model_fn()``, or ``model_fn(config)`` for a model that depends on the hop's config (a
+function whose required positional arguments number one more gets the config)."""
+DataFn = Callable[..., Any]
+"""``data_fn(context)``, or ``data_fn(context, config)``: ``(x, y)`` tensors or a loader."""
+SegmentsFn = Callable[[nn.Module, Mapping[str, Any]], Mapping[str, list[str]]]
 
-_OPTIONS = {"lr": 0.01, "momentum": 0.9, "weight-decay": 0.0, "local-steps": 0, "local-epochs": 1,
-            "clip-norm": 1.0, "kd-weight": 0.0, "kd-temperature": 2.0, "seed": 0}
-_NO_KD = ("fedavg", "relay")
+STATE_MODEL, STATE_VERSIONS = "model", "versions"
+"""Where the node keeps its copy of the model and the version of each segment it holds."""
+
+_WORK_KEYS = {"epochs": "local-epochs", "steps": "local-steps"}
+_DEFAULTS: dict[str, Any] = {
+    **{_WORK_KEYS.get(f.name, f.name.replace("_", "-")): f.default for f in fields(LocalWork)
+       if f.name != "optimizer"},
+    "seed": 0, "kd": "on",
+}
+"""A plugin node's defaults, overridden by ``make_client_app``'s options and then by the same
+key in each message's config: ``LocalWork``'s defaults (the one place they are set)."""
 
 
 def make_client_app(model_fn: ModelFn, train_data_fn: DataFn, *,
-                    segments: Mapping[str, list[str]] | None = None,
-                    evaluate_data_fn: DataFn | None = None, **options: float) -> ClientApp:
+                    segments: Mapping[str, list[str]] | SegmentsFn | None = None,
+                    evaluate_data_fn: DataFn | None = None, align: Align | None = None,
+                    **options: Any) -> ClientApp:
     """A Flower ``ClientApp`` that trains your model under ``SnakeStrategy`` or ``FedAvg``.
 
     Parameters
     ----------
     model_fn : Callable[[], nn.Module]
         Builds the model (called with ``torch.manual_seed(seed)`` set); maps inputs to logits.
-    train_data_fn : Callable[[Context], Iterable]
-        This node's training batches of ``(inputs, labels)``, e.g. a ``DataLoader`` over the
-        partition ``context.node_config["partition-id"]``; dict batches such as Flower
-        Datasets give (``{"img": ..., "label": ...}``) work too. Called on every hop: cache
-        what is slow to load.
-    segments : Mapping[str, list[str]] | None
+        A ``model_fn(config)`` gets the hop's config (the message's keys over the defaults).
+    train_data_fn : Callable[[Context], Any]
+        This node's training data: ``(x, y)`` tensors, drawn in batches of ``batch_size`` in
+        an order seeded per visit; or batches of ``(inputs, labels)``, e.g. a ``DataLoader``
+        over the partition ``context.node_config["partition-id"]`` (dict batches such as
+        Flower Datasets give, ``{"img": ..., "label": ...}``, work too), in the loader's own
+        order. Called on every hop: cache what is slow to load. A
+        ``train_data_fn(context, config)`` also gets the hop's config.
+    segments : Mapping[str, list[str]] | Callable | None
         The segments, exactly as given to ``SnakeStrategy``; ``None`` means
-        ``segment_model(model_fn())`` with its defaults.
+        ``segment_model(model_fn())`` with its defaults; a callable ``segments(model, config)``
+        gives them per hop.
     evaluate_data_fn : Callable[[Context], Iterable] | None
         Batches for ``@app.evaluate`` (FedAvg's client-side evaluation). Without it an
         evaluate message gets an error reply: set ``fraction_evaluate=0`` and evaluate
         on the server (``evaluate_fn``), as ``SnakeStrategy`` always does.
+    align : Callable | None
+        ``align(outputs, labels) -> (logits, labels)``, one row per prediction (a language
+        model's answer tokens); ``None``: the model's outputs are the logits.
     **options
         Defaults of the local work, overridden by the same key in each message's config:
         ``lr`` (0.01), ``momentum`` (0.9), ``weight_decay`` (0), ``local_steps`` (0: use
-        epochs), ``local_epochs`` (1), ``clip_norm`` (1.0), ``kd_weight`` (0),
-        ``kd_temperature`` (2.0), ``seed`` (0).
+        epochs), ``local_epochs`` (1), ``batch_size`` (32, tensor data), ``clip_norm`` (1.0),
+        ``kd_weight`` (0), ``kd_temperature`` (2.0), ``frozen_dtype`` ("fp32": what the
+        frozen layers are held in while the window trains), ``seed`` (0).
 
     Returns
     -------
     flwr.clientapp.ClientApp
     """
-    defaults = dict(_OPTIONS)
+    defaults = dict(_DEFAULTS)
     for name, value in options.items():
         key = name.replace("_", "-")
-        if key not in _OPTIONS:
-            raise TypeError(f"make_client_app: unknown option {name!r} (known: "
-                            f"{', '.join(k.replace('-', '_') for k in _OPTIONS)})")
+        if key not in _DEFAULTS or key == "kd":
+            known = ", ".join(k.replace("-", "_") for k in _DEFAULTS if k != "kd")
+            raise TypeError(f"make_client_app: unknown option {name!r} (known: {known})")
         defaults[key] = value
-    node = _Node(model_fn, train_data_fn, evaluate_data_fn, segments, defaults)
+    node = _Node(model_fn, train_data_fn, evaluate_data_fn, segments, align, defaults)
     app = ClientApp()
     app.train()(node.train)
     app.evaluate()(node.evaluate)
@@ -85,61 +119,141 @@ def make_client_app(model_fn: ModelFn, train_data_fn: DataFn, *,
     return app
 
 
+@dataclass(frozen=True)
+class NodeSettings:
+    """What a node's ``--node-config`` says of it, checked (``node_settings``)."""
+
+    partition_id: int | None
+    num_partitions: int | None
+    data_dir: str | None
+    capacity: dict[str, float]
+
+    def partition(self) -> tuple[int, int]:
+        """``(partition-id, num-partitions)``, which the built-in tasks' data needs."""
+        if self.partition_id is None or self.num_partitions is None:
+            raise ValueError("node-config needs partition-id and num-partitions "
+                             "(flower-supernode --node-config 'partition-id=0 num-partitions=N')")
+        return self.partition_id, self.num_partitions
+
+
+def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
+    """Check a node's ``node_config``; a bad value raises ``ValueError`` in one line naming its key.
+
+    ``partition-id`` (else ``rank``) and ``num-partitions`` are whole numbers, the first
+    below the second; ``data-dir`` is an existing directory; the capacities are
+    ``training.capacity.reported_capacity``'s.
+    """
+    partition_id = _whole(node_config, "partition-id", 0) if "partition-id" in node_config else (
+        _whole(node_config, "rank", 0) if "rank" in node_config else None)
+    num_partitions = _whole(node_config, "num-partitions", 1) if "num-partitions" in node_config else None
+    if partition_id is not None and num_partitions is not None and partition_id >= num_partitions:
+        raise ValueError(f"node-config: partition-id {partition_id} must be below num-partitions "
+                         f"{num_partitions}")
+    data_dir = node_config.get("data-dir")
+    if data_dir is not None:
+        if not isinstance(data_dir, str) or (data_dir and not Path(data_dir).is_dir()):
+            raise ValueError(f"node-config: data-dir {data_dir!r} is not a directory")
+        data_dir = data_dir or None
+    return NodeSettings(partition_id, num_partitions, data_dir, reported_capacity(node_config))
+
+
+def _whole(node_config: Mapping[str, Any], key: str, lowest: int) -> int:
+    value = node_config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"node-config: {key} must be a whole number >= {lowest}, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"node-config: {key} must be a whole number >= {lowest}, got {value!r}") from None
+    if not number.is_integer() or number < lowest:
+        raise ValueError(f"node-config: {key} must be a whole number >= {lowest}, got {value!r}")
+    return int(number)
+
+
+def _with_config(fn: Callable[..., Any], plain: int) -> Callable[..., Any]:
+    """``fn`` as a function of its ``plain`` arguments and the hop's config (which it may ignore)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: the plain form
+        return lambda *args: fn(*args[:plain])
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]
+    takes_config = len(required) > plain
+    return fn if takes_config else (lambda *args: fn(*args[:plain]))
+
+
 class _Node:
-    """What ``make_client_app``'s handlers share: the model builder, segments and defaults."""
+    """What ``make_client_app``'s handlers share: the model builder, data, segments and defaults."""
 
     def __init__(self, model_fn: ModelFn, train_data_fn: DataFn, evaluate_data_fn: DataFn | None,
-                 segments: Mapping[str, list[str]] | None, defaults: dict[str, Any]) -> None:
-        self.model_fn, self.train_data_fn, self.evaluate_data_fn = model_fn, train_data_fn, evaluate_data_fn
-        self.defaults = defaults
-        self._segments = {name: list(keys) for name, keys in segments.items()} if segments else None
+                 segments: Mapping[str, list[str]] | SegmentsFn | None, align: Align | None,
+                 defaults: dict[str, Any]) -> None:
+        self.model_fn = _with_config(model_fn, 0)
+        self.train_data_fn = _with_config(train_data_fn, 1)
+        self.evaluate_data_fn = _with_config(evaluate_data_fn, 1) if evaluate_data_fn else None
+        self.align, self.defaults = align, defaults
+        self._segments_fn = segments if callable(segments) else None
+        self._segments = ({name: list(keys) for name, keys in segments.items()}
+                          if segments is not None and not callable(segments) else None)
 
     # ---- handlers -------------------------------------------------------------
     def query(self, msg: Message, context: Context) -> Message:
-        """The node's rank in the chain: its ``partition-id`` (else ``rank``) from ``node_config``."""
-        node_config = context.node_config
-        rank = node_config.get("partition-id", node_config.get("rank"))
-        if rank is None:
+        """The node's rank in the chain (its ``partition-id``, else ``rank``) and its capacities."""
+        settings = node_settings(context.node_config)
+        if settings.partition_id is None:
             raise ValueError("node-config needs partition-id (or rank) to order the Snake chain, "
                              "e.g. flower-supernode --node-config 'partition-id=0 num-partitions=4'")
-        info = {"rank": float(rank), "num-partitions": float(node_config.get("num-partitions", 0))}
+        info = {"rank": float(settings.partition_id), "num-partitions": float(settings.num_partitions or 0),
+                **settings.capacity}
         return Message(RecordDict({"info": MetricRecord(info)}), reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
-        """One Snake hop (a ``window`` in the config) or one full-model visit (no ``window``)."""
+        """One Snake or relay hop (a ``window`` in the config) or one full-model visit (no ``window``)."""
         cfg = {**self.defaults, **_config(msg)}
+        settings = node_settings(context.node_config)
+        partition_id = -1 if settings.partition_id is None else settings.partition_id
+        maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0, crash-round)
         model = self._model(cfg)
-        segments = self.segments(model)
+        segments = self.segments(model, cfg)
         payload = str(cfg.get("payload-dtype", "fp32"))
         received = decode(_arrays(msg), payload)
+        for name in list(msg.content.array_records):  # decoded: the message's arrays can go
+            del msg.content[name]
+        received_keys = list(received.keys())
         snake = "window" in cfg
         if snake:
-            held = self._load_snake(model, segments, received, cfg, context)
+            held, server = self._load_snake(model, segments, received, cfg, context)
             window = [str(name) for name in cfg["window"]]
         else:
             _load(model, received)
             window = list(segments)
-        kd = (snake and float(cfg["kd-weight"]) > 0 and str(cfg.get("kd", "on")) != "off"
-              and str(cfg.get("strategy", "snake")) not in _NO_KD and set(window) != set(segments))
-        torch.manual_seed(int(cfg["seed"]) * 100_003 + int(cfg.get("server-round", 0)))
-        metrics = train_window(model, window, self.train_data_fn(context), segments=segments,
-                               lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
-                               weight_decay=float(cfg["weight-decay"]), local_steps=int(cfg["local-steps"]),
-                               local_epochs=int(cfg["local-epochs"]), clip_norm=float(cfg["clip-norm"]),
-                               kd_weight=float(cfg["kd-weight"]) if kd else 0.0,
-                               kd_temperature=float(cfg["kd-temperature"]))
+        del received  # loaded: release it before training
+        keeps_copy = snake and cfg.get("strategy") != "fedavg"  # FedAvg sends the whole model anyway
+        exact = None
+        if keeps_copy:  # the node's copy, stored now: the frozen layers are restored from it
+            context.state[STATE_MODEL] = ArrayRecord(transport_state(model.state_dict()))
+            exact = ArrayView(context.state[STATE_MODEL])
+        seed = visit_seed(cfg["seed"], cfg.get("server-round", 0))
+        torch.manual_seed(seed)  # what a loader shuffles, per visit
+        work = LocalWork.from_config(cfg, kd=snake and kd_enabled(cfg))
+        metrics = train_window(model, window, self.train_data_fn(context, cfg), segments=segments,
+                               work=work, seed=seed, align=self.align, exact=exact)
         state = transport_state(model.state_dict())
         if snake:
-            keys = [key for name in window for key in segments[name]]
+            keys = [key for name, seg in segments.items() if name in window for key in seg]
             reply = encode(ArrayRecord({key: state[key] for key in keys}), payload)
             if payload != "fp32":  # keep what the server will merge, not what was trained
                 state.update(decode(reply, payload).to_torch_state_dict())
-            context.state["snake-model"] = ArrayRecord(state)
-            context.state["snake-versions"] = ConfigRecord(held)
+            for name in window:  # the server bumps these versions when it merges the reply
+                held[name] = server[name] + 1
+            if keeps_copy:
+                context.state[STATE_MODEL] = ArrayRecord(state)
+                context.state[STATE_VERSIONS] = ConfigRecord(held)
         else:  # every key it was sent, as FedAvg averages them
-            reply = ArrayRecord({key: state[key] for key in received.keys()})
-        metrics["partition-id"] = float(context.node_config.get("partition-id", -1))
-        return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
+            reply = ArrayRecord({key: state[key] for key in received_keys})
+        # One MetricRecord, as Flower's FedAvg requires of every reply: metrics and memory ledger.
+        metrics = MetricRecord({**metrics, **settings.capacity, "partition-id": float(partition_id)})
+        return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """Loss and accuracy of the received model on ``evaluate_data_fn``'s batches."""
@@ -148,13 +262,13 @@ class _Node:
                              "evaluate on the server (FedAvg(fraction_evaluate=0), evaluate_fn=...)")
         cfg = {**self.defaults, **_config(msg)}
         model = self._model(cfg)
-        if "snake-model" in context.state:
-            model.load_state_dict(context.state["snake-model"].to_torch_state_dict())
+        if STATE_MODEL in context.state:
+            model.load_state_dict(context.state[STATE_MODEL].to_torch_state_dict())
         _load(model, decode(_arrays(msg), str(cfg.get("payload-dtype", "fp32"))))
         loss = correct = count = 0.0
-        for batch in self.evaluate_data_fn(context):
+        for batch in self.evaluate_data_fn(context, cfg):
             inputs, labels = split_batch(batch)
-            result = _evaluate_tensors(model, inputs, labels, batch_size=len(labels))
+            result = _evaluate_tensors(model, inputs, labels, batch_size=len(labels), align=self.align)
             loss += result["loss"] * len(labels)
             correct += result["accuracy"] * len(labels)
             count += len(labels)
@@ -162,8 +276,10 @@ class _Node:
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     # ---- helpers --------------------------------------------------------------
-    def segments(self, model: nn.Module) -> dict[str, list[str]]:
-        """The segments in use (``segment_model(model)`` unless given), computed once."""
+    def segments(self, model: nn.Module, cfg: Mapping[str, Any]) -> dict[str, list[str]]:
+        """The segments in use: the callable's for this hop, else those given (or found once)."""
+        if self._segments_fn is not None:
+            return {name: list(keys) for name, keys in self._segments_fn(model, cfg).items()}
         if self._segments is None:
             self._segments = segment_model(model)
         return self._segments
@@ -171,11 +287,12 @@ class _Node:
     def _model(self, cfg: Mapping[str, Any]) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # every node builds the same initial weights
             torch.manual_seed(int(cfg["seed"]))
-            return self.model_fn()
+            return self.model_fn(cfg)
 
     def _load_snake(self, model: nn.Module, segments: Mapping[str, list[str]], received: ArrayRecord,
-                    cfg: Mapping[str, Any], context: Context) -> dict[str, int]:
-        """Apply a Snake download over the node's copy; the segment versions it now holds."""
+                    cfg: Mapping[str, Any], context: Context) -> tuple[dict[str, int], dict[str, int]]:
+        """Apply a Snake download over the node's copy: the segment versions it now holds, and
+        the server's."""
         names = list(segments)
         versions = [int(v) for v in cfg.get("segment-versions", [])]
         if len(versions) != len(names):
@@ -185,9 +302,9 @@ class _Node:
         if unknown:
             raise ValueError(f"window {unknown[:3]} is not among this node's segments: "
                              f"give make_client_app the segments SnakeStrategy was given")
-        if "snake-model" in context.state:
-            model.load_state_dict(context.state["snake-model"].to_torch_state_dict())
-        held = dict(context.state["snake-versions"]) if "snake-versions" in context.state else {}
+        if STATE_MODEL in context.state:
+            model.load_state_dict(context.state[STATE_MODEL].to_torch_state_dict())
+        held = dict(context.state[STATE_VERSIONS]) if STATE_VERSIONS in context.state else {}
         _load(model, received)
         server = dict(zip(names, versions))
         for name in cfg.get("segments-sent", []):
@@ -197,9 +314,7 @@ class _Node:
             stale = [name for name in names if held.get(name) != server[name]]
             if stale:  # e.g. the node restarted and lost its copy: the server resends everything
                 raise RuntimeError(f"local copy is stale for segments {stale[:3]}; full sync needed")
-        for name in cfg["window"]:  # the server bumps these when it merges the reply
-            held[str(name)] = server[str(name)] + 1
-        return held
+        return held, server
 
 
 def _config(msg: Message) -> dict[str, Any]:

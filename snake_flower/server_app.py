@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
@@ -42,7 +41,7 @@ from snake_flower.training.capacity import (
     hop_time_s,
 )
 from snake_flower.training.loop import LocalWork, SavedActivations, evaluate, memory_ledger, scheduled_lr
-from strategies import SnakeStrategy, SplitStrategy
+from strategies import OrderedFedAvg, SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
 
 
@@ -245,7 +244,8 @@ def run_fedavg(grid: Grid, config: RunConfig) -> dict[str, Any]:
         this_round[:] = replies
         return aggregate_metricrecords(records, weighting)
 
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
+    # Flower's FedAvg, averaging in partition order: a run repeats bit for bit
+    strategy = OrderedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
                       # we waited for min-nodes above; later rounds go on with who is left
                       min_available_nodes=1, train_metrics_aggr_fn=aggregate_metrics)
 

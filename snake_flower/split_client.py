@@ -30,10 +30,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from snake_flower.tasks.data import PARTITION_KEYS, node_partition, partition_from_config
+from snake_flower.node import node_settings
+from snake_flower.tasks.data import PARTITION_KEYS, partition_from_config
 from snake_flower.tasks.task import TASKS, build_model
-from snake_flower.training.capacity import reported_capacity
-from snake_flower.training.loop import LocalWork, SavedActivations, memory_ledger, visit_batches, visit_seed
+from snake_flower.training.batches import visit_batches, visit_seed
+from snake_flower.training.loop import LocalWork, SavedActivations, memory_ledger
 
 STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT = "split-bottom", "split-momentum", "split-visit"
 
@@ -41,14 +42,15 @@ STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT = "split-bottom", "split-momentum", "s
 def train_split(msg: Message, context: Context) -> Message:
     """One message of a split-learning visit (see the module docstring)."""
     cfg = dict(msg.content["config"])
-    partition_id, num_partitions = node_partition(context.node_config)
+    settings = node_settings(context.node_config)
+    partition_id, num_partitions = settings.partition()
     task = TASKS[cfg["task"]]
-    x_train, idx, y = _node_data(task.name, cfg["data-dir"], _partition_key(cfg), num_partitions,
-                                 partition_id)
+    data_dir = settings.data_dir if settings.data_dir is not None else str(cfg["data-dir"])
+    x_train, idx, y = _node_data(task.name, data_dir, _partition_key(cfg), num_partitions, partition_id)
     work = replace(LocalWork.from_config(cfg, kd=False), steps=int(cfg["split-steps"]))
     visit, batch = int(cfg["server-round"]), int(cfg["split-batch"])
     # the Snake ClientApp's hop seed: at equal rounds both draw the same batches
-    batches = visit_batches(len(y), work, seed=visit_seed(cfg["seed"], visit))
+    batches = visit_batches(len(y), work.batch_size, work.steps, work.epochs, seed=visit_seed(cfg["seed"], visit))
     if not 0 <= batch <= len(batches):
         raise ValueError(f"split-batch {batch} is outside this visit's 0..{len(batches)}")
 
@@ -72,7 +74,7 @@ def train_split(msg: Message, context: Context) -> Message:
         ledger = memory_ledger(bottom, params, optimizer, meter.peak)
         for key in (STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT):
             context.state.pop(key, None)
-        metrics = {**counts, **ledger, **reported_capacity(context.node_config), "steps": batch,
+        metrics = {**counts, **ledger, **settings.capacity, "steps": batch,
                    "num-examples": len(y),
                    "train-seconds": time.time() - float(progress.get("started", time.time())),
                    "compute-seconds": compute}

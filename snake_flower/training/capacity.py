@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from snake_flower.tasks.task import segment_keys
 from snake_flower.training.loop import Align, LocalWork, train_window
 
 # compute = 1.0: the FLOP rate one hop of the small Fashion-MNIST CNN sustained on the
@@ -160,7 +161,8 @@ class WindowSizer:
         if key not in self._cache:
             model = copy.deepcopy(self.model)
             with FlopCounterMode(display=False) as flops:
-                _, ledger = train_window(model, window, self.x, self.y, self.work, seed=0, align=self.align)
+                ledger = train_window(model, window, (self.x, self.y), segments=segment_keys(model),
+                                      work=self.work, seed=0, align=self.align)
             self._cache[key] = (ledger["total-bytes"] / 1e6, float(flops.get_total_flops()))
         return self._cache[key]
 

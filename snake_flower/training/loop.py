@@ -1,8 +1,9 @@
-"""Local training of a window of segments, and evaluation.
+"""Local training of a window of segments (``train_window``, public), and evaluation.
 
-The same ``train_window`` serves every strategy: Snake passes its window, FedAvg
-passes every segment. Segments outside the window are frozen (no gradient, not in
-the optimizer, eval mode for their buffers), so their values are left bit-identical.
+The same ``train_window`` serves every strategy and every node: Snake passes its window,
+relay and FedAvg every segment; the built-in tasks and a plugin user's ``make_client_app``
+call it alike. Segments outside the window are frozen (no gradient, not in the
+optimizer, eval mode for their buffers), so their values are left bit-identical.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from snake_flower.segments import segment_model
+from snake_flower.training.batches import is_tensor_pair, loader_batches, split_batch, tensor_batches
 from snake_flower.training.frozen import hold_frozen_in, resolve_dtype, restore
 from snake_flower.training.head_loss import chunk_rows, head_loss, working_bytes
 from snake_flower.training.ledger import SavedActivations, memory_ledger  # noqa: F401 (the ledger, as loop gave it)
@@ -28,12 +32,16 @@ Align = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class LocalWork:
-    """Everything that defines one visit's local training (equal for all strategies)."""
+    """Everything that defines one visit's local training (equal for all strategies).
+
+    The defaults are ``train_window``'s and ``make_client_app``'s, for plugin users; the
+    built-in runs take theirs from the run-config (``config.py``, the experiment TOMLs).
+    """
 
     epochs: int = 1
     steps: int = 0  # > 0 overrides epochs
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
     clip_norm: float = 1.0  # 0 disables clipping
@@ -74,31 +82,6 @@ def scheduled_lr(lr: float, server_round: int, rounds: int, decay: str = "none",
     return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def freeze_outside(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parameter]:
-    """Freeze every segment not in ``trainable``; return the trainable parameters.
-
-    Only parameters in ``model.state_dict()`` train: a model may keep some out of it
-    (an LLM's LoRA base weights, a tied LM head owned by the embeddings), and what
-    does not travel must not change.
-    """
-    trainable = set(trainable)
-    nested = getattr(model, "snake_segments", None)  # a plugin task's segments (tasks.task)
-    if nested is not None:
-        return freeze_outside_keys(model, {key for name in trainable for key in nested[name]})
-    travels = set(model.state_dict(keep_vars=True))
-    params: list[nn.Parameter] = []
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, segment in model.named_children():
-        segment.train(name in trainable)
-        if name in trainable:
-            for key, p in segment.named_parameters(prefix=name):
-                if key in travels:
-                    p.requires_grad_(True)
-                    params.append(p)
-    return params
-
-
 def freeze_outside_keys(model: nn.Module, trainable: set[str]) -> list[nn.Parameter]:
     """Freeze every parameter whose ``state_dict`` key is not in ``trainable``; return the rest.
 
@@ -132,76 +115,128 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     return (1.0 - weight) * ce + weight * temperature**2 * kl
 
 
-def _batches(n: int, work: LocalWork, gen: torch.Generator) -> Iterable[torch.Tensor]:
-    total = work.steps if work.steps > 0 else work.epochs * -(-n // work.batch_size)
-    done = 0
-    while done < total:
-        for idx in torch.randperm(n, generator=gen).split(work.batch_size):
-            if done == total:
-                return
-            yield idx
-            done += 1
-
-
-def visit_seed(seed: int, server_round: int) -> int:
-    """The batch-order seed of one visit: equal rounds draw equal batches in every strategy."""
-    return int(seed) * 100_003 + int(server_round)
-
-
-def visit_batches(n: int, work: LocalWork, seed: int) -> list[torch.Tensor]:
-    """Index tensors of every batch of one visit, drawn exactly as ``train_window`` draws them.
-
-    Split learning needs batch ``t`` again one message later (the node recomputes its
-    forward pass), so it redraws the visit's batches from the same seed.
-    """
-    return list(_batches(n, work, torch.Generator().manual_seed(seed)))
+def window_param_keys(segments: Mapping[str, Sequence[str]], window: Iterable[str]) -> set[str]:
+    """The ``state_dict`` keys of ``window``'s segments; an unknown name raises ``ValueError``."""
+    window = list(window)
+    unknown = [name for name in window if name not in segments]
+    if unknown:
+        raise ValueError(f"window: segments {unknown[:3]} are not among this model's "
+                         f"{len(segments)} segments ({', '.join(list(segments)[:4])}, ...)")
+    return {key for name in window for key in segments[name]}
 
 
 def _identity(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, y
 
 
-def train_window(model: nn.Module, trainable: Iterable[str], x: torch.Tensor, y: torch.Tensor,
-                 work: LocalWork, seed: int, align: Align | None = None,
-                 exact: Mapping[str, torch.Tensor] | None = None
-                 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Train the ``trainable`` segments in place; return training metrics and memory ledger.
+_OPTION_FIELDS = {"local_steps": "steps", "local_epochs": "epochs"}
+"""``train_window``'s keyword options that a ``LocalWork`` field holds under another name."""
 
-    ``align(outputs, y)`` turns a batch's outputs and labels into one row per
-    prediction (``Task.align``; an LLM predicts every answer token). ``exact`` maps
-    ``state_dict`` keys to the exact values the node keeps (its stored copy): a frozen
-    parameter found there is held in ``work.frozen_dtype`` alone during the hop and is
-    restored from it afterwards; without it the fp32 originals stay alive for the restore.
+
+def local_work(work: LocalWork | None = None, **options: Any) -> LocalWork:
+    """``work`` (else the defaults) with ``options`` set, by ``LocalWork`` field or option name."""
+    fields = {_OPTION_FIELDS.get(name, name): value for name, value in options.items()}
+    unknown = sorted(set(fields) - set(LocalWork.__dataclass_fields__))
+    if unknown:
+        known = sorted({*LocalWork.__dataclass_fields__, *_OPTION_FIELDS} - set(_OPTION_FIELDS.values()))
+        raise TypeError(f"train_window: unknown option {unknown[0]!r} (known: {', '.join(known)})")
+    return replace(work or LocalWork(), **fields)
+
+
+def train_window(model: nn.Module, window: Iterable[str], data: Any, *,
+                 segments: Mapping[str, Sequence[str]] | None = None, work: LocalWork | None = None,
+                 seed: int = 0, align: Align | None = None, exact: Mapping[str, torch.Tensor] | None = None,
+                 **options: Any) -> dict[str, float]:
+    """Train the ``window`` segments of ``model`` in place, every other segment frozen.
+
+    The one training function of a hop: ``make_client_app``'s node calls it for every
+    strategy (Snake's window, relay's and FedAvg's whole model), and so can your own
+    ``@app.train``. Frozen parameters are left bit-identical.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The node's model, holding the values the server sent; ``model(inputs)`` gives logits
+        (cross-entropy against the labels), or an LLM's ``head_inputs`` (``chunked_head``).
+    window : Iterable[str]
+        Names of the segments to train.
+    data : tuple[torch.Tensor, torch.Tensor] | Iterable
+        ``(x, y)`` tensors, drawn in batches of ``batch_size`` in an order seeded by ``seed``;
+        or a loader of ``(inputs, labels)`` batches (a ``DataLoader``, dicts such as
+        ``{"img": ..., "label": ...}`` from Flower Datasets; see ``split_batch``) in its own order.
+    segments : Mapping[str, Sequence[str]] | None
+        Segment name -> ``state_dict`` keys; ``None`` means ``segment_model(model)``.
+    work : LocalWork | None
+        The local work; ``None`` means ``LocalWork()``'s defaults. ``options`` override it.
+    seed : int
+        The batch order of tensor data (``batches.visit_seed`` gives a visit's).
+    align : Callable | None
+        ``align(outputs, y) -> (logits, labels)``, one row per prediction (an LLM predicts
+        every answer token); ``None``: ``model.snake_align`` if the model has one, else the
+        outputs are the logits.
+    exact : Mapping[str, torch.Tensor] | None
+        The exact values the node keeps (its stored copy) by ``state_dict`` key: a frozen
+        parameter found there is held in ``frozen_dtype`` alone during the hop and restored
+        from it; without it the fp32 originals stay alive for the restore.
+    **options
+        ``LocalWork`` fields by name: ``lr``, ``momentum``, ``weight_decay``, ``local_steps``
+        (> 0 trains that many batches, the loader restarting as needed), ``local_epochs``,
+        ``batch_size``, ``clip_norm`` (0: no clipping; one window trained against frozen random
+        neighbours can kill its ReLUs without it), ``kd_weight`` and ``kd_temperature``
+        (distillation from the model as received; 0: plain cross-entropy), ``frozen_dtype``
+        and ``optimizer``.
+
+    Returns
+    -------
+    dict[str, float]
+        ``train-loss`` (mean over steps), ``steps``, ``num-examples`` (the partition's size for
+        tensors, the examples seen for a loader), ``train-seconds``, ``train-cpu-seconds``,
+        and the hop's memory ledger (``*-bytes``).
     """
+    work = local_work(work, **options)
+    segments = segments if segments is not None else segment_model(model)
+    keys = window_param_keys(segments, window)
+    align = align or getattr(model, "snake_align", None) or _identity
+    if is_tensor_pair(data):
+        x, y = data
+        gen = torch.Generator().manual_seed(seed)
+        batches = ((x[idx], y[idx]) for idx in tensor_batches(len(y), work.batch_size, work.steps, work.epochs, gen))
+        examples = len(y)
+    else:
+        batches = (split_batch(batch) for batch in loader_batches(data, work.steps, work.epochs))
+        examples = None
     start, cpu = time.perf_counter(), time.process_time()
-    params = freeze_outside(model, trainable)
+    flags = [p.requires_grad for p in model.parameters()]
+    params = freeze_outside_keys(model, keys)
+    if not params:
+        raise ValueError(f"window {list(window)}: no trainable parameter in it")
     held = hold_frozen_in(model, work.frozen_dtype, exact)
     try:
-        metrics, ledger = _train_held(model, params, x, y, work, seed, align or _identity)
+        metrics = _train_held(model, params, batches, work, align, examples)
     finally:
         restore(held, exact)  # a failed step too leaves the caller's model exact
+        for p, flag in zip(model.parameters(), flags):  # and its requires_grad flags as they were
+            p.requires_grad_(flag)
     metrics["train-seconds"] = time.perf_counter() - start
     # CPU seconds: on a shared machine the wall time also counts waiting for a core
     metrics["train-cpu-seconds"] = time.process_time() - cpu
-    return metrics, ledger
+    return metrics
 
 
-def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
-                work: LocalWork, seed: int, align: Align) -> tuple[dict[str, float], dict[str, float]]:
+def _train_held(model: nn.Module, params: list[nn.Parameter], batches: Iterable[tuple[Any, torch.Tensor]],
+                work: LocalWork, align: Align, examples: int | None) -> dict[str, float]:
     """``train_window``'s steps, with the frozen layers held in ``work.frozen_dtype``."""
     # the teacher is the model as received: the shared frozen layers plus a copy of the window
     teacher = ReceivedTeacher(model) if work.kd_weight > 0.0 else None
     optimizer = _optimizer(params, work)
-    gen = torch.Generator().manual_seed(seed)
-    total_loss, steps, loss_bytes = 0.0, 0, 0
+    total_loss, steps, seen, loss_bytes = 0.0, 0, 0, 0
     meter = SavedActivations(model.parameters())  # frozen weights are not activations
     again = SavedActivations(model.parameters())  # one frozen segment run again in backward
     with recompute_frozen(model, params, again):
-        for idx in _batches(len(y), work, gen):
-            xb = x[idx]
+        for xb, yb in batches:
             # the teacher runs first, while no activation is saved: only its outputs stay
-            target = align(teacher(xb), y[idx])[0] if teacher is not None else None
-            loss, held = _loss(model, xb, y[idx], target, work, align, meter)
+            target = align(teacher(xb), yb)[0] if teacher is not None else None
+            loss, held = _loss(model, xb, yb, target, work, align, meter)
             loss_bytes = max(loss_bytes, held)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -210,13 +245,14 @@ def _train_held(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y
             optimizer.step()
             total_loss += loss.item()
             steps += 1
+            seen += len(yb)
             del target, loss
     model.eval()
     metrics = {"train-loss": total_loss / max(steps, 1), "steps": float(steps),
-               "num-examples": float(len(y))}
+               "num-examples": float(seen if examples is None else examples)}
     teacher_window, teacher_outputs = (teacher.window_bytes, teacher.output_bytes) if teacher else (0, 0)
-    return metrics, memory_ledger(model, params, optimizer, meter.peak + again.peak + loss_bytes,
-                                  teacher_window, teacher_outputs)
+    return {**metrics, **memory_ledger(model, params, optimizer, meter.peak + again.peak + loss_bytes,
+                                       teacher_window, teacher_outputs)}
 
 
 def _loss(model: nn.Module, xb: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,

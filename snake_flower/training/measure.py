@@ -141,6 +141,7 @@ def run_arm(arm: str, options: MeasureOptions) -> dict[str, Any]:
     from snake_flower.tasks.architectures import load_config
     from snake_flower.tasks.llm_data import align_tokens
     from snake_flower.training.frozen import DTYPES, resolve_dtype
+    from snake_flower.tasks.task import segment_keys
     from snake_flower.training.loop import LocalWork, train_window
 
     config = load_config(options.model)
@@ -151,9 +152,9 @@ def run_arm(arm: str, options: MeasureOptions) -> dict[str, Any]:
     y = torch.randint(3, config.vocab_size, (rows, options.seq), generator=gen)
     for _ in range(2):  # lazy imports, kernels and thread pools belong to the baseline, not the hop
         warm = build_node_model(miniature(config), DTYPES[held], arm, options.window)
-        train_window(warm, trained_segments(warm, arm, options.window), x[:, :8] % 256, y[:, :8] % 256,
-                     LocalWork(steps=1, batch_size=options.batch, frozen_dtype=held,
-                               optimizer=options.optimizer), seed=0, align=align_tokens)
+        train_window(warm, trained_segments(warm, arm, options.window), (x[:, :8] % 256, y[:, :8] % 256),
+                     segments=segment_keys(warm), seed=0, align=align_tokens,
+                     work=LocalWork(steps=1, batch_size=options.batch, frozen_dtype=held, optimizer=options.optimizer))
         del warm
     baseline, _ = rss()
     reset_peak()
@@ -163,17 +164,18 @@ def run_arm(arm: str, options: MeasureOptions) -> dict[str, Any]:
     built = time.perf_counter() - start
     work = LocalWork(steps=options.steps, batch_size=options.batch, lr=1e-4, momentum=0.9,
                      clip_norm=1.0, frozen_dtype=held, optimizer=options.optimizer)
-    metrics, ledger = train_window(model, window, x, y, work, seed=0, align=align_tokens)
+    trained = train_window(model, window, (x, y), segments=segment_keys(model),
+                           work=work, seed=0, align=align_tokens)
     _, peak = rss()
     return {"peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
-            "total_bytes": int(ledger["total-bytes"]),
-            "ledger": {key.replace("-", "_"): int(value) for key, value in ledger.items()
+            "total_bytes": int(trained["total-bytes"]),
+            "ledger": {key.replace("-", "_"): int(value) for key, value in trained.items()
                        if key.endswith("-bytes") and key != "peak-rss-bytes"},
             "window": window if arm == "snake" else ["every segment"],
             "frozen_dtype": held if arm == "snake" else None,
             "payload_dtype": held if arm == "snake" else "fp32",
             "optimizer": options.optimizer, "build_seconds": round(built, 2),
-            "train_seconds": round(metrics["train-seconds"], 2)}
+            "train_seconds": round(trained["train-seconds"], 2)}
 
 
 def build_node_model(config: Any, held: Any, arm: str, window: int) -> Any:

@@ -21,7 +21,7 @@ def _nbytes(tensor: torch.Tensor) -> int:
 class ReceivedTeacher:
     """Outputs of ``model`` as it is now (received), for every later step of the hop.
 
-    Call it after the window is unfrozen (``freeze_outside``) and the frozen layers are
+    Call it after the window is unfrozen (``freeze_outside_keys``) and the frozen layers are
     held, and before the first step. It copies the window's trainable parameters and the
     buffers of the segments in train mode (a BatchNorm's running statistics move while the
     window trains); everything else is the student's own tensors, which do not change.

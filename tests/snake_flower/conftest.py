@@ -9,9 +9,10 @@ from snake_flower.client_app import app as client_app
 
 
 class InProcessNodes:
-    """``n`` nodes running the project's ClientApp, each with its own ``context.state``."""
+    """``n`` nodes running the project's ClientApp (or ``app``), each with its own ``context.state``."""
 
-    def __init__(self, n: int, first_id: int = 1000) -> None:
+    def __init__(self, n: int, first_id: int = 1000, app=client_app) -> None:  # noqa: ANN001
+        self.app = app
         self.contexts = {first_id + 7 * i: Context(run_id=1, node_id=first_id + 7 * i,
                                                    node_config={"partition-id": i, "num-partitions": n},
                                                    state=RecordDict(), run_config={})
@@ -23,7 +24,7 @@ class InProcessNodes:
         sent = msg.content  # Flower hands each node its own copy: the node may release its records
         msg.content = RecordDict(dict(sent.items()))
         try:
-            content = client_app(msg, self.contexts[node]).content
+            content = self.app(msg, self.contexts[node]).content
         except Exception as err:  # a crashing ClientApp becomes an error reply, as in Flower
             return Error(code=1, reason=f"{type(err).__name__}: {err}")
         finally:

@@ -74,7 +74,8 @@ def test_every_visit_reports_its_compute(loopback, nodes, tmp_path):
     model = build_model(TASKS["synthetic"], 0)
     x, y = TASKS["synthetic"].load("")[2:]
     with FlopCounterMode(display=False) as counter:
-        loop.train_window(model, list(segment_keys(model)), x[:32], y[:32], loop.LocalWork(steps=1), seed=0)
+        loop.train_window(model, list(segment_keys(model)), (x[:32], y[:32]), segments=segment_keys(model),
+                          work=loop.LocalWork(steps=1), seed=0)
     assert fedavg["rounds"][0]["train_flops"] == 3 * 3 * counter.get_total_flops()
 
 

@@ -59,10 +59,13 @@ class Nodes:
                                           node_config={"partition-id": i, "num-partitions": NODES})
                          for i in range(NODES)}
         self.calls: list[tuple[str, int]] = []
+        self.downloads: list[list[str]] = []  # the keys of each train message's arrays, as received
 
     def __call__(self, msg: Message) -> RecordDict | Error:
         node = msg.metadata.dst_node_id
         self.calls.append((msg.metadata.message_type, node))
+        if msg.metadata.message_type == MessageType.TRAIN:  # the node releases them once loaded
+            self.downloads.append([key for record in msg.content.array_records.values() for key in record])
         try:
             return self.app(msg, self.contexts[node]).content
         except Exception as err:  # noqa: BLE001 - a crashing ClientApp is an error reply in Flower
@@ -122,24 +125,26 @@ def _snake_message(window: list[str], segments, arrays: ArrayRecord, **extra) ->
     return Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=100, message_type=MessageType.TRAIN)
 
 
-def test_kd_only_on_a_snake_window_never_for_fedavg_or_relay(loopback, monkeypatch):
+def test_kd_follows_kd_for_snake_and_relay_and_never_for_fedavg(loopback, monkeypatch):
     import snake_flower.node as node_module
 
     seen = []
     real = node_module.train_window
     monkeypatch.setattr(node_module, "train_window",
-                        lambda *a, **kw: seen.append(kw["kd_weight"]) or real(*a, **kw))
+                        lambda *a, **kw: seen.append(kw["work"].kd_weight) or real(*a, **kw))
     model, arrays = _initial()
     segments = segment_model(model)
     nodes = Nodes(make_client_app(Blocks, _train_data, local_steps=1, kd_weight=0.5))
     window = [next(iter(segments))]
     nodes(_snake_message(window, segments, arrays))
-    nodes(_snake_message(window, segments, arrays, strategy="relay"))
-    nodes(_snake_message(list(segments), segments, arrays))  # relay: every segment
+    nodes(_snake_message(list(segments), segments, arrays, strategy="relay"))  # relay distils per kd
+    nodes(_snake_message(list(segments), segments, arrays, strategy="relay", kd="off"))
+    nodes(_snake_message(window, segments, arrays, kd="auto", partitioner="iid"))  # auto: non-IID only
+    nodes(_snake_message(list(segments), segments, arrays, strategy="fedavg"))  # never for FedAvg
     fedavg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "kd-weight": 0.5})}),
                      dst_node_id=101, message_type=MessageType.TRAIN)
-    reply = nodes(fedavg)
-    assert seen == [0.5, 0.0, 0.0, 0.0]
+    reply = nodes(fedavg)  # Flower's own FedAvg: no window
+    assert seen == [0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
     assert list(reply["arrays"].keys()) == list(arrays.keys()) and reply["metrics"]["num-examples"] == 32  # one step of 32
 
 
@@ -224,8 +229,47 @@ def test_a_tied_weight_is_never_sent_and_its_alias_follows_the_owner(loopback):
     result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=4)
     assert [hop["status"] for hop in strategy.hops] == ["merged"] * 4
     assert strategy.aliases == {"head.weight": "embed.weight"}
-    downloads = [m.content["arrays"] for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
-    assert downloads and not any("head.weight" in record for record in downloads)
+    assert nodes.downloads and not any("head.weight" in keys for keys in nodes.downloads)
     final = result.arrays
     assert final["head.weight"].numpy().tobytes() == final["embed.weight"].numpy().tobytes()
     assert final["embed.weight"].numpy().tobytes() != arrays["embed.weight"].numpy().tobytes()  # it trained
+
+
+@pytest.mark.parametrize(("node_config", "says"), [
+    ({"partition-id": "first", "num-partitions": 3}, "partition-id must be a whole number"),
+    ({"partition-id": -1, "num-partitions": 3}, "partition-id must be a whole number >= 0"),
+    ({"partition-id": 1.5, "num-partitions": 3}, "partition-id must be a whole number"),
+    ({"partition-id": 3, "num-partitions": 3}, "partition-id 3 must be below num-partitions 3"),
+    ({"partition-id": 0, "num-partitions": 0}, "num-partitions must be a whole number >= 1"),
+    ({"partition-id": 0, "num-partitions": 3, "data-dir": "/no/such/dir"}, "data-dir '/no/such/dir' is not"),
+    ({"partition-id": 0, "num-partitions": 3, "compute": -1.0}, "compute must be > 0"),
+])
+def test_bad_node_config_gets_a_one_line_error_naming_the_key(loopback, node_config, says):
+    model, arrays = _initial()
+    segments = segment_model(model)
+    nodes = Nodes(make_client_app(Blocks, _train_data, local_steps=1))
+    nodes.contexts[100].node_config.clear()
+    nodes.contexts[100].node_config.update(node_config)
+    error = nodes(_snake_message([next(iter(segments))], segments, arrays))
+    assert isinstance(error, Error) and says in error.reason and "\n" not in error.reason
+    assert "model" not in nodes.contexts[100].state  # nothing kept of a hop that never ran
+
+
+def test_a_node_reads_its_data_dir_from_its_node_config_first(tmp_path, monkeypatch):
+    import dataclasses
+
+    from snake_flower.client_app import task_data
+    from snake_flower.tasks import task as task_module
+
+    synthetic, seen = task_module.TASKS["synthetic"], []
+    monkeypatch.setitem(task_module.TASKS, "synthetic", dataclasses.replace(
+        synthetic, load=lambda data_dir: seen.append(data_dir) or synthetic.load(data_dir)))
+    config = {"task": "synthetic", "data-dir": "/the/servers/dir", "partitioner": "iid", "dirichlet-alpha": 0.5,
+              "classes-per-partition": 2, "seed": 0, "validation-size": 0}
+    node_config = {"partition-id": 0, "num-partitions": 2}
+    own = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                  node_config={**node_config, "data-dir": str(tmp_path)})
+    x, y = task_data(own, config)  # a deployed node's own directory
+    task_data(Context(run_id=1, node_id=2, state=RecordDict(), run_config={}, node_config=node_config),
+              config)  # a simulated node: the run-config's
+    assert seen == [str(tmp_path), "/the/servers/dir"] and len(x) == len(y) > 0

@@ -52,7 +52,32 @@ def _simulate(out: Path, overrides: str) -> dict:
     return json.loads((out / "snake.json").read_text())
 
 
-def test_ray_simulation_runs_hops_and_leaves_nothing_behind(tmp_path):
+def _plugin_style_sha(loopback, nodes, out: Path, overrides: dict) -> str:
+    """The same run in-process, its nodes built as a plugin user builds theirs: ``make_client_app``
+    with the built-in task's model and this node's tensors handed in."""
+    from snake_flower import make_client_app
+    from snake_flower.config import resolve
+    from snake_flower.server_app import run
+    from snake_flower.tasks.data import partition_indices
+    from snake_flower.tasks.task import TASKS, segment_keys
+
+    config = resolve({**overrides, "out-dir": str(out)})
+    task = TASKS[config["task"]]
+    x, y, _, _ = task.load("")
+
+    def train_data(context):
+        part = partition_indices(y, config["partitioner"], context.node_config["num-partitions"],
+                                 context.node_config["partition-id"], alpha=config["dirichlet-alpha"],
+                                 seed=config["seed"])
+        return x[part], y[part]
+
+    app = make_client_app(task.build, train_data, segments=segment_keys(task.build()))
+    three = nodes(3, app=app)
+    run(loopback(list(three.contexts), three), config)
+    return json.loads((out / "snake.json").read_text())["final"]["model_sha256"]
+
+
+def test_ray_simulation_runs_hops_and_leaves_nothing_behind(tmp_path, loopback, nodes):
     # only Ray processes of this venv: other checkouts on the machine may run Ray meanwhile
     before = _pids_matching("ray", str(BIN.parent))
     overrides = "task=synthetic num-server-rounds=5 window=1 local-epochs=2"
@@ -67,6 +92,9 @@ def test_ray_simulation_runs_hops_and_leaves_nothing_behind(tmp_path):
     assert sorted({p for r in rows for p in r["partitions"]}) == [0, 1, 2]
     assert all(r["bytes_up"] < first["final"]["model_bytes"] / 2 for r in rows)
     assert first["final"]["model_sha256"] == second["final"]["model_sha256"]
+    # one node implementation: a plugin-style make_client_app trains the same model bit for bit
+    plugin = {"task": "synthetic", "num-server-rounds": 5, "window": 1, "local-epochs": 2}
+    assert _plugin_style_sha(loopback, nodes, tmp_path / "plugin", plugin) == first["final"]["model_sha256"]
 
 
 @pytest.mark.skipif(not (BIN / "flwr").exists(), reason="flwr CLI not installed")

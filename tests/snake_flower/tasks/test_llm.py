@@ -83,8 +83,8 @@ def test_a_hop_trains_only_the_window_with_frozen_layers_held_low(dtype):
     model = build_model(task, 0)
     x, y, _, _ = task.load("")
     before = _base_weights(model)
-    _, ledger = train_window(model, ["layer01"], x, y, LocalWork(steps=2, batch_size=4, frozen_dtype=dtype),
-                             seed=0, align=task.align)
+    ledger = train_window(model, ["layer01"], (x, y), segments=segment_keys(model),
+                          work=LocalWork(steps=2, batch_size=4, frozen_dtype=dtype), seed=0, align=task.align)
     after = _base_weights(model)
     changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
     assert changed == {"layer01"}
@@ -111,8 +111,8 @@ def test_a_failing_step_still_restores_the_frozen_layers_exactly(dtype):
         raise RuntimeError("step failed")
 
     with pytest.raises(RuntimeError, match="step failed"):
-        train_window(model, ["layer01"], x, y, LocalWork(steps=2, batch_size=4, frozen_dtype=dtype),
-                     seed=0, align=broken)
+        train_window(model, ["layer01"], (x, y), segments=segment_keys(model),
+                     work=LocalWork(steps=2, batch_size=4, frozen_dtype=dtype), seed=0, align=broken)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     after = _base_weights(model)
     assert all(torch.equal(after[k], before[k]) for k in before)
@@ -136,8 +136,8 @@ def test_lora_travels_adapters_only_and_trains_the_window_adapters():
         assert torch.equal(ours[key.split("decoder.", 1)[1]], value)
     x, y, _, _ = task.load("")
     before = _base_weights(model)
-    train_window(model, ["layer00"], x, y, LocalWork(steps=2, batch_size=4, lr=0.5, frozen_dtype="fp16"),
-                 seed=0, align=task.align)
+    train_window(model, ["layer00"], (x, y), segments=segment_keys(model),
+                 work=LocalWork(steps=2, batch_size=4, lr=0.5, frozen_dtype="fp16"), seed=0, align=task.align)
     after = _base_weights(model)
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.startswith("layer00.") and ".lora_" in k for k in changed)

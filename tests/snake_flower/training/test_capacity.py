@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from snake_flower.config import node_message, resolve
-from snake_flower.tasks.task import TASKS, build_model
+from snake_flower.tasks.task import TASKS, build_model, segment_keys
 from snake_flower.training.capacity import (
     Capacity,
     NodeCapacities,
@@ -62,7 +62,8 @@ def test_the_sizer_measures_the_ledger_a_node_measures():
     window = ["conv3", "fc1", "head"]
     ledger_mb, flops = sizer.measure(window)
     model = build_model(TASKS["synthetic"], 0)
-    _, ledger = train_window(model, window, sizer.x, sizer.y, LocalWork(steps=3, batch_size=8), seed=1)
+    ledger = train_window(model, window, (sizer.x, sizer.y), segments=segment_keys(model),
+                          work=LocalWork(steps=3, batch_size=8), seed=1)
     assert ledger_mb == pytest.approx(ledger["total-bytes"] / 1e6)
     # deeper windows back-propagate further: more FLOPs and more saved activations
     deep_mb, deep_flops = sizer.measure(["conv1", "head"])

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from snake_flower.config import resolve
-from snake_flower.tasks.task import small_cnn
+from snake_flower.tasks.task import segment_keys, small_cnn
 from snake_flower.training.frozen import hold_frozen_in, native_dtype, quantize_int8, resolve_dtype, restore
 from snake_flower.training.loop import LocalWork, train_window
 
@@ -39,8 +39,9 @@ def test_quantize_int8_is_per_output_channel_and_symmetric():
 
 def test_int8_frozen_ledger_is_at_least_3_5x_smaller_than_fp32():
     x, y = _batch()
-    ledgers = {dtype: train_window(_model(), WINDOW, x, y, LocalWork(steps=2, frozen_dtype=dtype), seed=0)[1]
-               for dtype in ("fp32", "int8")}
+    ledgers = {dtype: train_window(model, WINDOW, (x, y), segments=segment_keys(model),
+                                   work=LocalWork(steps=2, frozen_dtype=dtype))
+               for dtype in ("fp32", "int8") for model in [_model()]}
     model = _model()
     frozen = [p for name, seg in model.named_children() if name not in WINDOW for p in seg.parameters()]
     weights = [p for p in frozen if p.dim() >= 2]
@@ -56,7 +57,8 @@ def test_int8_hop_leaves_everything_outside_the_window_bit_identical():
     x, y = _batch()
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_window(model, WINDOW, x, y, LocalWork(steps=3, kd_weight=0.5, frozen_dtype="int8"), seed=0)
+    train_window(model, WINDOW, (x, y), segments=segment_keys(model),
+                 work=LocalWork(steps=3, kd_weight=0.5, frozen_dtype="int8"), seed=0)
     after = model.state_dict()
     assert list(after) == list(before)  # no parametrization left behind
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
@@ -91,7 +93,8 @@ def test_int8_failing_step_still_restores_exactly():
         raise RuntimeError("step failed")
 
     with pytest.raises(RuntimeError, match="step failed"):
-        train_window(model, WINDOW, x, y, LocalWork(steps=2, frozen_dtype="int8"), seed=0, align=broken)
+        train_window(model, WINDOW, (x, y), segments=segment_keys(model),
+                     work=LocalWork(steps=2, frozen_dtype="int8"), seed=0, align=broken)
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
@@ -113,7 +116,7 @@ def _training_peak(live_bytes, model, window, x, y, work) -> tuple[int, dict[str
     stepped = register_optimizer_step_post_hook(lambda *_: marks.append(live.peak))
     try:
         with live:
-            _, ledger = train_window(model, window, x, y, work, seed=0)
+            ledger = train_window(model, window, (x, y), segments=segment_keys(model), work=work, seed=0)
     finally:
         started.remove()
         stepped.remove()

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from snake_flower.training.head_loss import head_loss, working_bytes
+from snake_flower.tasks.task import segment_keys
 from snake_flower.training.loop import LocalWork, distillation_loss, train_window
 
 
@@ -70,7 +71,8 @@ def _llm_hop(chunked: bool, recompute: bool, kd: float, live_bytes) -> tuple[dic
     x, y = torch.randint(3, 1000, (8, 48), generator=gen), torch.randint(3, 1000, (8, 48), generator=gen)
     work = LocalWork(steps=2, batch_size=4, lr=0.05, kd_weight=kd)
     with live_bytes(*model.parameters(), x, y) as live:
-        metrics, ledger = train_window(model, ["layer00"], x, y, work, seed=0, align=align_tokens)
+        metrics = ledger = train_window(model, ["layer00"], (x, y), segments=segment_keys(model),
+                                        work=work, seed=0, align=align_tokens)
     return model.state_dict(), metrics | ledger, live.peak
 
 

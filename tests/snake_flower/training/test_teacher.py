@@ -9,9 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from snake_flower.tasks.task import small_cnn
+from snake_flower.tasks.task import segment_keys, small_cnn
 from snake_flower.training.frozen import hold_frozen_in, restore
-from snake_flower.training.loop import LocalWork, _batches, distillation_loss, freeze_outside, train_window
+from snake_flower.training.batches import tensor_batches
+from snake_flower.training.loop import (
+    LocalWork,
+    distillation_loss,
+    freeze_outside_keys,
+    train_window,
+    window_param_keys,
+)
 from snake_flower.training.teacher import ReceivedTeacher
 
 
@@ -25,15 +32,20 @@ def _model() -> nn.Sequential:
     return small_cnn()
 
 
+def _freeze_outside(model: nn.Module, window: list[str]) -> list[nn.Parameter]:
+    return freeze_outside_keys(model, window_param_keys(segment_keys(model), window))
+
+
 def _deep_copy_teacher_hop(model: nn.Module, window: list[str], x, y, work: LocalWork, seed: int) -> list[float]:
     """The hop as it was before: a deep copy of the received model as the teacher."""
-    params = freeze_outside(model, window)
+    params = _freeze_outside(model, window)
     held = hold_frozen_in(model, work.frozen_dtype)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.SGD(params, lr=work.lr, momentum=work.momentum)
     losses = []
     try:
-        for idx in _batches(len(y), work, torch.Generator().manual_seed(seed)):
+        for idx in tensor_batches(len(y), work.batch_size, work.steps, work.epochs,
+                                  torch.Generator().manual_seed(seed)):
             logits = model(x[idx])
             with torch.no_grad():
                 target = teacher(x[idx])
@@ -54,7 +66,7 @@ def test_kd_loss_and_model_equal_a_deep_copied_teachers(window, frozen_dtype):
     x, y = _data()
     work = LocalWork(steps=4, batch_size=16, kd_weight=0.7, frozen_dtype=frozen_dtype)
     ours, reference = _model(), _model()
-    metrics, _ = train_window(ours, window, x, y, work, seed=3)
+    metrics = train_window(ours, window, (x, y), segments=segment_keys(ours), work=work, seed=3)
     losses = _deep_copy_teacher_hop(reference, window, x, y, work, seed=3)
     assert metrics["train-loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6, abs=1e-7)
     for (key, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
@@ -68,7 +80,7 @@ def test_teacher_uses_the_received_window_in_eval_mode_and_leaves_the_student_as
         body=nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5)),
         head=nn.Linear(8, 3)))
     x = torch.randn(16, 6)
-    freeze_outside(model, ["body"])
+    _freeze_outside(model, ["body"])
     received = copy.deepcopy(model).eval()
     teacher = ReceivedTeacher(model)
     with torch.no_grad():  # the student moves: weights and BatchNorm statistics
@@ -89,8 +101,8 @@ def test_kd_grows_a_nodes_peak_by_at_most_the_window_and_the_teacher_outputs(win
     for kd in (0.0, 0.7):
         model = _model()
         with live_bytes(*model.parameters(), x, y) as live:
-            _, ledgers[kd] = train_window(model, window, x, y, LocalWork(**{**work.__dict__, "kd_weight": kd}),
-                                          seed=0)
+            ledgers[kd] = train_window(model, window, (x, y), segments=segment_keys(model),
+                                       work=LocalWork(**{**work.__dict__, "kd_weight": kd}), seed=0)
         peaks[kd] = live.peak
     model = _model()
     window_bytes = sum(p.numel() * 4 for name in window for p in getattr(model, name).parameters())
@@ -110,7 +122,7 @@ def test_teacher_of_an_llm_with_tied_embeddings_or_lora_is_the_received_model(fi
     torch.manual_seed(0)
     model = build_segments("tiny-opt", finetune)  # full: the LM head shares embed's matrix
     x = torch.randint(3, 200, (2, 12))
-    freeze_outside(model, window)
+    _freeze_outside(model, window)
     received = copy.deepcopy(model).eval()
     teacher = ReceivedTeacher(model)
     with torch.no_grad():

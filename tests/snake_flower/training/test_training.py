@@ -25,7 +25,8 @@ def test_frozen_segments_are_bit_identical(data):
     x, y, _, _ = data
     model = build_model(TASK, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_window(model, ["conv2", "head"], x, y, LocalWork(epochs=1, kd_weight=0.5), seed=1)
+    train_window(model, ["conv2", "head"], (x, y), segments=segment_keys(model),
+                 work=LocalWork(epochs=1, kd_weight=0.5), seed=1)
     after = model.state_dict()
     for name, keys in segment_keys(model).items():
         for key in keys:
@@ -38,13 +39,15 @@ def test_full_window_learns_the_synthetic_task(data):
     model = build_model(TASK, 0)
     start = evaluate(model, xt, yt)["accuracy"]
     for epoch in range(4):
-        train_window(model, TASK.segment_names, x, y, LocalWork(epochs=1), seed=epoch)
+        train_window(model, TASK.segment_names, (x, y), segments=segment_keys(model),
+                     work=LocalWork(epochs=1, lr=0.05), seed=epoch)
     assert start < 0.2 and evaluate(model, xt, yt)["accuracy"] > 0.8
 
 
 def test_local_steps_override_epochs(data):
     x, y, _, _ = data
-    metrics, _ = train_window(build_model(TASK, 0), ["head"], x, y, LocalWork(epochs=5, steps=7), seed=0)
+    model = build_model(TASK, 0)
+    metrics = train_window(model, ["head"], (x, y), segments=segment_keys(model), work=LocalWork(epochs=5, steps=7))
     assert metrics["steps"] == 7 and metrics["num-examples"] == len(y)
 
 
@@ -53,7 +56,8 @@ def test_same_seed_same_result(data):
     runs = []
     for _ in range(2):
         model = build_model(TASK, 3)
-        train_window(model, ["fc1", "head"], x, y, LocalWork(epochs=1, kd_weight=0.3), seed=9)
+        train_window(model, ["fc1", "head"], (x, y), segments=segment_keys(model),
+                     work=LocalWork(epochs=1, kd_weight=0.3), seed=9)
         runs.append(model.state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
@@ -73,7 +77,7 @@ def test_clipping_bounds_each_update(data):
     model = build_model(TASK, 0)
     before = model.head.weight.detach().clone()
     work = LocalWork(steps=1, lr=1.0, momentum=0.0, clip_norm=0.01)
-    train_window(model, ["head"], x * 50, y, work, seed=0)
+    train_window(model, ["head"], (x * 50, y), segments=segment_keys(model), work=work, seed=0)
     head = torch.cat([(model.head.weight - before).flatten()])
     assert head.norm() <= 0.01 + 1e-6
 
@@ -81,7 +85,7 @@ def test_clipping_bounds_each_update(data):
 def test_ledger_counts_only_the_window_as_trainable(data):
     x, y, _, _ = data
     model = build_model(TASK, 0)
-    _, m = train_window(model, ["fc1"], x, y, LocalWork(steps=2), seed=0)
+    m = train_window(model, ["fc1"], (x, y), segments=segment_keys(model), work=LocalWork(steps=2), seed=0)
     fc1 = sum(p.numel() * 4 for p in model.fc1.parameters())
     total = sum(p.numel() * 4 for p in model.parameters())
     assert m["trainable-param-bytes"] == fc1 == m["grad-bytes"] == m["optimizer-bytes"]
@@ -96,7 +100,8 @@ def test_frozen_weights_autograd_saves_are_not_activations():
     model = nn.Sequential(OrderedDict(stem=nn.Linear(16, 16), body=nn.Linear(16, 2048),
                                       head=nn.Linear(2048, 10)))
     x, y = torch.randn(64, 16), torch.randint(0, 10, (64,))
-    _, m = train_window(model, ["stem"], x, y, LocalWork(steps=2, batch_size=4), seed=0)
+    m = train_window(model, ["stem"], (x, y), segments=segment_keys(model),
+                     work=LocalWork(steps=2, batch_size=4), seed=0)
     # the one activation: the stem's input batch, which its weight gradient needs
     assert m["activation-bytes"] == 4 * 16 * 4
     assert m["frozen-param-bytes"] == (16 * 2048 + 2048 + 2048 * 10 + 10) * 4
