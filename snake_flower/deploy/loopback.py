@@ -92,6 +92,9 @@ class LoopbackDeployment:
         idle polls; ``deploy/supernode.py``); ``False`` starts stock ``flower-supernode``.
     poll_interval : float (default: 0.1)
         The launcher's ``--poll-interval``.
+    data_dir : str | Path | None (default: None)
+        Added to every node's ``--node-config`` as ``data-dir``: where a deployed node reads
+        its training data (it wins over the run-config's ``data-dir``).
     in_memory : bool (default: False)
         Keep the SuperLink's state in memory (``flower-superlink``'s own default) instead of
         in ``<workdir>/superlink.db``: every message and object the hop moves is one SQLite
@@ -101,13 +104,15 @@ class LoopbackDeployment:
     def __init__(self, workdir: Path, num_nodes: int = 3, tls: bool = False, auth: bool = False,
                  app_dir: Path = ROOT, capacities: Sequence[Mapping[str, float]] = (),
                  env: Mapping[str, str] | None = None, timeout: float = 60.0, launcher: bool = True,
-                 poll_interval: float = 0.1, in_memory: bool = False) -> None:
+                 poll_interval: float = 0.1, in_memory: bool = False,
+                 data_dir: str | Path | None = None) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it over --insecure)")
         # absolute: the daemons and the ServerApp resolve paths from their own working folders
         self.workdir, self.num_nodes, self.tls, self.auth = Path(workdir).resolve(), num_nodes, tls, auth
         self.app_dir, self.timeout = Path(app_dir).resolve(), timeout
         self.capacities = list(capacities)
+        self.data_dir = str(Path(data_dir).resolve()) if data_dir is not None else None
         self.launcher, self.poll_interval, self.in_memory = launcher, poll_interval, in_memory
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(self.flwr_home),
@@ -158,7 +163,8 @@ class LoopbackDeployment:
         ``flower-supernode``'s (the same arguments)."""
         stated = self.capacities[partition] if partition < len(self.capacities) else {}
         node_config = " ".join([f"partition-id={partition} num-partitions={self.num_nodes}",
-                                *(f"{key}={value}" for key, value in stated.items())])
+                                *(f"{key}={value}" for key, value in stated.items()),
+                                *([f'data-dir="{self.data_dir}"'] if self.data_dir else [])])
         command = ([str(BIN / "snake-flower"), "supernode", "--poll-interval", str(self.poll_interval)]
                    if self.launcher else [str(BIN / "flower-supernode")])
         command += ["--superlink", self.address, "--port", str(port), "--node-config", node_config]

@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 
 from snake_flower.config import ConfigError, parse_overrides, resolve
+from snake_flower.node import node_settings
 from snake_flower.runtime.flower_patches import check, patch_object_pulls, patch_supernode_sleeps
 
 POLL_RANGE = (0.01, 3.0)  # Flower's own SuperExec poll accepts 0.01-60 s; the SuperNode's idle poll is 3 s
@@ -133,6 +134,13 @@ def main(argv: Sequence[str]) -> int:
         print(f"snake-flower supernode: error: {err}", file=sys.stderr)
         return 2
     flower = _flower_args(flower_argv)
+    try:  # a bad --node-config would fail every hop: say so now, in one line
+        from flwr.common.config import parse_config_args
+
+        node_settings(parse_config_args([flower.node_config] if flower.node_config else None))
+    except ValueError as err:
+        print(f"snake-flower supernode: error: --{err}", file=sys.stderr)  # "--node-config: <key> ..."
+        return 2
     env = {**os.environ, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(args.poll_interval)}
     if (spec := warm_spec(flower, args.warm_config)) is not None:
         env["SNAKE_FLOWER_WARM"] = spec

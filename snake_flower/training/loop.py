@@ -35,7 +35,7 @@ class LocalWork:
     """Everything that defines one visit's local training (equal for all strategies).
 
     The defaults are ``train_window``'s and ``make_client_app``'s, for plugin users; the
-    built-in runs take theirs from the run-config (``config.py``, the experiment TOMLs).
+    built-in runs take theirs from the run-config (``config.RunConfig``, the experiment TOMLs).
     """
 
     epochs: int = 1

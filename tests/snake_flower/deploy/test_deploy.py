@@ -62,7 +62,8 @@ def _command_line(pid: int) -> str:
 
 
 def test_plain_deployment_trains_in_forked_clientapps_and_stops_every_process(tmp_path, loopback, nodes):
-    deployment = LoopbackDeployment(tmp_path / "deploy", num_nodes=3, env=ONE_THREAD)
+    # each node's own data-dir in its --node-config (checked by the node: it must exist)
+    deployment = LoopbackDeployment(tmp_path / "deploy", num_nodes=3, env=ONE_THREAD, data_dir=tmp_path)
     with deployment:
         result = deployment.run(OVERRIDES, timeout=420)  # a hung ClientApp would fail the hop, then this
         running = deployment.family.members()

@@ -83,6 +83,18 @@ def test_bad_launcher_arguments_are_one_line_errors(no_supernode, capsys, args, 
     assert no_supernode == []  # nothing started, nothing patched
 
 
+@pytest.mark.parametrize("node_config, why", [
+    ("partition-id=3 num-partitions=3", "partition-id 3 must be below num-partitions 3"),
+    ("partition-id=0 num-partitions=3 data-dir='/no/such/dir'", "data-dir '/no/such/dir' is not a directory"),
+    ("partition-id=0 num-partitions=3 compute=0", "compute must be > 0"),
+])
+def test_a_bad_node_config_stops_the_launcher_in_one_line(no_supernode, capsys, node_config, why):
+    assert supernode.main(["--node-config", node_config, "--insecure"]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed.startswith("snake-flower supernode: error: --node-config:") and why in printed
+    assert "\n" not in printed and no_supernode == []
+
+
 def test_an_unchecked_flwr_version_stops_the_launcher_in_one_line(no_supernode, capsys, monkeypatch):
     monkeypatch.setattr(flower_patches, "flwr_version", lambda: "1.43.0")
     assert cli.main(["supernode", *NODE, "--insecure"]) == 2
