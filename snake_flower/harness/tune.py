@@ -4,8 +4,9 @@ Every strategy gets the same shared grid (e.g. local steps x learning rate) and 
 number of extra points for knobs of its own, each tried on top of the shared winner.
 Every point runs the same number of node visits (``tune-visits``) with the validation
 slice held out of the training data and evaluated instead of the test set. The winner
-moves the fewest bytes to the sustained target on validation (ties: fewer visits); when
-no point reaches it, the best validation accuracy wins. A point that is below the target
+moves the fewest bytes to the sustained target on validation (ties: fewer visits, then the
+better validation quality: best accuracy or perplexity, final, fewer CPU seconds; never grid
+order); when no point reaches it, the best validation quality wins. A point that is below the target
 after more bytes than the best point's bytes to target can no longer win: it is pruned
 there (``prune-above-bytes``), which changes no winner and saves most of a grid's CPU.
 An interrupted tune reuses the points it finished.
@@ -40,17 +41,37 @@ def label(point: dict[str, Any]) -> str:
     return "_".join(f"{k}={v}" for k, v in point.items()) or "defaults"
 
 
-def score(line: dict[str, Any]) -> tuple[float, float, float]:
-    """Sort key of a point's summary line: lower is better."""
+def score(line: dict[str, Any], run: dict[str, Any]) -> tuple[float, ...]:
+    """Sort key of a point (its summary line and its run): lower is better.
+
+    A point that holds the target wins over one that does not; among those that do, fewer
+    bytes to the sustained target, then fewer visits. A tie there (common: evaluation is
+    every few visits) breaks on validation quality: the best validation accuracy (a language
+    model's lowest perplexity), then the final one, then fewer CPU seconds of training. A
+    point that never reached the target is ranked by the same quality. Grid order never
+    decides.
+    """
+    best, final = _quality(run)
+    cpu = sum(float(row.get("train_cpu_s", 0.0)) for row in run["rounds"])
     if line["reached_target"]:
-        return (0.0, float(line["bytes_to_target"]), float(line["visits_to_target"]))
-    return (1.0, -float(line["best_accuracy"] or 0.0), 0.0)
+        return (0.0, float(line["bytes_to_target"]), float(line["visits_to_target"]), -best, -final, cpu)
+    return (1.0, 0.0, 0.0, -best, -final, cpu)
+
+
+def _quality(run: dict[str, Any]) -> tuple[float, float]:
+    """``(best, final)`` validation quality, higher is better: accuracy, or minus perplexity."""
+    scored = [row for row in run["rounds"] if row.get("accuracy") is not None]
+    if scored and all(row.get("perplexity") is not None for row in scored):
+        return -min(row["perplexity"] for row in scored), -scored[-1]["perplexity"]
+    best = max((row["accuracy"] for row in scored), default=0.0)
+    final = run["final"].get("accuracy")
+    return float(best), float(final if final is not None else 0.0)
 
 
 def pick(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float) -> int:
-    """Index of the winning ``(point, run results)`` trial."""
+    """Index of the winning ``(point, run results)`` trial (``score``'s order)."""
     lines = [summarize(run, target) for _, run in trials]
-    return min(range(len(trials)), key=lambda i: score(lines[i]))
+    return min(range(len(trials)), key=lambda i: score(lines[i], trials[i][1]))
 
 
 def table(strategy: str, trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float,

@@ -42,6 +42,30 @@ def test_the_winner_moves_fewest_bytes_to_the_sustained_target_then_fewest_visit
     assert pick([({}, _run([0.5, 0.6])), ({}, _run([0.7, 0.6])), ({}, _run([0.65, 0.65]))], 0.85) == 1
 
 
+def _with_cpu(run: dict, cpu_s: float, perplexities: list[float] | None = None) -> dict:
+    for i, row in enumerate(run["rounds"]):
+        row["train_cpu_s"] = cpu_s / len(run["rounds"])
+        if perplexities:
+            row["perplexity"] = perplexities[i]
+    return run
+
+
+def test_a_tie_on_bytes_and_visits_breaks_on_validation_quality_never_on_grid_order():
+    # both hold the target from the second evaluation on, after the same bytes and visits
+    worse = ({"local-steps": 300}, _with_cpu(_run([0.5, 0.88, 0.886]), 10.0))
+    better = ({"local-steps": 600}, _with_cpu(_run([0.5, 0.89, 0.9]), 20.0))
+    assert pick([worse, better], 0.85) == 1 and pick([better, worse], 0.85) == 0
+    # equal best: the final accuracy decides; equal both: fewer CPU seconds
+    ends_lower = ({}, _with_cpu(_run([0.5, 0.9, 0.88]), 5.0))
+    assert pick([ends_lower, better], 0.85) == 1 and pick([better, ends_lower], 0.85) == 0
+    cheaper = ({}, _with_cpu(_run([0.5, 0.89, 0.9]), 12.0))
+    assert pick([better, cheaper], 0.85) == 1 and pick([cheaper, better], 0.85) == 0
+    # a language model's quality is its perplexity: lower wins
+    high = ({}, _with_cpu(_run([0.5, 0.9, 0.9]), 1.0, perplexities=[30.0, 12.0, 11.0]))
+    low = ({}, _with_cpu(_run([0.5, 0.9, 0.9]), 9.0, perplexities=[30.0, 10.0, 9.5]))
+    assert pick([high, low], 0.85) == 1 and pick([low, high], 0.85) == 0
+
+
 def test_the_winner_is_written_into_the_experiment_files_table(tmp_path):
     toml = tmp_path / "exp.toml"
     toml.write_text('# comment kept\nlr = 0.05\n\n[fedavg]\nlocal-steps = 100  # old\nclip-norm = 0.0\n\n'
