@@ -15,7 +15,8 @@ import torch
 from flwr.app import Context
 from torch import nn
 
-from snake_flower.node import make_client_app, node_settings
+from snake_flower.node import make_client_app
+from snake_flower.node_settings import node_settings
 from snake_flower.split_client import train_split
 from snake_flower.tasks.data import partition_from_config
 from snake_flower.tasks.task import build_model, swept_segment_keys, task_for
@@ -41,7 +42,7 @@ def task_data(context: Context, config: Mapping[str, Any]) -> tuple[torch.Tensor
     states one (a deployed node), else the run-config's."""
     settings = node_settings(context.node_config)
     partition_id, num_partitions = settings.partition()
-    data_dir = settings.data_dir if settings.data_dir is not None else str(config["data-dir"])
+    data_dir = settings.data_dir_or(str(config["data-dir"]))
     task = task_for(config)
     x_train, y_train, _, _ = task.load(data_dir)
     labels = task.partition_by(data_dir) if task.partition_by else y_train

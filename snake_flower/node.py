@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -34,13 +33,13 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from snake_flower.config import kd_enabled
+from snake_flower.node_settings import node_settings
 from snake_flower.runtime.chaos import maybe_fail
 from snake_flower.segments import segment_model
 from snake_flower.tasks.task import transport_state
 from snake_flower.training.batches import split_batch, visit_seed
-from snake_flower.training.capacity import reported_capacity
 from snake_flower.training.frozen import ArrayView
-from snake_flower.training.loop import Align, LocalWork, train_window
+from snake_flower.training.loop import OPTION_FIELDS, Align, LocalWork, train_window
 from snake_flower.training.loop import evaluate as _evaluate_tensors
 from strategies.payload import decode, encode
 
@@ -51,12 +50,12 @@ DataFn = Callable[..., Any]
 """``data_fn(context)``, or ``data_fn(context, config)``: ``(x, y)`` tensors or a loader."""
 SegmentsFn = Callable[[nn.Module, Mapping[str, Any]], Mapping[str, list[str]]]
 
-STATE_MODEL, STATE_VERSIONS = "model", "versions"
+STATE_MODEL, STATE_VERSIONS = "snake-model", "snake-versions"
 """Where the node keeps its copy of the model and the version of each segment it holds."""
 
-_WORK_KEYS = {"epochs": "local-epochs", "steps": "local-steps"}
+_OPTION_OF = {field: option for option, field in OPTION_FIELDS.items()}
 _DEFAULTS: dict[str, Any] = {
-    **{_WORK_KEYS.get(f.name, f.name.replace("_", "-")): f.default for f in fields(LocalWork)
+    **{_OPTION_OF.get(f.name, f.name).replace("_", "-"): f.default for f in fields(LocalWork)
        if f.name != "optimizer"},
     "seed": 0, "kd": "on",
 }
@@ -119,57 +118,6 @@ def make_client_app(model_fn: ModelFn, train_data_fn: DataFn, *,
     return app
 
 
-@dataclass(frozen=True)
-class NodeSettings:
-    """What a node's ``--node-config`` says of it, checked (``node_settings``)."""
-
-    partition_id: int | None
-    num_partitions: int | None
-    data_dir: str | None
-    capacity: dict[str, float]
-
-    def partition(self) -> tuple[int, int]:
-        """``(partition-id, num-partitions)``, which the built-in tasks' data needs."""
-        if self.partition_id is None or self.num_partitions is None:
-            raise ValueError("node-config needs partition-id and num-partitions "
-                             "(flower-supernode --node-config 'partition-id=0 num-partitions=N')")
-        return self.partition_id, self.num_partitions
-
-
-def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
-    """Check a node's ``node_config``; a bad value raises ``ValueError`` in one line naming its key.
-
-    ``partition-id`` (else ``rank``) and ``num-partitions`` are whole numbers, the first
-    below the second; ``data-dir`` is an existing directory; the capacities are
-    ``training.capacity.reported_capacity``'s.
-    """
-    partition_id = _whole(node_config, "partition-id", 0) if "partition-id" in node_config else (
-        _whole(node_config, "rank", 0) if "rank" in node_config else None)
-    num_partitions = _whole(node_config, "num-partitions", 1) if "num-partitions" in node_config else None
-    if partition_id is not None and num_partitions is not None and partition_id >= num_partitions:
-        raise ValueError(f"node-config: partition-id {partition_id} must be below num-partitions "
-                         f"{num_partitions}")
-    data_dir = node_config.get("data-dir")
-    if data_dir is not None:
-        if not isinstance(data_dir, str) or (data_dir and not Path(data_dir).is_dir()):
-            raise ValueError(f"node-config: data-dir {data_dir!r} is not a directory")
-        data_dir = data_dir or None
-    return NodeSettings(partition_id, num_partitions, data_dir, reported_capacity(node_config))
-
-
-def _whole(node_config: Mapping[str, Any], key: str, lowest: int) -> int:
-    value = node_config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"node-config: {key} must be a whole number >= {lowest}, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"node-config: {key} must be a whole number >= {lowest}, got {value!r}") from None
-    if not number.is_integer() or number < lowest:
-        raise ValueError(f"node-config: {key} must be a whole number >= {lowest}, got {value!r}")
-    return int(number)
-
-
 def _with_config(fn: Callable[..., Any], plain: int) -> Callable[..., Any]:
     """``fn`` as a function of its ``plain`` arguments and the hop's config (which it may ignore)."""
     try:
@@ -203,8 +151,9 @@ class _Node:
         if settings.partition_id is None:
             raise ValueError("node-config needs partition-id (or rank) to order the Snake chain, "
                              "e.g. flower-supernode --node-config 'partition-id=0 num-partitions=4'")
-        info = {"rank": float(settings.partition_id), "num-partitions": float(settings.num_partitions or 0),
-                **settings.capacity}
+        info = {"rank": float(settings.partition_id), **settings.capacity}
+        if settings.num_partitions is not None:
+            info["num-partitions"] = float(settings.num_partitions)
         return Message(RecordDict({"info": MetricRecord(info)}), reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
@@ -228,16 +177,17 @@ class _Node:
             _load(model, received)
             window = list(segments)
         del received  # loaded: release it before training
+        work = LocalWork.from_config(cfg, kd=snake and kd_enabled(cfg))
+        seed = visit_seed(cfg["seed"], cfg.get("server-round", 0))
+        torch.manual_seed(seed)  # what a loader shuffles (or a dropout draws), per visit
+        data = self.train_data_fn(context, cfg)
         keeps_copy = snake and cfg.get("strategy") != "fedavg"  # FedAvg sends the whole model anyway
         exact = None
         if keeps_copy:  # the node's copy, stored now: the frozen layers are restored from it
             context.state[STATE_MODEL] = ArrayRecord(transport_state(model.state_dict()))
             exact = ArrayView(context.state[STATE_MODEL])
-        seed = visit_seed(cfg["seed"], cfg.get("server-round", 0))
-        torch.manual_seed(seed)  # what a loader shuffles, per visit
-        work = LocalWork.from_config(cfg, kd=snake and kd_enabled(cfg))
-        metrics = train_window(model, window, self.train_data_fn(context, cfg), segments=segments,
-                               work=work, seed=seed, align=self.align, exact=exact)
+        metrics = train_window(model, window, data, segments=segments, work=work, seed=seed,
+                               align=self.align, exact=exact)
         state = transport_state(model.state_dict())
         if snake:
             keys = [key for name, seg in segments.items() if name in window for key in seg]

@@ -30,7 +30,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from snake_flower.node import node_settings
+from snake_flower.node_settings import node_settings
 from snake_flower.tasks.data import PARTITION_KEYS, partition_from_config
 from snake_flower.tasks.task import TASKS, build_model
 from snake_flower.training.batches import visit_batches, visit_seed
@@ -45,7 +45,7 @@ def train_split(msg: Message, context: Context) -> Message:
     settings = node_settings(context.node_config)
     partition_id, num_partitions = settings.partition()
     task = TASKS[cfg["task"]]
-    data_dir = settings.data_dir if settings.data_dir is not None else str(cfg["data-dir"])
+    data_dir = settings.data_dir_or(str(cfg["data-dir"]))
     x_train, idx, y = _node_data(task.name, data_dir, _partition_key(cfg), num_partitions, partition_id)
     work = replace(LocalWork.from_config(cfg, kd=False), steps=int(cfg["split-steps"]))
     visit, batch = int(cfg["server-round"]), int(cfg["split-batch"])

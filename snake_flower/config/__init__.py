@@ -16,10 +16,9 @@ from snake_flower.config.run_config import (
     kd_enabled,
     key_of,
     node_message,
-    run_name,
 )
 from snake_flower.config.validation import CHOICES, NON_NEGATIVE, POSITIVE, resolve, validate
 
 __all__ = ["CHOICES", "DEFAULTS", "NODE_KEYS", "NON_NEGATIVE", "POSITIVE", "ConfigError", "RunConfig",
            "experiment_layers", "field_name", "kd_enabled", "key_of", "load_toml", "node_message",
-           "parse_overrides", "resolve", "run_name", "validate"]
+           "parse_overrides", "resolve", "validate"]

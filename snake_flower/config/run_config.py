@@ -179,13 +179,9 @@ def node_message(config: RunConfig) -> dict[str, Any]:
     return {key: config[key] for key in NODE_KEYS}
 
 
-def run_name(config: Mapping[str, Any]) -> str:
-    """What a run's results file is called: ``run-name``, else the strategy."""
-    return config["run-name"] or config["strategy"]
-
-
 def kd_enabled(config: Mapping[str, Any]) -> bool:
-    """``kd = "auto"`` distils only when the partitions are non-IID.
+    """``kd = "auto"`` distils only when the partitions are non-IID (or not known to be IID:
+    a plugin node's message may carry no ``partitioner``).
 
     FedAvg and split learning never distil, whatever ``kd`` says: they are trained the
     way their own communities train them, plain cross-entropy (design §3). ``config`` is a
@@ -194,5 +190,5 @@ def kd_enabled(config: Mapping[str, Any]) -> bool:
     if config.get("strategy") in ("fedavg", "split"):
         return False
     if config["kd"] == "auto":
-        return config["partitioner"] != "iid"
+        return config.get("partitioner") != "iid"
     return config["kd"] == "on"

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 
 from snake_flower.config import ConfigError, parse_overrides, resolve
-from snake_flower.node import node_settings
+from snake_flower.node_settings import node_settings
 from snake_flower.runtime.flower_patches import check, patch_object_pulls, patch_supernode_sleeps
 
 POLL_RANGE = (0.01, 3.0)  # Flower's own SuperExec poll accepts 0.01-60 s; the SuperNode's idle poll is 3 s
@@ -92,8 +92,26 @@ def warm_spec(flower: argparse.Namespace, warm_config: str) -> str | None:
     node_config = parse_config_args([flower.node_config] if flower.node_config else None)
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         return None
-    return json.dumps({"run-config": warm_config, "partition-id": int(node_config["partition-id"]),
-                       "num-partitions": int(node_config["num-partitions"])})
+    spec = {"run-config": warm_config, "partition-id": int(node_config["partition-id"]),
+            "num-partitions": int(node_config["num-partitions"])}
+    if node_config.get("data-dir"):  # the node's own data, which its tasks read (not the run-config's)
+        spec["data-dir"] = str(node_config["data-dir"])
+    return json.dumps(spec)
+
+
+def _node_config_error(text: str | None) -> str | None:
+    """What is wrong with a ``--node-config`` (one line, naming the key), or ``None``."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    try:
+        settings = node_settings(parse_config_args([text] if text else None))
+        settings.data_dir_or("")  # a node's own data-dir must exist when the node starts
+    except (ValueError, OSError, click.ClickException) as err:
+        message = err.format_message() if isinstance(err, click.ClickException) else str(err)
+        message = " ".join(message.split())
+        return f"--{message}" if message.startswith("node-config:") else f"--node-config: {message}"
+    return None
 
 
 def _start_superexec_when_listening(command: list[str], env: dict[str, str], address: str) -> None:
@@ -134,12 +152,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"snake-flower supernode: error: {err}", file=sys.stderr)
         return 2
     flower = _flower_args(flower_argv)
-    try:  # a bad --node-config would fail every hop: say so now, in one line
-        from flwr.common.config import parse_config_args
-
-        node_settings(parse_config_args([flower.node_config] if flower.node_config else None))
-    except ValueError as err:
-        print(f"snake-flower supernode: error: --{err}", file=sys.stderr)  # "--node-config: <key> ..."
+    if (error := _node_config_error(flower.node_config)) is not None:  # it would fail every hop
+        print(f"snake-flower supernode: error: {error}", file=sys.stderr)
         return 2
     env = {**os.environ, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(args.poll_interval)}
     if (spec := warm_spec(flower, args.warm_config)) is not None:

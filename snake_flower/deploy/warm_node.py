@@ -49,7 +49,8 @@ from snake_flower.tasks.data import preload_partition  # noqa: E402
 def warm_up(spec: str) -> bool:
     """Preload the data named by ``spec`` (``SNAKE_FLOWER_WARM``'s JSON); ``True`` if any."""
     warm = json.loads(spec)
-    config = resolve(parse_overrides(warm.get("run-config", "")))
+    own = {"data-dir": warm["data-dir"]} if warm.get("data-dir") else {}  # the node's, as its tasks read
+    config = resolve(parse_overrides(warm.get("run-config", "")), own)
     return preload_partition(config, int(warm["num-partitions"]), int(warm["partition-id"]))
 
 

@@ -5,8 +5,8 @@ number of extra points for knobs of its own, each tried on top of the shared win
 Every point runs the same number of node visits (``tune-visits``) with the validation
 slice held out of the training data and evaluated instead of the test set. The winner
 moves the fewest bytes to the sustained target on validation (ties: fewer visits, then the
-better validation quality: best accuracy or perplexity, final, fewer CPU seconds; never grid
-order); when no point reaches it, the best validation quality wins. A point that is below the target
+better validation quality: best accuracy or perplexity, final, fewer CPU seconds; grid order
+only on an exact tie of all of these); when no point reaches it, the best validation quality wins. A point that is below the target
 after more bytes than the best point's bytes to target can no longer win: it is pruned
 there (``prune-above-bytes``), which changes no winner and saves most of a grid's CPU.
 An interrupted tune reuses the points it finished.
@@ -47,9 +47,9 @@ def score(line: dict[str, Any], run: dict[str, Any]) -> tuple[float, ...]:
     A point that holds the target wins over one that does not; among those that do, fewer
     bytes to the sustained target, then fewer visits. A tie there (common: evaluation is
     every few visits) breaks on validation quality: the best validation accuracy (a language
-    model's lowest perplexity), then the final one, then fewer CPU seconds of training. A
-    point that never reached the target is ranked by the same quality. Grid order never
-    decides.
+    model's lowest perplexity), then the final one, then fewer CPU seconds of training
+    (measured, so it varies a little from run to run). A point that never reached the target
+    is ranked by the same quality. Grid order decides only an exact tie of all of these.
     """
     best, final = _quality(run)
     cpu = sum(float(row.get("train_cpu_s", 0.0)) for row in run["rounds"])

@@ -176,14 +176,6 @@ def preload_partition(config: Mapping[str, Any], num_partitions: int, partition_
     return True
 
 
-def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` from a node's ``node_config``."""
-    if "partition-id" not in node_config or "num-partitions" not in node_config:
-        raise ValueError("node-config needs partition-id and num-partitions "
-                         "(flower-supernode --node-config 'partition-id=0 num-partitions=N')")
-    return int(node_config["partition-id"]), int(node_config["num-partitions"])
-
-
 def partition_from_config(labels: torch.Tensor, config: Mapping[str, Any], num_partitions: int,
                           partition_id: int) -> np.ndarray:
     """``partition_indices`` with the partitioner settings of a run-config (kebab-case keys).

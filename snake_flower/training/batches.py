@@ -36,6 +36,8 @@ def num_batches(n: int, batch_size: int, steps: int, epochs: int) -> int:
 def tensor_batches(n: int, batch_size: int, steps: int, epochs: int,
                    gen: torch.Generator) -> Iterator[torch.Tensor]:
     """Index tensors of a visit's batches: reshuffled passes over ``n`` examples, drawn from ``gen``."""
+    if n == 0:
+        raise ValueError("train data: this node's partition holds no example")
     total, done = num_batches(n, batch_size, steps, epochs), 0
     while done < total:
         for idx in torch.randperm(n, generator=gen).split(batch_size):

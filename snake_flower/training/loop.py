@@ -129,16 +129,16 @@ def _identity(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
     return logits, y
 
 
-_OPTION_FIELDS = {"local_steps": "steps", "local_epochs": "epochs"}
+OPTION_FIELDS = {"local_steps": "steps", "local_epochs": "epochs"}
 """``train_window``'s keyword options that a ``LocalWork`` field holds under another name."""
 
 
 def local_work(work: LocalWork | None = None, **options: Any) -> LocalWork:
     """``work`` (else the defaults) with ``options`` set, by ``LocalWork`` field or option name."""
-    fields = {_OPTION_FIELDS.get(name, name): value for name, value in options.items()}
+    fields = {OPTION_FIELDS.get(name, name): value for name, value in options.items()}
     unknown = sorted(set(fields) - set(LocalWork.__dataclass_fields__))
     if unknown:
-        known = sorted({*LocalWork.__dataclass_fields__, *_OPTION_FIELDS} - set(_OPTION_FIELDS.values()))
+        known = sorted({*LocalWork.__dataclass_fields__, *OPTION_FIELDS} - set(OPTION_FIELDS.values()))
         raise TypeError(f"train_window: unknown option {unknown[0]!r} (known: {', '.join(known)})")
     return replace(work or LocalWork(), **fields)
 

@@ -30,12 +30,12 @@ def test_reply_is_the_window_and_state_keeps_the_rest(nodes):
     keys = segment_keys(model)
     assert list(reply["arrays"].keys()) == keys["conv2"] + keys["head"]
     state = node.contexts[1000].state
-    held = state["model"].to_torch_state_dict()
+    held = state["snake-model"].to_torch_state_dict()
     for name in ("conv1", "conv3", "fc1"):  # frozen: bit-identical to what was received
         for key in keys[name]:
             assert torch.equal(held[key], model.state_dict()[key])
     assert not torch.equal(held[keys["conv2"][0]], model.state_dict()[keys["conv2"][0]])
-    assert dict(state["versions"]) == {"conv1": 0, "conv2": 1, "conv3": 0, "fc1": 0, "head": 1}
+    assert dict(state["snake-versions"]) == {"conv1": 0, "conv2": 1, "conv3": 0, "fc1": 0, "head": 1}
     assert reply["metrics"]["partition-id"] == 0.0
 
 
@@ -89,7 +89,7 @@ def test_int8_payload_is_3x_smaller_on_the_wire_and_the_node_keeps_what_the_serv
         arrays = reply.content["arrays"]
         assert grid.close_round().up.array_bytes == array_record_to_proto(arrays).ByteSize()
         up[payload] = array_record_to_proto(arrays).ByteSize()
-        held = node.contexts[1000].state["model"].to_torch_state_dict()
+        held = node.contexts[1000].state["snake-model"].to_torch_state_dict()
         merged = decode(arrays, payload).to_torch_state_dict()  # what the server merges
         assert all(torch.equal(held[key], value) for key, value in merged.items())
         if payload == "int8":  # the frozen segments: the decoded int8 the node received

@@ -241,7 +241,7 @@ def test_a_tied_weight_is_never_sent_and_its_alias_follows_the_owner(loopback):
     ({"partition-id": 1.5, "num-partitions": 3}, "partition-id must be a whole number"),
     ({"partition-id": 3, "num-partitions": 3}, "partition-id 3 must be below num-partitions 3"),
     ({"partition-id": 0, "num-partitions": 0}, "num-partitions must be a whole number >= 1"),
-    ({"partition-id": 0, "num-partitions": 3, "data-dir": "/no/such/dir"}, "data-dir '/no/such/dir' is not"),
+    ({"partition-id": 0, "num-partitions": 3, "data-dir": 7}, "data-dir must be a path"),
     ({"partition-id": 0, "num-partitions": 3, "compute": -1.0}, "compute must be > 0"),
 ])
 def test_bad_node_config_gets_a_one_line_error_naming_the_key(loopback, node_config, says):
@@ -252,7 +252,7 @@ def test_bad_node_config_gets_a_one_line_error_naming_the_key(loopback, node_con
     nodes.contexts[100].node_config.update(node_config)
     error = nodes(_snake_message([next(iter(segments))], segments, arrays))
     assert isinstance(error, Error) and says in error.reason and "\n" not in error.reason
-    assert "model" not in nodes.contexts[100].state  # nothing kept of a hop that never ran
+    assert "snake-model" not in nodes.contexts[100].state  # nothing kept of a hop that never ran
 
 
 def test_a_node_reads_its_data_dir_from_its_node_config_first(tmp_path, monkeypatch):
@@ -273,3 +273,21 @@ def test_a_node_reads_its_data_dir_from_its_node_config_first(tmp_path, monkeypa
     task_data(Context(run_id=1, node_id=2, state=RecordDict(), run_config={}, node_config=node_config),
               config)  # a simulated node: the run-config's
     assert seen == [str(tmp_path), "/the/servers/dir"] and len(x) == len(y) > 0
+    gone = Context(run_id=1, node_id=3, state=RecordDict(), run_config={},
+                   node_config={**node_config, "data-dir": str(tmp_path / "gone")})
+    with pytest.raises(ValueError, match="node-config: data-dir '.*gone' is not a directory"):
+        task_data(gone, config)
+
+
+def test_kd_auto_distils_on_a_plugin_node_whose_messages_name_no_partitioner(loopback, monkeypatch):
+    import snake_flower.node as node_module
+
+    seen = []
+    real = node_module.train_window
+    monkeypatch.setattr(node_module, "train_window",
+                        lambda *a, **kw: seen.append(kw["work"].kd_weight) or real(*a, **kw))
+    model, arrays = _initial()
+    segments = segment_model(model)
+    nodes = Nodes(make_client_app(Blocks, _train_data, local_steps=1, kd_weight=0.5))
+    reply = nodes(_snake_message([next(iter(segments))], segments, arrays, kd="auto"))
+    assert not isinstance(reply, Error) and seen == [0.5]

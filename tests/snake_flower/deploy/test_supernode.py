@@ -87,6 +87,8 @@ def test_bad_launcher_arguments_are_one_line_errors(no_supernode, capsys, args, 
     ("partition-id=3 num-partitions=3", "partition-id 3 must be below num-partitions 3"),
     ("partition-id=0 num-partitions=3 data-dir='/no/such/dir'", "data-dir '/no/such/dir' is not a directory"),
     ("partition-id=0 num-partitions=3 compute=0", "compute must be > 0"),
+    ("partition-id=x", "--node-config:"),  # not TOML: Flower's own parser says why
+    ("/no/such/node.toml", "--node-config:"),
 ])
 def test_a_bad_node_config_stops_the_launcher_in_one_line(no_supernode, capsys, node_config, why):
     assert supernode.main(["--node-config", node_config, "--insecure"]) == 2

@@ -34,8 +34,9 @@ def test_the_forkserver_preload_holds_the_partitions_on_one_thread(tmp_path):
     for split in ("train", "t10k"):
         _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", np.zeros((30, 28, 28)))
         _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(30) % 10)
-    spec = json.dumps({"run-config": f"data-dir='{tmp_path}' partitioner='iid'", "partition-id": 2,
-                       "num-partitions": 3})
+    # the node's own data-dir (its --node-config) wins over the run-config's, as in its tasks
+    spec = json.dumps({"run-config": "data-dir='/the/servers/dir' partitioner='iid'", "partition-id": 2,
+                       "num-partitions": 3, "data-dir": str(tmp_path)})
     env = {**{k: v for k, v in os.environ.items() if k != "SNAKE_FLOWER_STOCK_FLOWER"}, WARM_ENV: spec,
            "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300,
