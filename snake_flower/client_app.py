@@ -31,6 +31,9 @@ def task_model(config: Mapping[str, Any]) -> nn.Module:
     return model
 
 
+task_model.snake_meta_build = True  # a node with a full copy builds it on the meta device (node.py)
+
+
 def task_segments(model: nn.Module, config: Mapping[str, Any]) -> dict[str, list[str]]:
     """The segments the server sweeps: every segment but the ``frozen-segments``."""
     return swept_segment_keys(model, config)

@@ -5,10 +5,12 @@ This is the one node implementation: a plugin user's app and the built-in tasks
 ClientApp serves every strategy (docs/protocol.md has the message protocol, key by key):
 
 - a Snake or relay message (its config has a ``window``) loads the partial download over
-  the node's own copy of the model (kept in ``context.state``), checks that the copy is
-  current (delta sync), trains the window alone and replies with exactly the window's
-  keys, encoded in the message's ``payload-dtype``; the node keeps what the server will
-  merge (the reply decoded), so its copy and the server's master agree exactly;
+  the node's own copy of the model (kept on its disk between visits, ``node_store.py``),
+  checks that the copy is current, trains the window alone and replies with exactly the
+  window's keys, encoded in the message's ``payload-dtype``; the node keeps what the
+  server will merge (the reply decoded), so its copy and the server's master agree
+  exactly. A node whose copy is lost or damaged, or older than the message says, answers
+  ``full-sync-needed`` instead, and the strategy sends it the whole model;
 - a message without a ``window`` (Flower's ``FedAvg``, or any strategy that sends the
   whole model) trains every segment and replies with every key it received, keeping no copy;
 - a ``query`` message gets the node's rank (its ``partition-id``), which orders the chain,
@@ -17,7 +19,7 @@ ClientApp serves every strategy (docs/protocol.md has the message protocol, key 
 Knowledge distillation follows the message's ``kd`` (``"auto"``: only on non-IID
 partitions) when ``kd-weight > 0``; FedAvg (``strategy = "fedavg"`` or no ``window``) and
 split learning never distil. The frozen layers are held in ``frozen-dtype`` while the
-window trains, and restored exactly from the node's copy.
+window trains, and restored exactly from the node's copy on disk (memory-mapped).
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from snake_flower.config import kd_enabled
-from snake_flower.node_settings import node_settings
+from snake_flower.node_model import ModelBuilder
+from snake_flower.node_settings import NodeSettings, node_settings
+from snake_flower.node_store import CopyUnreadable, NodeStore, StoredCopy, node_state_dir
 from snake_flower.runtime.chaos import maybe_fail
 from snake_flower.segments import segment_model
 from snake_flower.tasks.task import transport_state
 from snake_flower.training.batches import split_batch, visit_seed
-from snake_flower.training.frozen import ArrayView
 from snake_flower.training.loop import OPTION_FIELDS, Align, LocalWork, train_window
 from snake_flower.training.loop import evaluate as _evaluate_tensors
 from strategies.payload import decode, encode
+from strategies.reply import FULL_SYNC
 
 ModelFn = Callable[..., nn.Module]
 """``model_fn()``, or ``model_fn(config)`` for a model that depends on the hop's config (a
@@ -50,8 +54,6 @@ DataFn = Callable[..., Any]
 """``data_fn(context)``, or ``data_fn(context, config)``: ``(x, y)`` tensors or a loader."""
 SegmentsFn = Callable[[nn.Module, Mapping[str, Any]], Mapping[str, list[str]]]
 
-STATE_MODEL, STATE_VERSIONS = "snake-model", "snake-versions"
-"""Where the node keeps its copy of the model and the version of each segment it holds."""
 
 _OPTION_OF = {field: option for option, field in OPTION_FIELDS.items()}
 _DEFAULTS: dict[str, Any] = {
@@ -136,7 +138,8 @@ class _Node:
     def __init__(self, model_fn: ModelFn, train_data_fn: DataFn, evaluate_data_fn: DataFn | None,
                  segments: Mapping[str, list[str]] | SegmentsFn | None, align: Align | None,
                  defaults: dict[str, Any]) -> None:
-        self.model_fn = _with_config(model_fn, 0)
+        # on the meta device where the builder allows it (the built-in tasks': no cache to poison)
+        self.build = ModelBuilder(_with_config(model_fn, 0), bool(getattr(model_fn, "snake_meta_build", False)))
         self.train_data_fn = _with_config(train_data_fn, 1)
         self.evaluate_data_fn = _with_config(evaluate_data_fn, 1) if evaluate_data_fn else None
         self.align, self.defaults = align, defaults
@@ -162,30 +165,38 @@ class _Node:
         settings = node_settings(context.node_config)
         partition_id = -1 if settings.partition_id is None else settings.partition_id
         maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0, crash-round)
-        model = self._model(cfg)
-        segments = self.segments(model, cfg)
         payload = str(cfg.get("payload-dtype", "fp32"))
-        received = decode(_arrays(msg), payload)
-        for name in list(msg.content.array_records):  # decoded: the message's arrays can go
+        # the decoded arrays by key, the message's records gone: each array goes once loaded
+        received = dict(decode(_arrays(msg), payload).items())
+        for name in list(msg.content.array_records):
             del msg.content[name]
-        received_keys = list(received.keys())
+        received_keys = list(received)
         snake = "window" in cfg
+        keeps_copy = snake and cfg.get("strategy") != "fedavg"  # FedAvg sends the whole model anyway
+        store = NodeStore(_state_dir(settings, context)) if keeps_copy else None
+        copy, lost = _read(store)
+        model = self.build(cfg, {*received_keys, *(copy.tensors if copy is not None else ())})
+        segments = self.segments(model, cfg)
+        if copy is not None:
+            model.load_state_dict(copy.tensors, strict=False)
+        _load(model, received, segments)  # segment by segment, each released once loaded
         if snake:
-            held, server = self._load_snake(model, segments, received, cfg, context)
+            held, server, stale = self._apply_snake(segments, cfg, copy)
+            if stale:  # e.g. a node whose state directory was lost: the server resends everything
+                reason = f"{lost or 'its copy is older than the message says'}; stale segments {stale[:3]}"
+                return _full_sync_reply(msg, reason, partition_id)
             window = [str(name) for name in cfg["window"]]
         else:
-            _load(model, received)
             window = list(segments)
-        del received  # loaded: release it before training
         work = LocalWork.from_config(cfg, kd=snake and kd_enabled(cfg))
         seed = visit_seed(cfg["seed"], cfg.get("server-round", 0))
         torch.manual_seed(seed)  # what a loader shuffles (or a dropout draws), per visit
         data = self.train_data_fn(context, cfg)
-        keeps_copy = snake and cfg.get("strategy") != "fedavg"  # FedAvg sends the whole model anyway
         exact = None
-        if keeps_copy:  # the node's copy, stored now: the frozen layers are restored from it
-            context.state[STATE_MODEL] = ArrayRecord(transport_state(model.state_dict()))
-            exact = ArrayView(context.state[STATE_MODEL])
+        if store is not None:  # the copy as received, on disk: the frozen layers are restored from it
+            sent = [str(name) for name in cfg.get("segments-sent", []) if name]
+            copy = store.write(model.state_dict(), _parts(model, segments, sent, copy), held, copy)
+            exact = copy.tensors
         metrics = train_window(model, window, data, segments=segments, work=work, seed=seed,
                                align=self.align, exact=exact)
         state = transport_state(model.state_dict())
@@ -196,9 +207,8 @@ class _Node:
                 state.update(decode(reply, payload).to_torch_state_dict())
             for name in window:  # the server bumps these versions when it merges the reply
                 held[name] = server[name] + 1
-            if keeps_copy:
-                context.state[STATE_MODEL] = ArrayRecord(state)
-                context.state[STATE_VERSIONS] = ConfigRecord(held)
+            if store is not None:
+                store.write(state, {name: segments[name] for name in window}, held, copy)
         else:  # every key it was sent, as FedAvg averages them
             reply = ArrayRecord({key: state[key] for key in received_keys})
         # One MetricRecord, as Flower's FedAvg requires of every reply: metrics and memory ledger.
@@ -211,10 +221,9 @@ class _Node:
             raise ValueError("this node has no evaluate_data_fn: pass one to make_client_app, or "
                              "evaluate on the server (FedAvg(fraction_evaluate=0), evaluate_fn=...)")
         cfg = {**self.defaults, **_config(msg)}
-        model = self._model(cfg)
-        if STATE_MODEL in context.state:
-            model.load_state_dict(context.state[STATE_MODEL].to_torch_state_dict())
-        _load(model, decode(_arrays(msg), str(cfg.get("payload-dtype", "fp32"))))
+        received = dict(decode(_arrays(msg), str(cfg.get("payload-dtype", "fp32"))).items())
+        model = self.build(cfg, received.keys())
+        _load(model, received, self.segments(model, cfg))
         loss = correct = count = 0.0
         for batch in self.evaluate_data_fn(context, cfg):
             inputs, labels = split_batch(batch)
@@ -234,15 +243,10 @@ class _Node:
             self._segments = segment_model(model)
         return self._segments
 
-    def _model(self, cfg: Mapping[str, Any]) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):  # every node builds the same initial weights
-            torch.manual_seed(int(cfg["seed"]))
-            return self.model_fn(cfg)
-
-    def _load_snake(self, model: nn.Module, segments: Mapping[str, list[str]], received: ArrayRecord,
-                    cfg: Mapping[str, Any], context: Context) -> tuple[dict[str, int], dict[str, int]]:
-        """Apply a Snake download over the node's copy: the segment versions it now holds, and
-        the server's."""
+    def _apply_snake(self, segments: Mapping[str, list[str]], cfg: Mapping[str, Any], copy: StoredCopy | None
+                     ) -> tuple[dict[str, int], dict[str, int], list[str]]:
+        """The segment versions the node holds once it applied the download, the server's, and
+        the segments whose versions differ (the node lacks them: a full sync is needed)."""
         names = list(segments)
         versions = [int(v) for v in cfg.get("segment-versions", [])]
         if len(versions) != len(names):
@@ -252,19 +256,53 @@ class _Node:
         if unknown:
             raise ValueError(f"window {unknown[:3]} is not among this node's segments: "
                              f"give make_client_app the segments SnakeStrategy was given")
-        if STATE_MODEL in context.state:
-            model.load_state_dict(context.state[STATE_MODEL].to_torch_state_dict())
-        held = dict(context.state[STATE_VERSIONS]) if STATE_VERSIONS in context.state else {}
-        _load(model, received)
+        held = dict(copy.versions) if copy is not None else {}
         server = dict(zip(names, versions))
         for name in cfg.get("segments-sent", []):
             if name:
                 held[name] = server[name]
-        if cfg.get("sync", "delta") == "delta":
-            stale = [name for name in names if held.get(name) != server[name]]
-            if stale:  # e.g. the node restarted and lost its copy: the server resends everything
-                raise RuntimeError(f"local copy is stale for segments {stale[:3]}; full sync needed")
-        return held, server
+        # under window sync too: the server's versions are those of the copy it believes the node has
+        stale = [name for name in names if held.get(name) != server[name]]
+        return held, server, stale
+
+
+def stored_copy(context: Context) -> StoredCopy | None:
+    """A node's copy of the model as its state directory holds it (``None`` before its first hop)."""
+    return NodeStore(_state_dir(node_settings(context.node_config), context)).read()
+
+
+def _state_dir(settings: NodeSettings, context: Context) -> Any:
+    return node_state_dir(settings.state_dir, context.run_id, settings.partition_id, context.node_id)
+
+
+def _read(store: NodeStore | None) -> tuple[StoredCopy | None, str | None]:
+    """The node's stored copy, and if it has none, why (a node's first visit has none either)."""
+    if store is None:
+        return None, None
+    try:
+        copy = store.read()
+    except CopyUnreadable as err:
+        return None, f"its copy of the model is unreadable ({err})"
+    return copy, None if copy is not None else f"its state directory {store.directory} holds no copy"
+
+
+def _parts(model: nn.Module, segments: Mapping[str, list[str]], sent: Iterable[str],
+           copy: StoredCopy | None) -> dict[str, list[str]]:
+    """What to store of a download: the segments sent, and once the keys in no segment, less
+    a tied weight's alias (it follows its owner; a stale alias loaded later would undo it)."""
+    parts = {name: segments[name] for name in sent}
+    if copy is None or "" not in copy.files:
+        state = model.state_dict(keep_vars=True)
+        owned = {id(state[key]) for keys in segments.values() for key in keys if key in state}
+        parts[""] = [key for key in state if id(state[key]) not in owned]
+    return parts
+
+
+def _full_sync_reply(msg: Message, reason: str, partition_id: int) -> Message:
+    """The reply of a node that cannot train with what it was sent: it needs the whole model."""
+    content = RecordDict({"metrics": MetricRecord({FULL_SYNC: 1.0, "partition-id": float(partition_id)}),
+                          FULL_SYNC: ConfigRecord({"reason": reason[:300]})})
+    return Message(content, reply_to=msg)
 
 
 def _config(msg: Message) -> dict[str, Any]:
@@ -279,8 +317,13 @@ def _arrays(msg: Message) -> ArrayRecord:
     return records[0]
 
 
-def _load(model: nn.Module, received: ArrayRecord) -> None:
-    """Load what was sent over the model; keys the model does not have are an error."""
-    result = model.load_state_dict(received.to_torch_state_dict(), strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"the server sent keys this model does not have: {result.unexpected_keys[:3]}")
+def _load(model: nn.Module, received: dict[str, Any], segments: Mapping[str, list[str]]) -> None:
+    """Load what was sent over the model, one segment at a time, each let go of once loaded;
+    keys the model does not have are an error."""
+    groups = [keys for keys in segments.values()] + [list(received)]  # the rest last
+    for keys in groups:
+        part = {key: torch.from_numpy(received.pop(key).numpy()) for key in keys if key in received}
+        if part:
+            result = model.load_state_dict(part, strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"the server sent keys this model does not have: {result.unexpected_keys[:3]}")

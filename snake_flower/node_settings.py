@@ -23,6 +23,7 @@ class NodeSettings:
     num_partitions: int | None
     data_dir: str | None
     capacity: dict[str, float]
+    state_dir: str | None = None
 
     def partition(self) -> tuple[int, int]:
         """``(partition-id, num-partitions)``, which the built-in tasks' data needs."""
@@ -46,8 +47,9 @@ def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
 
     ``partition-id`` (else ``rank``) and ``num-partitions`` are whole numbers, the first
     below the second; ``data-dir`` is a path (whether it exists is checked where it is
-    read: a plugin's data function may make it); the capacities are
-    ``training.capacity.reported_capacity``'s.
+    read: a plugin's data function may make it); ``state-dir`` (where a Snake node keeps
+    its copy of the model, ``node_store.py``) is a path that is a directory if it exists;
+    the capacities are ``training.capacity.reported_capacity``'s.
     """
     partition_id = _whole(node_config, "partition-id", 0) if "partition-id" in node_config else (
         _whole(node_config, "rank", 0) if "rank" in node_config else None)
@@ -58,7 +60,20 @@ def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
     data_dir = node_config.get("data-dir")
     if data_dir is not None and not isinstance(data_dir, str):
         raise ValueError(f"node-config: data-dir must be a path, got {data_dir!r}")
-    return NodeSettings(partition_id, num_partitions, data_dir or None, reported_capacity(node_config))
+    return NodeSettings(partition_id, num_partitions, data_dir or None, reported_capacity(node_config),
+                        _state_dir(node_config))
+
+
+def _state_dir(node_config: Mapping[str, Any]) -> str | None:
+    """``state-dir``: a path, which the node creates if need be, but not a file."""
+    if "state-dir" not in node_config:
+        return None
+    state_dir = node_config["state-dir"]
+    if not isinstance(state_dir, str) or not state_dir.strip():
+        raise ValueError(f"node-config: state-dir must be a directory path, got {state_dir!r}")
+    if Path(state_dir).exists() and not Path(state_dir).is_dir():
+        raise ValueError(f"node-config: state-dir {state_dir!r} is not a directory")
+    return state_dir
 
 
 def _whole(node_config: Mapping[str, Any], key: str, lowest: int) -> int:

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from snake_flower.config import RunConfig, node_message, resolve
+from snake_flower.node_store import NodeStore, run_state_dir
 from snake_flower.runtime import results
 from snake_flower.runtime.averaging import ModelAverage
 from snake_flower.runtime.chaos import ChaosGrid
@@ -56,7 +57,11 @@ def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run(grid, resolve(config if config is not None else context.run_config))
+        try:
+            run(grid, resolve(config if config is not None else context.run_config))
+        finally:
+            if not _deployed(grid):  # simulated nodes share this machine's cache: their copies go
+                NodeStore(run_state_dir(None, context.run_id)).remove()
 
     return server_app
 

@@ -12,8 +12,10 @@ config's ``split-batch`` t = 0 .. T (T = the visit's number of batches):
 - message T carries the last gradients; the node applies them and replies with its
   trained bottom weights and its metrics (memory ledger included).
 
-Between messages ``context.state`` keeps the bottom weights, the optimizer's
-momentum and where the visit stands; the visit's last message clears them. Batches
+Between messages the process keeps the bottom model and its optimizer (``_OPEN``), so
+a visit builds its bottom once, not per batch; ``context.state`` keeps the bottom
+weights, the optimizer's momentum and where the visit stands as well, for a ClientApp
+process that did not see the previous message. The visit's last message clears both. Batches
 are redrawn from the visit's seed (``training.visit_batches``), so batch t-1 is found
 again. The recomputed forward pass is exact for the tasks' models (no dropout);
 BatchNorm running statistics would be updated twice per batch.
@@ -21,8 +23,9 @@ BatchNorm running statistics would be updated twice per batch.
 
 from __future__ import annotations
 
+import secrets
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -37,6 +40,21 @@ from snake_flower.training.batches import visit_batches, visit_seed
 from snake_flower.training.loop import LocalWork, SavedActivations, memory_ledger
 
 STATE_BOTTOM, STATE_MOMENTUM, STATE_VISIT = "split-bottom", "split-momentum", "split-visit"
+
+
+@dataclass
+class _OpenVisit:
+    """A visit in progress in this process: its bottom model, optimizer and last batch sent."""
+
+    visit: int
+    batch: int
+    token: str  # also in context.state: the state this process's model belongs to
+    bottom: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+_OPEN: dict[tuple[int, int], _OpenVisit] = {}
+"""(run id, node id) -> the visit in progress, kept between its messages."""
 
 
 def train_split(msg: Message, context: Context) -> Message:
@@ -54,17 +72,24 @@ def train_split(msg: Message, context: Context) -> Message:
     if not 0 <= batch <= len(batches):
         raise ValueError(f"split-batch {batch} is outside this visit's 0..{len(batches)}")
 
-    bottom = build_model(task, int(cfg["seed"]))[:int(cfg["split-cut"])].train()
-    progress = _resume(bottom, msg.content, context.state, visit, batch)
+    key = (context.run_id, context.node_id)
+    kept = _OPEN.pop(key, None)
+    progress = _progress(msg.content, context.state, visit, batch) if batch > 0 else {}
+    if kept is not None and batch > 0 and progress.get("token") == kept.token:
+        bottom, optimizer = kept.bottom, kept.optimizer  # as the previous message left them
+    else:  # the visit's first message, or a process that did not see the previous one
+        bottom = build_model(task, int(cfg["seed"]))[:int(cfg["split-cut"])].train()
+        progress = _resume(bottom, msg.content, context.state, visit, batch)
+        optimizer = torch.optim.SGD(list(bottom.parameters()), lr=work.lr, momentum=work.momentum,
+                                    weight_decay=work.weight_decay)
+        if batch > 0:
+            _restore_momentum(bottom, optimizer, context.state[STATE_MOMENTUM])
     params = list(bottom.parameters())
-    optimizer = torch.optim.SGD(params, lr=work.lr, momentum=work.momentum,
-                                weight_decay=work.weight_decay)
     meter = SavedActivations(params)
     meter.peak = int(progress.get("activation-peak", 0))
     compute = float(progress.get("compute", 0.0))  # CPU seconds of the visit's training so far
     if batch > 0:
         began = time.process_time()
-        _restore_momentum(bottom, optimizer, context.state[STATE_MOMENTUM])
         grads = torch.from_numpy(msg.content["gradients"]["activations"].numpy().copy())
         _apply_gradients(bottom, optimizer, x_train[idx[batches[batch - 1]]], grads, work.clip_norm, meter)
         compute += time.process_time() - began
@@ -81,10 +106,12 @@ def train_split(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"arrays": ArrayRecord(bottom.state_dict()),
                                    "metrics": MetricRecord(metrics)}), reply_to=msg)
 
+    token = secrets.token_hex(8)
+    _OPEN[key] = _OpenVisit(visit, batch, token, bottom, optimizer)
     context.state[STATE_BOTTOM] = ArrayRecord(bottom.state_dict())
     context.state[STATE_MOMENTUM] = _momentum(bottom, optimizer)
     context.state[STATE_VISIT] = ConfigRecord({
-        "round": visit, "batch": batch, "activation-peak": meter.peak,
+        "round": visit, "batch": batch, "activation-peak": meter.peak, "token": token,
         "started": float(progress.get("started", time.time()))})
     rows = batches[batch]
     began = time.process_time()
@@ -122,13 +149,19 @@ def _resume(bottom: nn.Module, content: RecordDict, state: RecordDict, visit: in
             raise ValueError("the first message of a split visit must carry the bottom weights")
         bottom.load_state_dict(content["arrays"].to_torch_state_dict())  # strict: exactly the bottom
         return {}
+    progress = _progress(content, state, visit, batch)
+    bottom.load_state_dict(state[STATE_BOTTOM].to_torch_state_dict())
+    return progress
+
+
+def _progress(content: RecordDict, state: RecordDict, visit: int, batch: int) -> dict[str, Any]:
+    """Where the visit stands (``state``), checked against message ``batch`` > 0 of ``visit``."""
     progress = dict(state[STATE_VISIT]) if STATE_VISIT in state else {}
     if (progress.get("round"), progress.get("batch")) != (visit, batch - 1):
         raise RuntimeError(f"split visit {visit}: got batch {batch}, but this node's state is at "
                            f"round {progress.get('round')} batch {progress.get('batch')}")
     if "gradients" not in content:
         raise ValueError(f"split batch {batch}: message carries no gradients for batch {batch - 1}")
-    bottom.load_state_dict(state[STATE_BOTTOM].to_torch_state_dict())
     return progress
 
 

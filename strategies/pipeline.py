@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from .nodes import NoFreeNode
+from .reply import full_sync_reason
 
 if TYPE_CHECKING:
     from .snake import SnakeStrategy
@@ -107,6 +108,9 @@ class HopPipeline:
                     break
             flight = self.flights.popleft()
             reply = self._wait_for(flight)
+            hop = strategy.hops[flight.hop]
+            if reply is not None and (why := full_sync_reason(reply)) and not hop.get("full_syncs"):
+                reply = self._resend_full(flight, why, timeout)  # its node lost its copy
             merged, metrics = strategy.merge(strategy.hops[flight.hop], [reply] if reply else [], arrays)
             if merged is not None:
                 arrays = result.arrays = merged
@@ -130,6 +134,12 @@ class HopPipeline:
             # it trained lane h mod K before and trains it again, never another lane
             self._warn_once(f"concurrency {concurrency} on {nodes} nodes: each node trains the same "
                             "layers at every hop; keep fewer hops in flight than nodes")
+
+    def _resend_full(self, flight: Flight, why: str, timeout: float) -> Message | None:
+        """``flight``'s hop again with every segment, to its node; its reply (``None``: timed out)."""
+        message = self.strategy.resend_full(self.strategy.hops[flight.hop], why)
+        [message_id] = self.grid.push_messages([message])
+        return self._wait_for(Flight(flight.hop, message_id, time.time() + timeout))
 
     def _warn_once(self, why: str) -> None:
         if why not in self.warned:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message
 
 from .payload import PayloadError, decode
 from .window import MUST_SEND, check_window, update_norm
@@ -62,6 +62,22 @@ def stale(hop: Mapping[str, Any], versions: Mapping[str, int]) -> str | None:
         return (f"stale: window segment(s) {', '.join(moved)} merged by another hop since this one "
                 f"was sent (only disjoint windows may be in flight together)")
     return None
+
+
+FULL_SYNC = "full-sync-needed"
+"""A reply's metric (> 0) and ConfigRecord (its ``reason``): the node lacks the copy of the model
+the message assumed (its state was lost) and needs every segment to train the hop."""
+
+
+def full_sync_reason(reply: Message) -> str | None:
+    """Why ``reply``'s node asks for the whole model (``FULL_SYNC``), or ``None`` if it does not."""
+    if reply.has_error():
+        return None
+    content = reply.content
+    if not any(float(record.get(FULL_SYNC, 0.0)) > 0 for record in content.metric_records.values()):
+        return None
+    said = content.config_records.get(FULL_SYNC)
+    return str(said.get("reason", "")) if said is not None and said.get("reason") else "no reason given"
 
 
 def last_line(reason: str) -> str:

@@ -32,7 +32,7 @@ from .fitting import WindowFitter
 from .pipeline import HopPipeline
 from .nodes import NodeBackoff, rank_in
 from .payload import PAYLOAD_DTYPES, encode
-from .reply import checked_window, last_line
+from .reply import checked_window, full_sync_reason, last_line
 from .schedule import SnakeSchedule
 from .sync import NodeCopies
 from .window import check_segments, merge_window, select, tied_aliases, unknown_keys, window_keys
@@ -150,6 +150,9 @@ class SnakeStrategy(Strategy):
         self._arrays: ArrayRecord | None = None  # the global model as the pending hop was sent it
         self.sent_arrays: dict[int, ArrayRecord] = {}  # hop in flight -> the global model it was sent
         self.sent_versions: dict[int, dict[str, int]] = {}  # ... and that model's segment versions
+        self.sent_configs: dict[int, ConfigRecord] = {}  # ... and its config (to resend it in full)
+        self._grid: Grid | None = None  # where the pending hop went, and its timeout (a full resync)
+        self._timeout = 3600.0
         self.restored_flights: list[tuple[dict[str, Any], ArrayRecord]] = []  # in flight at a checkpoint
         self.aliases: dict[str, str] = {}  # tied weights: alias key -> owner key (set by start)
 
@@ -177,6 +180,7 @@ class SnakeStrategy(Strategy):
         if self.aliases:  # so that load_state_dict(arrays) never restores a stale tied weight
             log(INFO, "SnakeStrategy: %d tied key(s) follow their owner: %s", len(self.aliases),
                 ", ".join(f"{alias} = {owner}" for alias, owner in list(self.aliases.items())[:3]))
+        self._timeout = float(kwargs.get("timeout", args[1] if len(args) > 1 else 3600))
         if self.concurrency == 1:
             return super().start(grid, initial_arrays, *args, **kwargs)
         return HopPipeline(self, grid).start(initial_arrays, *args, **kwargs)
@@ -185,14 +189,23 @@ class SnakeStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Send the next node what it lacks and the window it must train."""
-        self._arrays = arrays
+        self._arrays, self._grid = arrays, grid
         return [self.dispatch(server_round + self.round_offset - 1, arrays, config, grid)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the single reply and merge its window into the full model."""
+        """Validate the single reply and merge its window into the full model.
+
+        A node that lost its copy says so (``full-sync-needed``): the hop is sent to it
+        again at once with every segment, so the run goes on as if it had never lost it.
+        """
         assert self._arrays is not None
-        return self.merge(self.hops[-1], replies, self._arrays)
+        hop, replies = self.hops[-1], list(replies)
+        lost = [reply for reply in replies if reply.metadata.src_node_id == hop["node"] and full_sync_reason(reply)]
+        if lost and self._grid is not None and not hop.get("full_syncs"):
+            replies = list(self._grid.send_and_receive([self.resend_full(hop, full_sync_reason(lost[0]))],
+                                                       timeout=self._timeout))
+        return self.merge(hop, replies, self._arrays)
 
     def dispatch(self, hop: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                  busy: Collection[int] = (), rank: float | None = None,
@@ -229,6 +242,7 @@ class SnakeStrategy(Strategy):
         cfg["segment-versions"] = self.copies.versions_after(node, sent, versions)
         payload = encode(select(arrays, window_keys(self.segments, sent)), self.payload_dtype)
         self.sent_arrays[hop], self.sent_versions[hop] = arrays, versions  # until the hop is merged
+        self.sent_configs[hop] = cfg
         # the versions sent, and the window's: what the node holds after the hop, and what a
         # stale reply is checked against
         self.hops.append({"round": server_round, "node": node, "window": window,
@@ -242,6 +256,24 @@ class SnakeStrategy(Strategy):
         content = RecordDict({self.arrayrecord_key: payload, self.configrecord_key: cfg})
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
 
+    def resend_full(self, hop: dict[str, Any], why: str | None = None) -> Message:
+        """``hop``'s message again, to its node, with every segment (the node lost its copy)."""
+        index, node = hop["round"] - 1, hop["node"]
+        arrays, versions = self.sent_arrays[index], self.sent_versions[index]
+        self.copies.forget(node)
+        sent = list(self.segments)
+        cfg = ConfigRecord(dict(self.sent_configs[index]))
+        cfg["segments-sent"] = sent
+        cfg["segment-versions"] = self.copies.versions_after(node, sent, versions)
+        hop["segments_sent"], hop["full_syncs"] = sent, hop.get("full_syncs", 0) + 1
+        hop["versions_sent"] = {name: versions[name] for name in self.segments}
+        log(WARNING, "hop %d: node %d lost its copy of the model (%s): sent every segment again",
+            hop["round"], node, why)
+        content = RecordDict({self.arrayrecord_key: encode(select(arrays, window_keys(self.segments, sent)),
+                                                           self.payload_dtype),
+                              self.configrecord_key: cfg})
+        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(hop["round"]))
+
     def merge(self, hop: dict[str, Any], replies: Iterable[Message], arrays: ArrayRecord
               ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate ``hop``'s reply and merge its window into ``arrays``, the global model now.
@@ -253,6 +285,7 @@ class SnakeStrategy(Strategy):
         hop.setdefault("seconds", time.time() - hop["started"])  # send to reply, as the server sees it
         sent = self.sent_arrays.pop(hop["round"] - 1, arrays)
         self.sent_versions.pop(hop["round"] - 1, None)
+        self.sent_configs.pop(hop["round"] - 1, None)
         node, window = hop["node"], hop["window"]
         replies = [m for m in replies if m.metadata.src_node_id == node]
         if not replies:
@@ -260,6 +293,8 @@ class SnakeStrategy(Strategy):
         reply = replies[0]
         if reply.has_error():
             return self._fail(hop, f"error reply: {last_line(reply.error.reason)}")
+        if (why := full_sync_reason(reply)) is not None:  # it lost its copy, even after a full resync
+            return self._fail(hop, f"the node needs a full sync: {why}")
         content = reply.content
         reported = {k: v for record in content.metric_records.values() for k, v in record.items()}
         hop["metrics"] = reported
@@ -329,6 +364,7 @@ class SnakeStrategy(Strategy):
         # The node's copy is now unknown: its next visit resends the whole model.
         self.sent_arrays.pop(hop["round"] - 1, None)
         self.sent_versions.pop(hop["round"] - 1, None)
+        self.sent_configs.pop(hop["round"] - 1, None)
         self.copies.forget(hop["node"])
         reason = reason[:300]
         hop["status"], hop["reason"] = "failed", reason
@@ -394,7 +430,7 @@ class SnakeStrategy(Strategy):
                                  for hop in state.get("in-flight", [])]
         self.copies.reset()
         self.chain.reset()
-        self.sent_arrays, self.sent_versions = {}, {}
+        self.sent_arrays, self.sent_versions, self.sent_configs = {}, {}, {}
         if self.fitter is not None:
             self.fitter.reset()
 

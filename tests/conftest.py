@@ -28,6 +28,13 @@ torch.set_num_threads(1)  # tiny models: threads only add contention on 2 cores
 Handler = Callable[[Message], "RecordDict | Error | None"]
 
 
+@pytest.fixture(autouse=True)
+def _node_state_in_tmp(tmp_path_factory, monkeypatch):
+    """Every test's nodes keep their copies (``node_store.py``) in a directory of their own,
+    never in the user's cache: in-process nodes share one run id across tests."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 class LoopbackGrid(Grid):
     """A Grid whose nodes are a Python function."""
 

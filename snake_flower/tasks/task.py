@@ -7,7 +7,6 @@ belongs to ``"conv2"``). Buffers travel with their segment.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import os
 import sys
@@ -135,15 +134,13 @@ def _import(module_name: str) -> Any:
 def build_model(task: Task, seed: int) -> nn.Module:
     """The task's model with seeded initial weights (identical on every node).
 
-    A fresh copy of a per-process template: torchvision's VGG-11 takes about 2 s to
-    build (its stock 128.8M-parameter classifier is made first), and a node builds
-    its model on every hop, or on every batch in split learning.
+    Built anew on every call: no per-process template of the whole model is kept. A node
+    that holds a complete copy builds on the ``meta`` device instead (``with
+    torch.device("meta")``: the structure alone, in no time even for VGG-11) and loads its
+    copy over it; a plugin task's builder is never run there (it might cache the result).
     """
-    return copy.deepcopy(_template(task, seed))
-
-
-@lru_cache(maxsize=2)
-def _template(task: Task, seed: int) -> nn.Sequential:
+    if torch.get_default_device().type == "meta" and task.name not in TASKS and task.name != "llm":
+        raise RuntimeError(f"task {task.name}: a plugin task is built for real")
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
         torch.manual_seed(seed)
         model = task.build()

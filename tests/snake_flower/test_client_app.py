@@ -7,6 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from snake_flower.config import resolve
+from snake_flower.node import stored_copy
 from snake_flower.tasks.task import TASKS, build_model, segment_keys
 
 TASK = TASKS["synthetic"]
@@ -29,21 +30,24 @@ def test_reply_is_the_window_and_state_keeps_the_rest(nodes):
     reply = node(msg)
     keys = segment_keys(model)
     assert list(reply["arrays"].keys()) == keys["conv2"] + keys["head"]
-    state = node.contexts[1000].state
-    held = state["snake-model"].to_torch_state_dict()
+    copy = stored_copy(node.contexts[1000])
+    held = copy.tensors
     for name in ("conv1", "conv3", "fc1"):  # frozen: bit-identical to what was received
         for key in keys[name]:
             assert torch.equal(held[key], model.state_dict()[key])
     assert not torch.equal(held[keys["conv2"][0]], model.state_dict()[keys["conv2"][0]])
-    assert dict(state["snake-versions"]) == {"conv1": 0, "conv2": 1, "conv3": 0, "fc1": 0, "head": 1}
+    assert copy.versions == {"conv1": 0, "conv2": 1, "conv3": 0, "fc1": 0, "head": 1}
     assert reply["metrics"]["partition-id"] == 0.0
 
 
-def test_stale_copy_under_delta_sync_fails_the_hop(nodes):
+@pytest.mark.parametrize("sync", ["delta", "window"])
+def test_a_node_without_the_copy_the_message_assumes_asks_for_a_full_sync(nodes, sync):
     node = nodes(2)
-    msg, _ = _hop(["conv2", "head"], ["conv2"], [3, 3, 3, 3, 3])  # node never synced
-    error = node(msg)
-    assert "stale" in error.reason
+    msg, _ = _hop(["conv2", "head"], ["conv2", "head"], [3, 3, 3, 3, 3], sync=sync)  # node never synced
+    reply = node(msg)
+    assert reply["metrics"]["full-sync-needed"] == 1.0
+    assert "holds no copy" in reply["full-sync-needed"]["reason"]
+    assert "arrays" not in reply
 
 
 def test_window_sync_trains_on_its_own_copy(nodes):
@@ -89,7 +93,7 @@ def test_int8_payload_is_3x_smaller_on_the_wire_and_the_node_keeps_what_the_serv
         arrays = reply.content["arrays"]
         assert grid.close_round().up.array_bytes == array_record_to_proto(arrays).ByteSize()
         up[payload] = array_record_to_proto(arrays).ByteSize()
-        held = node.contexts[1000].state["snake-model"].to_torch_state_dict()
+        held = stored_copy(node.contexts[1000]).tensors
         merged = decode(arrays, payload).to_torch_state_dict()  # what the server merges
         assert all(torch.equal(held[key], value) for key, value in merged.items())
         if payload == "int8":  # the frozen segments: the decoded int8 the node received

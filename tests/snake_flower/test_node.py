@@ -7,6 +7,8 @@ real Flower messages and ``Strategy.start``, no Ray.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,6 +244,9 @@ def test_a_tied_weight_is_never_sent_and_its_alias_follows_the_owner(loopback):
     ({"partition-id": 3, "num-partitions": 3}, "partition-id 3 must be below num-partitions 3"),
     ({"partition-id": 0, "num-partitions": 0}, "num-partitions must be a whole number >= 1"),
     ({"partition-id": 0, "num-partitions": 3, "data-dir": 7}, "data-dir must be a path"),
+    ({"partition-id": 0, "num-partitions": 3, "state-dir": 7}, "state-dir must be a directory path"),
+    ({"partition-id": 0, "num-partitions": 3, "state-dir": " "}, "state-dir must be a directory path"),
+    ({"partition-id": 0, "num-partitions": 3, "state-dir": __file__}, "is not a directory"),
     ({"partition-id": 0, "num-partitions": 3, "compute": -1.0}, "compute must be > 0"),
 ])
 def test_bad_node_config_gets_a_one_line_error_naming_the_key(loopback, node_config, says):
@@ -252,7 +257,7 @@ def test_bad_node_config_gets_a_one_line_error_naming_the_key(loopback, node_con
     nodes.contexts[100].node_config.update(node_config)
     error = nodes(_snake_message([next(iter(segments))], segments, arrays))
     assert isinstance(error, Error) and says in error.reason and "\n" not in error.reason
-    assert "snake-model" not in nodes.contexts[100].state  # nothing kept of a hop that never ran
+    assert not any((Path(os.environ["XDG_CACHE_HOME"]) / "snake-flower").glob("**/copy.json"))  # nothing kept
 
 
 def test_a_node_reads_its_data_dir_from_its_node_config_first(tmp_path, monkeypatch):

@@ -143,3 +143,14 @@ def test_out_of_order_message_is_an_error_reply(nodes):
     msg = Message(RecordDict({"config": cfg, "gradients": grads}), dst_node_id=list(fleet.contexts)[0],
                   message_type="train.split")
     assert "state is at round None" in fleet(msg).reason
+
+
+def test_a_visit_builds_its_bottom_once_not_per_batch(loopback, nodes, monkeypatch):
+    import snake_flower.split_client as split_client
+
+    built = []
+    real = split_client.build_model
+    monkeypatch.setattr(split_client, "build_model", lambda *args: built.append(args) or real(*args))
+    strategy, _, _ = split_run(loopback, nodes(1), steps=3)
+    assert [v["status"] for v in strategy.visits] == ["merged"]
+    assert len(built) == 1  # 4 messages (3 batches and the last gradients), one bottom

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.serde import array_record_to_proto
 
 from snake_flower.config import ConfigError, resolve
+from snake_flower.node import stored_copy
 from snake_flower.runtime.metering import MeteredGrid
 from snake_flower.server_app import run
 from snake_flower.tasks import llm
@@ -200,7 +201,7 @@ def test_a_snake_hop_uploads_exactly_the_window(loopback, nodes, finetune, windo
     (reply,) = grid.send_and_receive([msg], timeout=60)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     keys = [k for name in window for k in segment_keys(model)[name]]
-    held = node.contexts[1000].state["snake-model"].to_torch_state_dict()  # the node's copy after the hop
+    held = stored_copy(node.contexts[1000]).tensors  # the node's copy after the hop
     expected = array_record_to_proto(ArrayRecord({k: held[k] for k in keys})).ByteSize()
     up = grid.close_round().up
     assert list(reply.content["arrays"].keys()) == keys

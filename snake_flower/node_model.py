@@ -1,0 +1,100 @@
+"""How a node builds its model for a hop: on the ``meta`` device when what it loads covers it.
+
+A node loads its copy of the model and the message's arrays over the model it builds, so
+when those cover every tensor the seeded fp32 build is wasted work and memory: the model
+is then built on the ``meta`` device (its structure only), given uninitialised CPU storage
+(``to_empty``) and filled by the loads. Buffers no ``state_dict`` holds (a rotary
+embedding's frequencies) are copied from the last real build of the same structure, a few
+bytes. Otherwise, and for builders not marked ``snake_meta_build`` (a plugin's builder may
+cache what it builds), the model is built with the run's seeded initial weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModelBuilder:
+    """Builds a node's model for a hop (see the module docstring).
+
+    Parameters
+    ----------
+    model_fn : Callable[[Mapping[str, Any]], nn.Module]
+        ``model_fn(config)``: the model with its initial weights (under a seeded RNG).
+    meta_build : bool
+        Whether ``model_fn`` may run on the meta device.
+    """
+
+    def __init__(self, model_fn: Callable[[Mapping[str, Any]], nn.Module], meta_build: bool) -> None:
+        self.model_fn, self.meta_build = model_fn, meta_build
+        self._unsaved: dict[tuple, dict[str, torch.Tensor]] = {}  # per model structure
+
+    def __call__(self, cfg: Mapping[str, Any], source: Iterable[str] = ()) -> nn.Module:
+        """The model to load ``source``'s ``state_dict`` keys over: empty when they fill it,
+        else with the seeded initial weights (``cfg["seed"]``)."""
+        if self.meta_build:
+            shell = self._shell(cfg, set(source))
+            if shell is not None:
+                return shell
+        with torch.random.fork_rng(devices=[]):  # every node builds the same initial weights
+            torch.manual_seed(int(cfg["seed"]))
+            model = self.model_fn(cfg)
+        unsaved = _unsaved_buffers(model)
+        if unsaved:  # computed at build, never loaded: cheap to keep
+            self._unsaved[_signature(model)] = {name: model.get_buffer(name).clone() for name in unsaved}
+        return model
+
+    def _shell(self, cfg: Mapping[str, Any], source: set[str]) -> nn.Module | None:
+        """The model's structure with uninitialised storage, if ``source`` (and the kept
+        unsaved buffers) fill every tensor; else ``None``."""
+        try:
+            with torch.device("meta"):
+                model = self.model_fn(cfg)
+        except Exception:  # a builder that cannot run on meta: build it for real
+            return None
+        if any(not t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+            return None
+        state = model.state_dict(keep_vars=True)
+        covered = {id(tensor) for key, tensor in state.items() if key in source}
+        missing = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+                   if id(tensor) not in covered]
+        unsaved = self._unsaved.get(_signature(model), {})
+        if any(name not in unsaved for name in missing):
+            return None
+        ties = _ties(model)
+        model.to_empty(device="cpu")  # a meta parameter becomes a new one: tied weights come apart
+        for alias, owner in ties.items():
+            module, _, name = alias.rpartition(".")
+            model.get_submodule(module)._parameters[name] = model.get_parameter(owner)
+        with torch.no_grad():
+            for name in missing:
+                model.get_buffer(name).copy_(unsaved[name])
+        return model
+
+
+def _signature(model: nn.Module) -> tuple:
+    """What identifies a model's structure: its class and its tensors' names, shapes and dtypes."""
+    return (type(model).__qualname__, *((name, tuple(t.shape), t.dtype) for name, t in
+                                        itertools.chain(model.named_parameters(), model.named_buffers())))
+
+
+def _ties(model: nn.Module) -> dict[str, str]:
+    """Tied parameters: each alias's name -> the name of the first module that holds it."""
+    first: dict[int, str] = {}
+    ties = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            ties[name] = first[id(p)]
+        first.setdefault(id(p), name)
+    return ties
+
+
+def _unsaved_buffers(model: nn.Module) -> list[str]:
+    """The buffers no ``state_dict`` key holds (non-persistent ones)."""
+    saved = {id(tensor) for tensor in model.state_dict(keep_vars=True).values()}
+    return [name for name, tensor in model.named_buffers() if id(tensor) not in saved]

@@ -1,0 +1,165 @@
+"""A Snake node's copy of the model, on its own disk between visits.
+
+A node keeps the model as it last held it (everything it was sent, and its trained
+window) with the version of every segment, in a state directory: never in RAM between
+visits, never in ``context.state`` (which Flower ships with every message). The layout:
+
+- one ``torch.save`` file per segment (``seg-<name>-<token>.pt``), plus one for the keys in
+  no segment (``rest-<token>.pt``: a frozen segment, say), written whole;
+- ``copy.json``: each segment's file and version. It is written last, to a temporary
+  file that then replaces the old one (``os.replace``), so a crash at any point leaves
+  either the old copy or the new one, never a mix. Files it no longer names are removed
+  after it is replaced.
+
+The files are read back memory-mapped (``torch.load(mmap=True)``): a node's frozen layers
+are restored from the page cache, not from a second copy in its memory. ``torch.save``
+rather than safetensors: it is part of torch (safetensors comes with the ``llm`` extra
+only), it memory-maps as well and it keeps bfloat16.
+
+The directory is ``<state-dir>/run-<run id>/partition-<partition id>`` (``node-<node id>``
+without a partition): two nodes or two runs never share one. ``state-dir`` comes from the
+node's ``--node-config``, else ``$XDG_CACHE_HOME/snake-flower/nodes`` (``~/.cache/...``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MANIFEST = "copy.json"
+FORMAT = 1
+
+
+def default_state_root() -> Path:
+    """``$XDG_CACHE_HOME/snake-flower/nodes``, else ``~/.cache/snake-flower/nodes``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "snake-flower" / "nodes"
+
+
+def run_state_dir(root: str | Path | None, run_id: int) -> Path:
+    """Where every node of run ``run_id`` under ``root`` (``None``: the default) keeps its copy."""
+    return Path(root if root is not None else default_state_root()) / f"run-{run_id}"
+
+
+def node_state_dir(root: str | Path | None, run_id: int, partition_id: int | None, node_id: int) -> Path:
+    """The state directory of one node of one run (see the module docstring)."""
+    node = f"partition-{partition_id}" if partition_id is not None else f"node-{node_id}"
+    return run_state_dir(root, run_id) / node
+
+
+@dataclass(frozen=True)
+class StoredCopy:
+    """A node's copy as read from its state directory.
+
+    ``tensors`` are memory-mapped, by ``state_dict`` key: read them, never write them.
+    """
+
+    versions: dict[str, int]
+    tensors: dict[str, torch.Tensor]
+    files: dict[str, str]
+
+
+class CopyUnreadable(Exception):
+    """The state directory exists but its copy cannot be read (one-line message)."""
+
+
+class NodeStore:
+    """One node's copy of the model in ``directory`` (created on the first write).
+
+    Parameters
+    ----------
+    directory : Path
+        The node's own state directory (``node_state_dir``).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def read(self) -> StoredCopy | None:
+        """The stored copy, ``None`` if there is none; raises ``CopyUnreadable`` if it is damaged."""
+        manifest = self.directory / MANIFEST
+        if not manifest.exists():
+            return None
+        try:
+            meta = json.loads(manifest.read_text())
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
+            versions = {str(name): int(v) for name, v in meta["versions"].items()}
+            files = {str(name): str(file) for name, file in meta["files"].items()}
+            tensors: dict[str, torch.Tensor] = {}
+            for file in files.values():
+                tensors.update(torch.load(self.directory / file, mmap=True, weights_only=True,
+                                          map_location="cpu"))
+        except Exception as err:  # any damage (truncated, missing file, bad JSON): resync
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CopyUnreadable(f"{self.directory}: {type(err).__name__}: {first}"[:300]) from None
+        return StoredCopy(versions, tensors, files)
+
+    def write(self, state: Mapping[str, torch.Tensor], parts: Mapping[str, Iterable[str]],
+              versions: Mapping[str, int], old: StoredCopy | None = None) -> StoredCopy:
+        """Store ``parts`` (segment name -> its keys; ``""``: the keys in no segment) of ``state``
+        over ``old`` (the copy read before), with ``versions``; atomically (module docstring)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        files = dict(old.files) if old is not None else {}
+        for name, keys in parts.items():
+            tensors = {key: _own(state[key]) for key in keys}
+            prefix = "rest" if name == "" else f"seg-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:40]}"
+            final = f"{prefix}-{secrets.token_hex(6)}.pt"
+            _write_atomically(self.directory / final, lambda f, t=tensors: torch.save(t, f))
+            files[name] = final
+        meta = {"format": FORMAT, "versions": dict(versions), "files": files}
+        _write_atomically(self.directory / MANIFEST, lambda f: f.write(json.dumps(meta).encode()))
+        _sync_directory(self.directory)
+        for path in self.directory.iterdir():  # the replaced files, and any a crash left behind
+            if path.name != MANIFEST and path.name not in files.values():
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:  # still mapped where the platform forbids that: next write
+                    pass
+        copy = self.read()
+        assert copy is not None
+        return copy
+
+    def remove(self) -> None:
+        """Delete the copy and its directory."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with a storage of its own: ``torch.save`` writes a view's whole storage."""
+    tensor = tensor.detach()
+    if tensor.untyped_storage().nbytes() != tensor.nbytes or not tensor.is_contiguous():
+        return tensor.contiguous().clone()
+    return tensor
+
+
+def _write_atomically(path: Path, write) -> None:  # noqa: ANN001 (a callable of an open file)
+    """Write ``path`` through a temporary file in the same directory, synced, then renamed."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the renames durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
