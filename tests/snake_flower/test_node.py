@@ -142,11 +142,12 @@ def test_kd_follows_kd_for_snake_and_relay_and_never_for_fedavg(loopback, monkey
     nodes(_snake_message(list(segments), segments, arrays, strategy="relay"))  # relay distils per kd
     nodes(_snake_message(list(segments), segments, arrays, strategy="relay", kd="off"))
     nodes(_snake_message(window, segments, arrays, kd="auto", partitioner="iid"))  # auto: non-IID only
+    nodes(_snake_message(window, segments, arrays, kd="auto"))  # a plugin's message names no partitioner
     nodes(_snake_message(list(segments), segments, arrays, strategy="fedavg"))  # never for FedAvg
     fedavg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "kd-weight": 0.5})}),
                      dst_node_id=101, message_type=MessageType.TRAIN)
     reply = nodes(fedavg)  # Flower's own FedAvg: no window
-    assert seen == [0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+    assert seen == [0.5, 0.5, 0.0, 0.0, 0.5, 0.0, 0.0]
     assert list(reply["arrays"].keys()) == list(arrays.keys()) and reply["metrics"]["num-examples"] == 32  # one step of 32
 
 
@@ -282,17 +283,3 @@ def test_a_node_reads_its_data_dir_from_its_node_config_first(tmp_path, monkeypa
                    node_config={**node_config, "data-dir": str(tmp_path / "gone")})
     with pytest.raises(ValueError, match="node-config: data-dir '.*gone' is not a directory"):
         task_data(gone, config)
-
-
-def test_kd_auto_distils_on_a_plugin_node_whose_messages_name_no_partitioner(loopback, monkeypatch):
-    import snake_flower.node as node_module
-
-    seen = []
-    real = node_module.train_window
-    monkeypatch.setattr(node_module, "train_window",
-                        lambda *a, **kw: seen.append(kw["work"].kd_weight) or real(*a, **kw))
-    model, arrays = _initial()
-    segments = segment_model(model)
-    nodes = Nodes(make_client_app(Blocks, _train_data, local_steps=1, kd_weight=0.5))
-    reply = nodes(_snake_message([next(iter(segments))], segments, arrays, kd="auto"))
-    assert not isinstance(reply, Error) and seen == [0.5]
