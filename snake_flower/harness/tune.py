@@ -4,7 +4,7 @@ Every strategy gets the same shared grid (e.g. local steps x learning rate) and 
 number of extra points for knobs of its own, each tried on top of the shared winner.
 Every point runs the same number of node visits (``tune-visits``) with the validation
 slice held out of the training data and evaluated instead of the test set. The winner
-moves the fewest bytes to the sustained target on validation (ties: fewer visits, then the
+moves the fewest bytes to the sustained target on validation (within 0.1 %, a tie: fewer visits, then the
 better validation quality: best accuracy or perplexity, final, fewer CPU seconds; grid order
 only on an exact tie of all of these); when no point reaches it, the best validation quality wins. A point that is below the target
 after more bytes than the best point's bytes to target can no longer win: it is pruned
@@ -68,10 +68,26 @@ def _quality(run: dict[str, Any]) -> tuple[float, float]:
     return float(best), float(final if final is not None else 0.0)
 
 
+# Bytes to target within this fraction of the fewest are a tie: the run-config strings a message
+# carries (``lr-decay = "cosine"`` against ``"none"``) change a run's bytes by a few bytes a hop.
+BYTES_TIE = 1e-3
+
+
 def pick(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float) -> int:
-    """Index of the winning ``(point, run results)`` trial (``score``'s order)."""
-    lines = [summarize(run, target) for _, run in trials]
-    return min(range(len(trials)), key=lambda i: score(lines[i], trials[i][1]))
+    """Index of the winning ``(point, run results)`` trial (``score``'s order).
+
+    Points whose bytes to target are within ``BYTES_TIE`` of the fewest tie on bytes and go on
+    to visits, then validation quality.
+    """
+    keys = [score(summarize(run, target), run) for _, run in trials]
+    fewest = min((key[1] for key in keys if key[0] == 0.0), default=0.0)
+
+    def tied(key: tuple[float, ...]) -> tuple[float, ...]:
+        if key[0] == 0.0 and key[1] <= fewest * (1.0 + BYTES_TIE):
+            return (key[0], fewest, *key[2:])
+        return key
+
+    return min(range(len(trials)), key=lambda i: tied(keys[i]))
 
 
 def table(strategy: str, trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float,

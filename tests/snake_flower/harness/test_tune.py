@@ -66,6 +66,16 @@ def test_a_tie_on_bytes_and_visits_breaks_on_validation_quality_never_on_grid_or
     assert pick([high, low], 0.85) == 1 and pick([low, high], 0.85) == 0
 
 
+def test_bytes_that_differ_by_a_config_string_tie_and_quality_decides():
+    # the same evaluations; the better point's messages carry a longer lr-decay string (2 B a hop)
+    plain = ({"lr-decay": "none"}, _with_cpu(_run([0.5, 0.88, 0.886], moved=1_000_000), 10.0))
+    longer = ({"lr-decay": "cosine"}, _with_cpu(_run([0.5, 0.89, 0.9], moved=1_000_002), 10.0))
+    assert pick([plain, longer], 0.85) == 1 and pick([longer, plain], 0.85) == 0
+    # a real difference in bytes (here 1 %) still wins over quality
+    heavier = ({}, _with_cpu(_run([0.5, 0.89, 0.95], moved=1_010_000), 10.0))
+    assert pick([plain, heavier], 0.85) == 0 and pick([heavier, plain], 0.85) == 1
+
+
 def test_the_winner_is_written_into_the_experiment_files_table(tmp_path):
     toml = tmp_path / "exp.toml"
     toml.write_text('# comment kept\nlr = 0.05\n\n[fedavg]\nlocal-steps = 100  # old\nclip-norm = 0.0\n\n'
