@@ -29,6 +29,7 @@ from flwr.supercore import log
 
 from .chain import NodeChain
 from .fitting import WindowFitter
+from .gate import MergeGate
 from .pipeline import HopPipeline
 from .nodes import NodeBackoff, rank_in
 from .payload import PAYLOAD_DTYPES, encode
@@ -63,6 +64,11 @@ class SnakeStrategy(Strategy):
     max_update_norm : float (default: 0.0)
         Reject a reply whose window differs from the one sent by more than this L2
         norm (a node pushing the model far in one hop); 0 sets no limit.
+    gate : MergeGate | None (default: None)
+        Score each valid reply's merge on the caller's held-out data and roll it back if the
+        loss rises by more than the gate's tolerance (see :class:`strategies.gate.MergeGate`);
+        a rolled-back hop's status is ``"rejected"``, its row has ``gate`` (the losses), and its
+        node backs off after the gate's ``strikes`` rejections in a row.
     payload_dtype : str (default: "fp32")
         What the messages carry, both ways: ``"fp32"``, ``"fp16"`` or ``"int8"`` (see
         :mod:`strategies.payload`). The global model stays an fp32 master copy; a reply
@@ -94,7 +100,7 @@ class SnakeStrategy(Strategy):
     def __init__(self, segments: Mapping[str, Sequence[str]], window: int | str = 1, *,
                  sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
                  train_stem: bool = False, sync: str = "delta", sync_tolerance: float = 0.0,
-                 min_nodes: int = 1, backoff: int = 2, max_update_norm: float = 0.0,
+                 min_nodes: int = 1, backoff: int = 2, max_update_norm: float = 0.0, gate: MergeGate | None = None,
                  payload_dtype: str = "fp32", query_timeout: float = 60.0, rank_discovery: str = "auto",
                  seed: int = 0, concurrency: int = 1, lanes: int | None = None,
                  capacity: Callable[[float, Mapping[str, float]], Any] | None = None,
@@ -130,7 +136,7 @@ class SnakeStrategy(Strategy):
         self.sync = sync
         if max_update_norm < 0:
             raise ValueError(f"max_update_norm: must be >= 0 (0 = no limit), got {max_update_norm}")
-        self.max_update_norm = max_update_norm
+        self.max_update_norm, self.gate = max_update_norm, gate
         if payload_dtype not in PAYLOAD_DTYPES:
             raise ValueError(f"payload_dtype: {payload_dtype!r} is not one of {', '.join(PAYLOAD_DTYPES)}")
         self.payload_dtype = payload_dtype
@@ -147,6 +153,7 @@ class SnakeStrategy(Strategy):
         self.rejected_replies = 0
         self.round_offset = 0  # rounds done before a resume; Flower counts from 1 again
         self._restored_backoff: list[list[Any]] = []
+        self._restored_streaks: list[list[Any]] = []  # the gate's rejections in a row, by rank
         self._arrays: ArrayRecord | None = None  # the global model as the pending hop was sent it
         self.sent_arrays: dict[int, ArrayRecord] = {}  # hop in flight -> the global model it was sent
         self.sent_versions: dict[int, dict[str, int]] = {}  # ... and that model's segment versions
@@ -311,8 +318,11 @@ class SnakeStrategy(Strategy):
         for alias, owner in self.aliases.items():  # a tied weight's alias holds its owner's values
             if owner in window_arrays:
                 merged[alias] = merged[owner]
+        after = {**self.versions, **{name: self.versions[name] + 1 for name in window}}
+        if self.gate is not None and (why := self.gate.judge(hop, arrays, merged, self.versions, after)):
+            return self._reject(hop, why)
+        self.versions = after
         for name in window:
-            self.versions[name] += 1
             self.provenance[name] = {"node": node, "round": hop["round"],
                                      "num-examples": int(reported.get("num-examples", 0))}
         # what the node holds now: the segments as they were sent (others may have moved on
@@ -377,12 +387,28 @@ class SnakeStrategy(Strategy):
             hop["round"], hop["node"], wait, reason)
         return None, None
 
+    def _reject(self, hop: dict[str, Any], reason: str) -> tuple[None, None]:
+        # The gate rolled the hop back: the model stays as it was, the node's copy (its window as
+        # trained) is not the server's, so its next visit resends the whole model.
+        assert self.gate is not None
+        self.copies.forget(hop["node"])
+        hop["status"], hop["reason"] = "rejected", reason
+        wait = self.backoff.failed(hop["node"], len(self.hops) - 1) if self.gate.struck_out(hop["node"]) else 0
+        self.gate.rejections.append({"round": hop["round"], "node": hop["node"], "reason": reason,
+                                     "backoff_hops": wait})
+        log(WARNING, "hop %d: node %d's window rolled back by the merge gate, node sits out %d hops: %s",
+            hop["round"], hop["node"], wait, reason)
+        return None, None
+
     def _ordered_nodes(self, grid: Grid, server_round: int) -> list[int]:
         """Connected nodes in chain order (node ids are new after a resume; ranks are not)."""
         nodes = self.chain.nodes(grid, server_round)
-        if self._restored_backoff:
-            self.backoff.restore(self._restored_backoff, {r: n for n, r in self.node_ranks.items()})
-            self._restored_backoff = []
+        if self._restored_backoff or self._restored_streaks:
+            node_of = {r: n for n, r in self.node_ranks.items()}
+            self.backoff.restore(self._restored_backoff, node_of)
+            if self.gate is not None:
+                self.gate.restore(self._restored_streaks, node_of)
+            self._restored_backoff, self._restored_streaks = [], []
         return nodes
 
     # ---- checkpoint ---------------------------------------------------------
@@ -397,10 +423,12 @@ class SnakeStrategy(Strategy):
         flights = [{**hop, "rank": self.node_ranks.get(hop["node"]),
                     "versions": self.sent_versions[hop["round"] - 1]}
                    for hop in self.hops if hop["status"] == "pending"]
+        rank = lambda node: self.node_ranks.get(node, float("inf"))  # noqa: E731
         return {"rounds-done": len(done), "versions": self.versions, "provenance": self.provenance,
                 "hops": done, "in-flight": flights, "failures": self.failures,
                 "rejected-replies": self.rejected_replies, "membership": self.membership,
-                "backoff": self.backoff.state(lambda node: self.node_ranks.get(node, float("inf")))}
+                "backoff": self.backoff.state(rank),
+                **({"gate": self.gate.state(rank)} if self.gate is not None else {})}
 
     def in_flight_arrays(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
         """Per hop in flight, the arrays it was sent that differ from ``arrays`` (the global
@@ -426,6 +454,8 @@ class SnakeStrategy(Strategy):
         self.failures, self.chain.membership = list(state["failures"]), list(state["membership"])
         self.rejected_replies = int(state["rejected-replies"])
         self._restored_backoff = [list(row) for row in state["backoff"]]
+        if self.gate is not None:  # its kept loss, rejections and (by rank) rejections in a row
+            self._restored_streaks = self.gate.load_state(state.get("gate", {}))
         self.restored_flights = [(dict(hop), (in_flight or {}).get(str(hop["round"] - 1), ArrayRecord()))
                                  for hop in state.get("in-flight", [])]
         self.copies.reset()
