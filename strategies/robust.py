@@ -5,8 +5,9 @@
 (``FedTrimmedAvg``: the coordinate-wise mean without the ``beta`` share of highest and of lowest
 values) or ``"multi-krum"`` (``MultiKrum``: the average of the ``num_nodes_to_select`` replies
 closest to their ``n - f - 2`` nearest neighbours, ``f = num_malicious_nodes``). Each sorts its
-replies by partition first, as ``OrderedFedAvg`` does, so a run repeats bit for bit (a trimmed
-mean and Krum's average are float sums whose bits depend on their order).
+replies by partition first, as ``OrderedFedAvg`` does, so that a run repeats bit for bit: Krum
+keeps the first of replies that score alike, a mean's bits depend on the order of its sum, and
+the metrics are averaged in the order given.
 """
 
 from __future__ import annotations
