@@ -23,6 +23,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
+from .window import update_norm
+
 
 class MergeGate:
     """Accept a merge only if the loss on held-out data rises by at most ``tolerance``.
@@ -51,7 +53,7 @@ class MergeGate:
         self.streak: dict[int, int] = {}  # node -> rejections in a row
         self.rejections: list[dict[str, Any]] = []
 
-    def judge(self, hop: dict[str, Any], arrays: ArrayRecord, candidate: ArrayRecord,
+    def judge(self, hop: dict[str, Any], arrays: ArrayRecord, candidate: ArrayRecord, keys: Sequence[str],
               versions: Mapping[str, int], after: Mapping[str, int]) -> str | None:
         """Why ``hop``'s merge must be rolled back, or ``None`` to accept it.
 
@@ -59,17 +61,23 @@ class MergeGate:
         ----------
         hop : dict[str, Any]
             The hop's row (its ``node``); the gate adds ``hop["gate"]``: the loss before and
-            after, its change, and the seconds (wall and CPU) the scoring took.
+            after, its change, the update's L2 norm (what ``max_update_norm`` would compare;
+            a clean run's norms fix that bound as its loss changes fix the tolerance), and the
+            seconds (wall and CPU) the scoring took.
         arrays, candidate : ArrayRecord
             The global model now, and with the reply's window merged.
+        keys : Sequence[str]
+            The window's keys (where the two differ).
         versions, after : Mapping[str, int]
             Every segment's version now, and once the merge is accepted.
         """
+        norm = update_norm(candidate, arrays, keys)  # bookkeeping, not the gate's cost
         wall, cpu = time.perf_counter(), time.process_time()
         before = self._loss(arrays, versions)
         loss = float(self.loss_fn(candidate))
         change = loss - before
         hop["gate"] = {"loss_before": before, "loss_after": loss, "loss_change": change,
+                       "update_norm": norm,
                        "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
         node = hop["node"]
         if math.isfinite(change) and change <= self.tolerance:

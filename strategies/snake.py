@@ -307,8 +307,9 @@ class SnakeStrategy(Strategy):
         hop["metrics"] = reported
         if node not in self.node_ranks and (rank := rank_in(reported)) is not None:  # lazy discovery
             self.node_ranks[node] = rank
+        keys = window_keys(self.segments, window)
         window_arrays, reason = checked_window(hop, list(content.array_records.values()), reported, arrays,
-                                               window_keys(self.segments, window), self.versions,
+                                               keys, self.versions,
                                                payload_dtype=self.payload_dtype,
                                                max_update_norm=self.max_update_norm)
         if window_arrays is None:
@@ -319,7 +320,7 @@ class SnakeStrategy(Strategy):
             if owner in window_arrays:
                 merged[alias] = merged[owner]
         after = {**self.versions, **{name: self.versions[name] + 1 for name in window}}
-        if self.gate is not None and (why := self.gate.judge(hop, arrays, merged, self.versions, after)):
+        if self.gate is not None and (why := self.gate.judge(hop, arrays, merged, keys, self.versions, after)):
             return self._reject(hop, why)
         self.versions = after
         for name in window:

@@ -4,7 +4,8 @@
   task's loss on a seeded slice (``gate-size`` examples) of the validation examples held out of
   the training data (``validation-size``); every arm of a comparison holds out the same
   examples, gated or not, so the gate reads nothing the others train on;
-- ``gate_fields``: a hop's gate figures for its row of the results;
+- ``gate_fields``: a hop's gate figures for its row of the results (the loss change and the
+  update's norm, from which a clean run fixes ``gate-tolerance`` and ``max-update-norm``);
 - ``attack_record``: which partitions attacked (``training/attack.py``), for the results.
 """
 
@@ -63,7 +64,8 @@ def gate_fields(hop: Mapping[str, Any]) -> dict[str, Any]:
     if gate is None:
         return {}
     fields = {"gate_loss_before": gate["loss_before"], "gate_loss_after": gate["loss_after"],
-              "gate_loss_change": gate["loss_change"], "gate_s": round(gate["seconds"], 4),
+              "gate_loss_change": gate["loss_change"], "update_norm": gate["update_norm"],
+              "gate_s": round(gate["seconds"], 4),
               "gate_cpu_s": round(gate["cpu_seconds"], 4)}
     if hop.get("status") == "rejected":
         fields["reason"] = hop.get("reason", "")
