@@ -16,6 +16,9 @@ ClientApp serves every strategy (docs/protocol.md has the message protocol, key 
 - a ``query`` message gets the node's rank (its ``partition-id``), which orders the chain,
   and the capacities its ``--node-config`` states.
 
+A message with ``byzantine-nodes > 0`` (tests and benchmarks only) makes the node poison its
+reply if its partition is among the attackers the seed draws (``training/attack.py``).
+
 Knowledge distillation follows the message's ``kd`` (``"auto"``: only on non-IID
 partitions) when ``kd-weight > 0``; FedAvg (``strategy = "fedavg"`` or no ``window``) and
 split learning never distil. The frozen layers are held in ``frozen-dtype`` while the
