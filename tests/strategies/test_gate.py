@@ -39,10 +39,11 @@ class Loss:
 
 
 class Nodes:
-    """Nodes that add 1 to their window, except the ``poisoners``, which add POISON."""
+    """Nodes that add 1 to their window, except the ``poisoners`` (at every hop, or at the hops of
+    ``rounds``), which add POISON."""
 
-    def __init__(self, ranks: dict[int, int], poisoners: set[int] = frozenset(), nan: set[int] = frozenset()):
-        self.ranks, self.poisoners, self.nan = ranks, set(poisoners), set(nan)
+    def __init__(self, ranks: dict[int, int], poisoners: set[int] = frozenset(), rounds: set[int] | None = None):
+        self.ranks, self.poisoners, self.rounds = ranks, set(poisoners), rounds
         self.copies: dict[int, dict[str, np.ndarray]] = {}
 
     def __call__(self, msg):
@@ -51,7 +52,8 @@ class Nodes:
             return RecordDict({"info": MetricRecord({"rank": self.ranks[node]})})
         copy = self.copies.setdefault(node, {})
         copy.update({k: v.numpy() for k, v in msg.content["arrays"].items()})
-        step = POISON if node in self.poisoners else 1.0
+        poisons = node in self.poisoners and (self.rounds is None or msg.content["config"]["server-round"] in self.rounds)
+        step = POISON if poisons else 1.0
         keys = [k for name in msg.content["config"]["window"] for k in SEGMENTS[name]]
         window = {k: (copy[k] + step).astype(np.float32) for k in keys}
         copy.update(window)
@@ -95,8 +97,16 @@ def test_a_poisoned_window_is_rolled_back_and_the_model_is_bit_identical(loopbac
     assert strategy.rejected_replies == 0 and strategy.failures == []  # well formed: not a bad reply
     assert [r["round"] for r in strategy.gate.rejections] == [2, 4]
     assert loss.calls == 1 + 4  # the initial model once, then one candidate per hop (kept loss)
-    # the rolled-back node holds a window the server does not: its next visit resends everything
-    assert set(strategy.hops[3]["segments_sent"]) == set(SEGMENTS)
+
+
+def test_a_rolled_back_node_is_sent_the_whole_model_next_time(loopback):
+    # node 2 merges at hop 2, is rolled back at hop 4; its copy holds a window the server does not
+    strategy, _ = run(loopback, Nodes({1: 0, 2: 1}, poisoners={2}, rounds={4}), rounds=6,
+                      gate=MergeGate(Loss(), TOLERANCE), backoff=0)
+    assert [h["status"] for h in strategy.hops] == ["merged", "merged", "merged", "rejected", "merged", "merged"]
+    after = strategy.hops[4:]
+    assert [set(h["segments_sent"]) == set(SEGMENTS) for h in after if h["node"] == 2] == [True]  # a full resync
+    assert all(set(h["segments_sent"]) < set(SEGMENTS) for h in after if h["node"] == 1)  # a delta, as usual
 
 
 def test_without_a_gate_the_same_poisoned_window_is_merged(loopback):
