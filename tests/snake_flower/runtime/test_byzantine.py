@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from snake_flower.config import resolve
 from snake_flower.harness.compare import summarize
+from snake_flower.runtime.byzantine import gate_slice
 from snake_flower.server_app import run
 from snake_flower.training.attack import attacking_partitions
 
@@ -64,3 +66,13 @@ def test_a_gated_run_rolls_the_attacker_back_and_resumes_to_the_same_model(loopb
         [(g["round"], g["backoff_hops"]) for g in whole["gate"]["rejections"]]
     assert any(g["backoff_hops"] for g in whole["gate"]["rejections"])
     assert resumed["final"]["model_sha256"] == whole["final"]["model_sha256"]
+
+
+def test_the_gate_slice_is_a_seeded_part_of_the_held_out_examples():
+    held_out = np.arange(100, 300)
+    drawn = gate_slice(held_out, 50, seed=42)
+    assert len(drawn) == 50 and set(drawn) < set(held_out) and list(drawn) == sorted(drawn)
+    assert np.array_equal(drawn, gate_slice(held_out, 50, seed=42))  # every arm draws the same slice
+    assert not np.array_equal(drawn, gate_slice(held_out, 50, seed=7))
+    assert np.array_equal(gate_slice(held_out, 0, seed=42), held_out)  # 0: all of them
+    assert np.array_equal(gate_slice(held_out, 1000, seed=42), held_out)  # more than held out: all
