@@ -323,7 +323,7 @@ class SnakeStrategy(SnakeCheckpoint, Strategy):
         after = {**self.versions, **{name: self.versions[name] + 1 for name in window}}
         if self.gate is not None and (why := self.gate.judge(hop, arrays, merged, keys, self.versions, after)):
             return self._reject(hop, why)
-        self.versions = after
+        self.versions.update(after)
         for name in window:
             self.provenance[name] = {"node": node, "round": hop["round"],
                                      "num-examples": int(reported.get("num-examples", 0))}

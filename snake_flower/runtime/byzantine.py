@@ -85,5 +85,8 @@ def attack_record(config: RunConfig, num_nodes: int) -> dict[str, Any]:
     attacked, as the nodes draw them with ``num-partitions`` = the ``num_nodes`` of the run."""
     if not config.byzantine_nodes:
         return {}
-    return {"byzantine_partitions": attacking_partitions(config.seed, config.byzantine_nodes, num_nodes),
-            "attack": config.attack}
+    try:
+        drawn = attacking_partitions(config.seed, config.byzantine_nodes, num_nodes)
+    except ValueError as err:  # more attackers than nodes: each node's hop failed saying so, too
+        return {"byzantine_partitions": None, "attack": config.attack, "attack_error": str(err)}
+    return {"byzantine_partitions": drawn, "attack": config.attack}

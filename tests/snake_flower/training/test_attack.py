@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from snake_flower.config import node_message, resolve
 from snake_flower.tasks.task import TASKS, build_model, segment_keys
-from snake_flower.training.attack import ATTACKS, attacking_partitions
+from snake_flower.training.attack import ATTACKS, Attack, attacking_partitions
 from strategies.reply import checked_window
 
 TASK = TASKS["synthetic"]
@@ -86,3 +86,11 @@ def test_only_the_seeded_partitions_attack(nodes):
                for k in honest["arrays"].keys())
     assert same == (0 not in attackers)
     assert {tuple(attacking_partitions(seed, 1, 8)) for seed in range(20)} != {tuple(attackers)}  # seed-drawn
+
+
+def test_label_flip_maps_a_loaders_labels_too_again_and_again():
+    model = torch.nn.Linear(3, 4)  # four classes: y -> 3 - y
+    loader = [(torch.zeros(2, 3), torch.tensor([0, 1])), {"x": torch.zeros(2, 3), "label": torch.tensor([3, -100])}]
+    flipped = Attack("label-flip", 10.0, 0).data(loader, model)
+    for _ in range(2):  # a loader restarts when local-steps outlast it
+        assert [labels.tolist() for _, labels in flipped] == [[3, 2], [0, -100]]  # ignored labels stay
