@@ -115,6 +115,20 @@ def test_without_a_gate_the_same_poisoned_window_is_merged(loopback):
     assert [h["status"] for h in strategy.hops] == ["merged"] * 4
 
 
+def test_with_hops_in_flight_each_merge_is_gated_in_dispatch_order(loopback):
+    loss = Loss()
+    strategy, models = run(loopback, Nodes({1: 0, 2: 1, 3: 2}, poisoners={2}), rounds=9, gate=MergeGate(loss, TOLERANCE),
+                           backoff=0, concurrency=2, train_head=False)
+    statuses = [(h["node"] == 2, h["status"]) for h in strategy.hops]
+    assert {s for poisoner, s in statuses if poisoner} == {"rejected"} and any(p for p, _ in statuses)
+    assert {s for poisoner, s in statuses if not poisoner} == {"merged"}
+    for hop in strategy.hops:  # each scored against the model the merges before it left
+        assert hop["gate"]["loss_before"] == pytest.approx(Loss()(models.by_round[hop["round"] - 1]))
+        if hop["status"] == "rejected":
+            assert sha256(models.by_round[hop["round"]]) == sha256(models.by_round[hop["round"] - 1])
+    assert loss.calls == 1 + 9  # the kept loss follows the merges: one scoring per hop
+
+
 def test_a_nan_loss_is_rejected_whatever_the_tolerance(loopback):
     gate = MergeGate(lambda arrays: float("nan") if arrays["s1.w"].numpy()[0, 0] > 1.5 else 0.0, 1e9)
     strategy, _ = run(loopback, Nodes({1: 0}), rounds=2, gate=gate, sweep="forward", train_head=False)
