@@ -16,6 +16,9 @@ ClientApp serves every strategy (docs/protocol.md has the message protocol, key 
 - a ``query`` message gets the node's rank (its ``partition-id``), which orders the chain,
   and the capacities its ``--node-config`` states.
 
+A message with ``byzantine-nodes > 0`` (tests and benchmarks only) makes the node poison its
+reply if its partition is among the attackers the seed draws (``training/attack.py``).
+
 Knowledge distillation follows the message's ``kd`` (``"auto"``: only on non-IID
 partitions) when ``kd-weight > 0``; FedAvg (``strategy = "fedavg"`` or no ``window``) and
 split learning never distil. The frozen layers are held in ``frozen-dtype`` while the
@@ -41,6 +44,7 @@ from snake_flower.node_store import CopyUnreadable, NodeStore, StoredCopy, node_
 from snake_flower.runtime.chaos import maybe_fail
 from snake_flower.segments import segment_model
 from snake_flower.tasks.task import transport_state
+from snake_flower.training.attack import node_attack
 from snake_flower.training.batches import split_batch, visit_seed
 from snake_flower.training.loop import OPTION_FIELDS, Align, LocalWork, train_window
 from snake_flower.training.loop import evaluate as _evaluate_tensors
@@ -192,6 +196,10 @@ class _Node:
         seed = visit_seed(cfg["seed"], cfg.get("server-round", 0))
         torch.manual_seed(seed)  # what a loader shuffles (or a dropout draws), per visit
         data = self.train_data_fn(context, cfg)
+        keys = [key for name, seg in segments.items() if name in window for key in seg]
+        attack = node_attack(cfg, settings.partition_id, settings.num_partitions)  # byzantine-nodes > 0 only
+        if attack is not None:
+            data, before = attack.data(data, model, self.align), attack.snapshot(model, keys)
         exact = None
         if store is not None:  # the copy as received, on disk: the frozen layers are restored from it
             sent = [str(name) for name in cfg.get("segments-sent", []) if name]
@@ -200,8 +208,9 @@ class _Node:
         metrics = train_window(model, window, data, segments=segments, work=work, seed=seed,
                                align=self.align, exact=exact)
         state = transport_state(model.state_dict())
+        if attack is not None:  # what it sends, and keeps, is poisoned (training/attack.py)
+            attack.poison(state, model, keys, before)
         if snake:
-            keys = [key for name, seg in segments.items() if name in window for key in seg]
             reply = encode(ArrayRecord({key: state[key] for key in keys}), payload)
             if payload != "fp32":  # keep what the server will merge, not what was trained
                 state.update(decode(reply, payload).to_torch_state_dict())

@@ -26,6 +26,7 @@ from snake_flower.config import RunConfig, node_message, resolve
 from snake_flower.node_store import NodeStore, run_state_dir
 from snake_flower.runtime import results
 from snake_flower.runtime.averaging import ModelAverage
+from snake_flower.runtime.byzantine import attack_record, gate_fields, gate_record, merge_gate
 from snake_flower.runtime.chaos import ChaosGrid
 from snake_flower.runtime.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from snake_flower.runtime.flower_patches import patch_object_pulls
@@ -42,8 +43,9 @@ from snake_flower.training.capacity import (
     hop_time_s,
 )
 from snake_flower.training.loop import LocalWork, SavedActivations, evaluate, memory_ledger, scheduled_lr
-from strategies import OrderedFedAvg, SnakeStrategy, SplitStrategy
+from strategies import SnakeStrategy, SplitStrategy
 from strategies.nodes import wait_for_nodes
+from strategies.robust import fedavg_strategy
 
 
 DEPLOYED_POLL = 0.05
@@ -153,11 +155,13 @@ def run_snake(grid: Grid, config: RunConfig, whole_model: bool = False) -> dict[
     model, metered, recorder, capacities = _setup(grid, config, config.num_server_rounds)
     segments = swept_segment_keys(model, config)
     window = len(segments) if whole_model else config.window
+    task = task_for(config)  # the gate scores merges as the run evaluates (a slice of the held-out data)
+    gate = merge_gate(config, task, model, partial(_score, task, config.eval_batch_size))
     strategy = SnakeStrategy(segments, window, sweep=config.sweep,
                              order=config.order, train_head=config.train_head and not whole_model,
                              train_stem=config.train_stem and not whole_model, sync=config.sync,
                              sync_tolerance=config.sync_tolerance,
-                             max_update_norm=config.max_update_norm,
+                             max_update_norm=config.max_update_norm, gate=gate,
                              payload_dtype=config.payload_dtype,
                              min_nodes=config.min_nodes, backoff=config.node_backoff,
                              seed=config.seed, capacity=capacities, misfit=capacities.sizer.misfit,
@@ -186,7 +190,7 @@ def run_snake(grid: Grid, config: RunConfig, whole_model: bool = False) -> dict[
                 "train_s": round(float(reported.get("train-seconds", 0.0)), 4),  # the node's, inside hop_s
                 "capacity": capacity.as_dict(), "passed_over": hop.get("passed_over", []),
                 # a failed hop costs the bytes it moved (its compute, if any, is not reported)
-                "network_time_s": network, **clock,
+                "network_time_s": network, **clock, **gate_fields(hop),
                 **_visit_compute(reported, capacities.sizer.step_flops(hop["window"]) if reported else 0.0)}
 
     recorder.describe = describe
@@ -229,7 +233,8 @@ def run_snake(grid: Grid, config: RunConfig, whole_model: bool = False) -> dict[
                           rejected_replies=strategy.rejected_replies, membership=strategy.membership,
                           mode=config.mode, skipped_nodes=[{"node": n, "reason": r}
                                                               for n, r in strategy.skipped.items()],
-                          resumed_at_round=done or None, checkpoint=str(path))
+                          resumed_at_round=done or None, checkpoint=str(path), **gate_record(gate, config),
+                          **attack_record(config, len(list(grid.get_node_ids()))))
 
 
 def run_fedavg(grid: Grid, config: RunConfig) -> dict[str, Any]:
@@ -249,10 +254,12 @@ def run_fedavg(grid: Grid, config: RunConfig) -> dict[str, Any]:
         this_round[:] = replies
         return aggregate_metricrecords(records, weighting)
 
-    # Flower's FedAvg, averaging in partition order: a run repeats bit for bit
-    strategy = OrderedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
-                      # we waited for min-nodes above; later rounds go on with who is left
-                      min_available_nodes=1, train_metrics_aggr_fn=aggregate_metrics)
+    # Flower's FedAvg (or its robust aggregators), averaging in partition order: a run repeats bit for bit
+    strategy = fedavg_strategy(config.aggregation, trim_beta=config.trim_beta, krum_malicious=config.krum_malicious,
+                               krum_select=config.krum_select, fraction_train=1.0, fraction_evaluate=0.0,
+                               min_train_nodes=1,
+                               # we waited for min-nodes above; later rounds go on with who is left
+                               min_available_nodes=1, train_metrics_aggr_fn=aggregate_metrics)
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
         replies, this_round[:] = list(this_round), []  # Flower drops error replies before aggregating
@@ -285,7 +292,8 @@ def run_fedavg(grid: Grid, config: RunConfig) -> dict[str, Any]:
         strategy.start(grid=metered, initial_arrays=ArrayRecord(transport_state(model.state_dict())),
                        num_rounds=num_rounds, timeout=config.hop_timeout, train_config=train_config,
                        evaluate_fn=recorder.evaluate_fn)
-    return recorder.write([led for led in ledgers if "total-bytes" in led], mode="cs", failures=failures)
+    return recorder.write([led for led in ledgers if "total-bytes" in led], mode="cs", failures=failures,
+                          **attack_record(config, nodes))
 
 
 def run_split(grid: Grid, config: RunConfig) -> dict[str, Any]:

@@ -22,10 +22,11 @@ class OrderedFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's ``aggregate_train`` over the replies sorted by partition, then node id."""
-        return super().aggregate_train(server_round, sorted(replies, key=_partition_order))
+        return super().aggregate_train(server_round, sorted(replies, key=partition_order))
 
 
-def _partition_order(reply: Message) -> tuple[int, float]:
+def partition_order(reply: Message) -> tuple[int, float]:
+    """A reply's place when replies are sorted: by ``partition-id``, then (errors, none) by node id."""
     if not reply.has_error():
         for record in reply.content.metric_records.values():
             if "partition-id" in record:

@@ -28,7 +28,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from .chain import NodeChain
+from .checkpoint import SnakeCheckpoint
 from .fitting import WindowFitter
+from .gate import MergeGate
 from .pipeline import HopPipeline
 from .nodes import NodeBackoff, rank_in
 from .payload import PAYLOAD_DTYPES, encode
@@ -38,7 +40,7 @@ from .sync import NodeCopies
 from .window import check_segments, merge_window, select, tied_aliases, unknown_keys, window_keys
 
 
-class SnakeStrategy(Strategy):
+class SnakeStrategy(SnakeCheckpoint, Strategy):
     """Sequential, layer-window training along a serpentine schedule.
 
     Parameters
@@ -63,6 +65,11 @@ class SnakeStrategy(Strategy):
     max_update_norm : float (default: 0.0)
         Reject a reply whose window differs from the one sent by more than this L2
         norm (a node pushing the model far in one hop); 0 sets no limit.
+    gate : MergeGate | None (default: None)
+        Score each valid reply's merge on the caller's held-out data and roll it back if the
+        loss rises by more than the gate's tolerance (see :class:`strategies.gate.MergeGate`);
+        a rolled-back hop's status is ``"rejected"``, its row has ``gate`` (the losses), and its
+        node backs off after the gate's ``strikes`` rejections in a row.
     payload_dtype : str (default: "fp32")
         What the messages carry, both ways: ``"fp32"``, ``"fp16"`` or ``"int8"`` (see
         :mod:`strategies.payload`). The global model stays an fp32 master copy; a reply
@@ -94,7 +101,7 @@ class SnakeStrategy(Strategy):
     def __init__(self, segments: Mapping[str, Sequence[str]], window: int | str = 1, *,
                  sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
                  train_stem: bool = False, sync: str = "delta", sync_tolerance: float = 0.0,
-                 min_nodes: int = 1, backoff: int = 2, max_update_norm: float = 0.0,
+                 min_nodes: int = 1, backoff: int = 2, max_update_norm: float = 0.0, gate: MergeGate | None = None,
                  payload_dtype: str = "fp32", query_timeout: float = 60.0, rank_discovery: str = "auto",
                  seed: int = 0, concurrency: int = 1, lanes: int | None = None,
                  capacity: Callable[[float, Mapping[str, float]], Any] | None = None,
@@ -130,7 +137,7 @@ class SnakeStrategy(Strategy):
         self.sync = sync
         if max_update_norm < 0:
             raise ValueError(f"max_update_norm: must be >= 0 (0 = no limit), got {max_update_norm}")
-        self.max_update_norm = max_update_norm
+        self.max_update_norm, self.gate = max_update_norm, gate
         if payload_dtype not in PAYLOAD_DTYPES:
             raise ValueError(f"payload_dtype: {payload_dtype!r} is not one of {', '.join(PAYLOAD_DTYPES)}")
         self.payload_dtype = payload_dtype
@@ -147,6 +154,7 @@ class SnakeStrategy(Strategy):
         self.rejected_replies = 0
         self.round_offset = 0  # rounds done before a resume; Flower counts from 1 again
         self._restored_backoff: list[list[Any]] = []
+        self._restored_streaks: list[list[Any]] = []  # the gate's rejections in a row, by rank
         self._arrays: ArrayRecord | None = None  # the global model as the pending hop was sent it
         self.sent_arrays: dict[int, ArrayRecord] = {}  # hop in flight -> the global model it was sent
         self.sent_versions: dict[int, dict[str, int]] = {}  # ... and that model's segment versions
@@ -300,8 +308,9 @@ class SnakeStrategy(Strategy):
         hop["metrics"] = reported
         if node not in self.node_ranks and (rank := rank_in(reported)) is not None:  # lazy discovery
             self.node_ranks[node] = rank
+        keys = window_keys(self.segments, window)
         window_arrays, reason = checked_window(hop, list(content.array_records.values()), reported, arrays,
-                                               window_keys(self.segments, window), self.versions,
+                                               keys, self.versions,
                                                payload_dtype=self.payload_dtype,
                                                max_update_norm=self.max_update_norm)
         if window_arrays is None:
@@ -311,8 +320,11 @@ class SnakeStrategy(Strategy):
         for alias, owner in self.aliases.items():  # a tied weight's alias holds its owner's values
             if owner in window_arrays:
                 merged[alias] = merged[owner]
+        after = {**self.versions, **{name: self.versions[name] + 1 for name in window}}
+        if self.gate is not None and (why := self.gate.judge(hop, arrays, merged, keys, self.versions, after)):
+            return self._reject(hop, why)
+        self.versions.update(after)
         for name in window:
-            self.versions[name] += 1
             self.provenance[name] = {"node": node, "round": hop["round"],
                                      "num-examples": int(reported.get("num-examples", 0))}
         # what the node holds now: the segments as they were sent (others may have moved on
@@ -377,60 +389,26 @@ class SnakeStrategy(Strategy):
             hop["round"], hop["node"], wait, reason)
         return None, None
 
+    def _reject(self, hop: dict[str, Any], reason: str) -> tuple[None, None]:
+        # The gate rolled the hop back: the model stays as it was, the node's copy (its window as
+        # trained) is not the server's, so its next visit resends the whole model.
+        assert self.gate is not None
+        self.copies.forget(hop["node"])
+        hop["status"], hop["reason"] = "rejected", reason
+        wait = self.backoff.failed(hop["node"], len(self.hops) - 1) if self.gate.struck_out(hop["node"]) else 0
+        self.gate.rejections.append({"round": hop["round"], "node": hop["node"], "reason": reason,
+                                     "backoff_hops": wait})
+        log(WARNING, "hop %d: node %d's window rolled back by the merge gate, node sits out %d hops: %s",
+            hop["round"], hop["node"], wait, reason)
+        return None, None
+
     def _ordered_nodes(self, grid: Grid, server_round: int) -> list[int]:
         """Connected nodes in chain order (node ids are new after a resume; ranks are not)."""
         nodes = self.chain.nodes(grid, server_round)
-        if self._restored_backoff:
-            self.backoff.restore(self._restored_backoff, {r: n for n, r in self.node_ranks.items()})
-            self._restored_backoff = []
+        if self._restored_backoff or self._restored_streaks:
+            node_of = {r: n for n, r in self.node_ranks.items()}
+            self.backoff.restore(self._restored_backoff, node_of)
+            if self.gate is not None:
+                self.gate.restore(self._restored_streaks, node_of)
+            self._restored_backoff, self._restored_streaks = [], []
         return nodes
-
-    # ---- checkpoint ---------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        """What a resumed run needs (JSON-able); node ids are replaced by ranks.
-
-        Hops still in flight (``concurrency > 1``) are kept apart, with their node's rank
-        and the segment versions they were sent: a resumed run sends them again, each with
-        the model it was first sent (``in_flight_arrays``).
-        """
-        done = [hop for hop in self.hops if hop["status"] != "pending"]
-        flights = [{**hop, "rank": self.node_ranks.get(hop["node"]),
-                    "versions": self.sent_versions[hop["round"] - 1]}
-                   for hop in self.hops if hop["status"] == "pending"]
-        return {"rounds-done": len(done), "versions": self.versions, "provenance": self.provenance,
-                "hops": done, "in-flight": flights, "failures": self.failures,
-                "rejected-replies": self.rejected_replies, "membership": self.membership,
-                "backoff": self.backoff.state(lambda node: self.node_ranks.get(node, float("inf")))}
-
-    def in_flight_arrays(self, arrays: ArrayRecord) -> dict[str, ArrayRecord]:
-        """Per hop in flight, the arrays it was sent that differ from ``arrays`` (the global
-        model now): the windows merged since it left, at most ``concurrency - 1`` of them."""
-        flights = {}
-        for hop, sent in self.sent_arrays.items():
-            moved = window_keys(self.segments, [name for name in self.segments
-                                                if self.sent_versions[hop][name] != self.versions[name]])
-            moved += [alias for alias, owner in self.aliases.items() if owner in moved]
-            flights[str(hop)] = select(sent, moved)
-        return flights
-
-    def load_state(self, state: Mapping[str, Any], in_flight: Mapping[str, ArrayRecord] | None = None) -> None:
-        """Continue from ``state()`` (and ``in_flight_arrays``): later rounds count on from its
-        ``rounds-done``; hops that were in flight are sent again first.
-
-        Nodes keep their copies in the run's context, which a new run does not
-        have, so every node gets the full model on its next visit.
-        """
-        self.round_offset = int(state["rounds-done"])
-        self.versions = {name: int(state["versions"][name]) for name in self.segments}
-        self.provenance, self.hops = dict(state["provenance"]), list(state["hops"])
-        self.failures, self.chain.membership = list(state["failures"]), list(state["membership"])
-        self.rejected_replies = int(state["rejected-replies"])
-        self._restored_backoff = [list(row) for row in state["backoff"]]
-        self.restored_flights = [(dict(hop), (in_flight or {}).get(str(hop["round"] - 1), ArrayRecord()))
-                                 for hop in state.get("in-flight", [])]
-        self.copies.reset()
-        self.chain.reset()
-        self.sent_arrays, self.sent_versions, self.sent_configs = {}, {}, {}
-        if self.fitter is not None:
-            self.fitter.reset()
-

@@ -8,6 +8,7 @@
 
 from snake_flower.config.files import experiment_layers, load_toml, parse_overrides
 from snake_flower.config.run_config import (
+    ATTACK_KEYS,
     DEFAULTS,
     NODE_KEYS,
     ConfigError,
@@ -19,6 +20,6 @@ from snake_flower.config.run_config import (
 )
 from snake_flower.config.validation import CHOICES, NON_NEGATIVE, POSITIVE, resolve, validate
 
-__all__ = ["CHOICES", "DEFAULTS", "NODE_KEYS", "NON_NEGATIVE", "POSITIVE", "ConfigError", "RunConfig",
+__all__ = ["ATTACK_KEYS", "CHOICES", "DEFAULTS", "NODE_KEYS", "NON_NEGATIVE", "POSITIVE", "ConfigError", "RunConfig",
            "experiment_layers", "field_name", "kd_enabled", "key_of", "load_toml", "node_message",
            "parse_overrides", "resolve", "validate"]

@@ -52,6 +52,12 @@ class RunConfig(Mapping[str, Any]):
     sync: str = "delta"
     sync_tolerance: float = 0.0
     max_update_norm: float = 0.0
+    # Snake and relay: score each reply's merge on a seeded slice of the validation data and roll
+    # it back if the loss rises by more than gate-tolerance (docs/reliability.md, "Gated merges")
+    merge_gate: str = "off"
+    gate_tolerance: float = 0.0
+    gate_strikes: int = 2
+    gate_size: int = 1000
     # Snake: hops in flight at once, on disjoint windows (train-head and train-stem off), and the
     # schedule's lanes (0: as many as concurrency; more: the same windows, fewer hops at once)
     concurrency: int = 1
@@ -63,6 +69,11 @@ class RunConfig(Mapping[str, Any]):
     hop_deadline_s: float = 0.0
     # cs: the window is relayed through the server (counted down and up); p2p: node to node
     mode: str = "cs"
+    # FedAvg: Flower's mean, or one of its robust aggregators (FedMedian, FedTrimmedAvg, MultiKrum)
+    aggregation: str = "mean"
+    trim_beta: float = 0.2
+    krum_malicious: int = 0
+    krum_select: int = 1
     # Snake's messages, both ways (the server keeps an fp32 master); FedAvg and split send fp32
     payload_dtype: str = "fp32"
     # split learning (baseline): the node keeps segments[:cut], the server the rest
@@ -108,6 +119,11 @@ class RunConfig(Mapping[str, Any]):
     # chaos: the process of the node that trains this round dies at once (0 = never)
     crash_round: int = 0
     leave_partition: int = 0
+    # attacks (tests and benchmarks): byzantine-nodes partitions, chosen by the seed, send poisoned
+    # but well-formed replies (training/attack.py); 0 = none
+    byzantine_nodes: int = 0
+    attack: str = "label-flip"
+    attack_scale: float = 10.0
 
     # ---- the kebab-case view --------------------------------------------------
     def __getitem__(self, key: str) -> Any:
@@ -173,10 +189,16 @@ NODE_KEYS: tuple[str, ...] = (
 not depend on a server-only key (``out-dir``). The strategies add their own per message
 (``server-round``, ``window``, ``segments-sent``, ``segment-versions``, ``lr-rounds``, ``split-*``)."""
 
+ATTACK_KEYS: tuple[str, ...] = ("byzantine-nodes", "attack", "attack-scale")
+"""The keys of an attack (``training.attack``), sent only when ``byzantine-nodes > 0``: a run
+without attackers sends the same bytes as before attacks existed."""
+
 
 def node_message(config: RunConfig) -> dict[str, Any]:
-    """The run-config part of a node's message: ``NODE_KEYS`` and their values, as they are."""
-    return {key: config[key] for key in NODE_KEYS}
+    """The run-config part of a node's message: ``NODE_KEYS`` and their values, as they are, and
+    ``ATTACK_KEYS`` when the run has attacking nodes."""
+    keys = NODE_KEYS + (ATTACK_KEYS if config.byzantine_nodes else ())
+    return {key: config[key] for key in keys}
 
 
 def kd_enabled(config: Mapping[str, Any]) -> bool:

@@ -26,14 +26,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kd": ("auto", "on", "off"),
     "lr-decay": ("none", "cosine"),
     "evaluate-on": ("test", "validation"),
+    "merge-gate": ("off", "loss"),
+    "aggregation": ("mean", "median", "trimmed-mean", "multi-krum"),
+    "attack": ("label-flip", "sign-flip", "scale", "random"),
 }
 
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
             "min-nodes", "classes-per-partition", "kd-temperature", "hop-timeout", "lora-rank",
-            "seq-len", "tune-visits", "concurrency")
+            "seq-len", "tune-visits", "concurrency", "gate-strikes", "krum-select", "attack-scale")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
-                "leave-partition", "crash-round", "lanes", "hop-deadline-s", "validation-size", "prune-above-bytes")
+                "leave-partition", "crash-round", "lanes", "hop-deadline-s", "validation-size", "prune-above-bytes",
+                "gate-tolerance", "gate-size", "krum-malicious", "byzantine-nodes")
 
 
 def resolve(*layers: Mapping[str, Any]) -> RunConfig:
@@ -157,6 +161,26 @@ def _check_values(config: RunConfig) -> None:
         raise ConfigError(f"average-decay: only snake and relay average over hops, not {config.strategy!r}")
     if not 0.0 <= config.kd_weight <= 1.0:
         raise ConfigError(f"kd-weight: must be in [0, 1], got {config.kd_weight!r}")
+    _check_defences(config)
+
+
+def _check_defences(config: RunConfig) -> None:
+    """The merge gate (Snake and relay) and the robust aggregators (FedAvg)."""
+    if config.merge_gate != "off":
+        if config.strategy not in ("snake", "relay"):
+            raise ConfigError(f"merge-gate: only snake and relay merge one reply at a time, not {config.strategy!r} "
+                              f"(FedAvg's defence is aggregation)")
+        if config.validation_size == 0:
+            raise ConfigError("merge-gate: the gate scores a slice of the held-out examples; set validation-size > 0")
+        if not config.gate_tolerance > 0:
+            raise ConfigError("gate-tolerance: a gated run needs a tolerance > 0, fixed from a clean gated run "
+                              "(docs/reliability.md#fixing-gate-tolerance)")
+    if config.aggregation != "mean" and config.strategy != "fedavg":
+        raise ConfigError(f"aggregation: only fedavg aggregates replies, not {config.strategy!r}")
+    if config.byzantine_nodes and config.strategy == "split":
+        raise ConfigError("byzantine-nodes: attacks are built for snake, relay and fedavg, not split")
+    if not 0.0 <= config.trim_beta < 0.5:
+        raise ConfigError(f"trim-beta: must be in [0, 0.5), got {config.trim_beta!r}")
 
 
 def _check_concurrency(config: RunConfig, sweepable: int) -> None:

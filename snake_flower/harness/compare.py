@@ -65,7 +65,16 @@ def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
             "wall_s": run["final"]["wall_s"], "rounds": len(rows), "node_visits": node_visits,
             "failed_rounds": sum(1 for r in rows if r.get("status") == "failed"),
             # counted bytes / raw bytes of the tensors carried (framing, configs, metrics)
-            "payload_efficiency": counted / raw if raw else None}
+            "payload_efficiency": counted / raw if raw else None, **_gate_summary(rows)}
+
+
+def _gate_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A gated run's rounds rolled back by the merge gate and its CPU seconds per scored hop."""
+    scored = [r["gate_cpu_s"] for r in rows if "gate_cpu_s" in r]
+    if not scored:
+        return {}
+    return {"gate_rejected_rounds": sum(1 for r in rows if r.get("status") == "rejected"),
+            "gate_cpu_s_per_hop": sum(scored) / len(scored)}
 
 
 def write_comparison(out: str | Path, runs: dict[str, dict[str, Any]], target: float,
