@@ -3,8 +3,9 @@
 Each arm (``snake-full``, ``snake-lora``, ``fedavg-full``, ``fedavg-lora``) runs the
 project's ClientApp (``snake_flower.client_app.app``, the one ``make_client_app``
 returns for the built-in tasks; that is what ``snake-flower run``, ``flwr run .`` and a
-deployed node run) in a fresh process (``measure_node``), with its state directory on
-disk as a deployed node's ``--node-config state-dir``. The server's side runs here:
+deployed node run) in fresh processes (``measure_node``), with its state directory on
+disk as a deployed node's ``--node-config state-dir``. Each message of the measured node runs in a fresh process, as a deployed SuperNode
+starts one ``flwr-clientapp`` per message (``FreshNode``). The server's side runs here:
 the real strategies (``SnakeStrategy``; Flower's ``FedAvg`` through ``OrderedFedAvg``)
 build every message, over a chain of 8 nodes (``MeasureGrid``) whose first node is the
 measured one and whose 7 others answer for themselves (they are not measured). The
@@ -18,9 +19,9 @@ Two hops of the measured node are measured:
   segments that changed since, under ``sync = "delta"``; FedAvg: round 2, the whole
   model again).
 
-Per hop: the process's peak resident set (the kernel's ``VmHWM``, reset before the
-hop), its growth over the baseline (the process after imports, data and a warm-up,
-before the first message) and the hop's ledger: what the node reports (parameters by
+Per hop: its process's peak resident set (the kernel's ``VmHWM``, reset before the
+message), its growth over that process's baseline (after imports, data and a warm-up,
+before its message) and the hop's ledger: what the node reports (parameters by
 dtype, gradients, optimizer state, saved activations) plus the received message.
 An arm's top-level figures are its hop with the larger growth.
 """
@@ -145,7 +146,8 @@ def measure_arm(arm: str, config: Any, options: MeasureOptions, timeout: float) 
     """One arm: its node's process, the strategy's two visits to it, their figures."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from snake_flower.harness.node_process import NodeProcess, NodeProcessError
+    from snake_flower.harness.fresh_node import FreshNode
+    from snake_flower.harness.node_process import NodeProcessError
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # the server's messages
     node_ids = [1000 + 7 * i for i in range(NODES)]
@@ -155,20 +157,16 @@ def measure_arm(arm: str, config: Any, options: MeasureOptions, timeout: float) 
     flower = logging.getLogger("flwr")
     level = flower.level
     flower.setLevel(logging.WARNING)  # the strategies' round-by-round log is no part of the report
-    node = None
     try:
-        node = NodeProcess(spec, workdir, timeout)
+        node = FreshNode(spec, workdir, timeout)
         _serve(arm, config, options, node, node_ids, timeout)
-        hops = [hop for hop in node.hops if hop["message_type"] == "train"]
-        if len(hops) != 2:
-            raise MeasureError(f"{arm}: the measured node was sent {len(hops)} train message(s), not 2")
-        return arm_figures(node.baseline_rss_bytes, hops, arm)
+        if len(node.hops) != 2:
+            raise MeasureError(f"{arm}: the measured node was sent {len(node.hops)} train message(s), not 2")
+        return arm_figures(node.hops, arm)
     except NodeProcessError as err:
         raise MeasureError(f"{arm}: {err}") from None
     finally:
         flower.setLevel(level)
-        if node is not None:
-            node.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -211,8 +209,9 @@ def _serve(arm: str, config: Any, options: MeasureOptions, node: Any, node_ids: 
         pass
 
 
-def arm_figures(baseline: int, hops: list[dict[str, Any]], arm: str) -> dict[str, Any]:
-    """An arm's JSON: each hop's figures, and at the top those of the hop that grew more."""
+def arm_figures(hops: list[dict[str, Any]], arm: str) -> dict[str, Any]:
+    """An arm's JSON: each hop's figures (its growth over its own process's baseline), and at
+    the top those of the hop that grew more."""
     figures = {}
     for name, hop in zip(HOPS, hops):
         reply = hop["reply"]
@@ -223,10 +222,12 @@ def arm_figures(baseline: int, hops: list[dict[str, Any]], arm: str) -> dict[str
             raise MeasureError(f"{arm}: the node's {name} hop reported no ledger ({sorted(reported)[:4]})")
         ledger = {key.replace("-", "_"): int(value) for key, value in reported.items()
                   if key.endswith("-bytes") and key != "peak-rss-bytes"}
+        baseline = hop["baseline_rss_bytes"]
         grown = hop["peak_rss_bytes"] - baseline
         total = ledger["total_bytes"] + hop["message_bytes"]
         sent = [name for name in hop["config"].get("segments-sent", []) if name]
-        figures[name] = {"peak_rss_bytes": hop["peak_rss_bytes"], "rss_before_bytes": hop["rss_before_bytes"],
+        figures[name] = {"peak_rss_bytes": hop["peak_rss_bytes"], "baseline_rss_bytes": baseline,
+                         "rss_before_bytes": hop["rss_before_bytes"],
                          "rss_after_bytes": hop["rss_after_bytes"], "rss_file_after_bytes": hop["rss_file_after_bytes"],
                          "grown_bytes": grown, "ledger_bytes": total, "message_bytes": hop["message_bytes"],
                          "reply_bytes": hop["reply_bytes"], "grown_over_ledger": round(grown / total, 4),
@@ -234,7 +235,7 @@ def arm_figures(baseline: int, hops: list[dict[str, Any]], arm: str) -> dict[str
                          "window": [str(name) for name in hop["config"].get("window", [])],
                          "frozen_dtype": str(hop["config"].get("frozen-dtype")), "seconds": hop["seconds"]}
     top = max(HOPS, key=lambda name: figures[name]["grown_bytes"])
-    return {"peak_rss_bytes": figures[top]["peak_rss_bytes"], "baseline_rss_bytes": baseline,
+    return {"peak_rss_bytes": figures[top]["peak_rss_bytes"], "baseline_rss_bytes": figures[top]["baseline_rss_bytes"],
             "ledger_bytes": figures[top]["ledger_bytes"], "message_bytes": figures[top]["message_bytes"],
             "measured_in": "clientapp", "top_hop": top, "hops": figures}
 

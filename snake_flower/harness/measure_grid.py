@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from snake_flower.harness.node_process import NodeProcess
+from snake_flower.harness.fresh_node import FreshNode
 
 
 class VisitsDone(Exception):
@@ -20,8 +20,8 @@ class MeasureGrid(Grid):
     """A ``Grid`` over ``len(node_ids)`` nodes: the first is a real node's process, the others
     answer for themselves.
 
-    Every message the strategy sends to the first node goes to its process
-    (``NodeProcess``), which runs the project's ClientApp. The others are the rest of the
+    Every message the strategy sends to the first node goes to it (``FreshNode``: a
+    fresh process per message runs the project's ClientApp). The others are the rest of the
     chain: they answer a rank query with their place in ``node_ids``, and a train message
     with the measured node's last metrics (FedAvg averages replies whose metrics have the
     same keys) and what they were sent, changed (their window's values times 1.001, or for a message
@@ -34,15 +34,15 @@ class MeasureGrid(Grid):
     ----------
     node_ids : Sequence[int]
         The nodes, in chain order; the first is measured.
-    node : NodeProcess
-        The first node's process.
+    node : FreshNode
+        The first node (a fresh process per message).
     segments : Mapping[str, Sequence[str]] | None
         The strategy's segments (a window's keys); ``None`` for a strategy without windows.
     visits : int
         The first node's train messages to wait for.
     """
 
-    def __init__(self, node_ids: Sequence[int], node: NodeProcess,
+    def __init__(self, node_ids: Sequence[int], node: FreshNode,
                  segments: Mapping[str, Sequence[str]] | None = None, visits: int = 2) -> None:
         self.node_ids, self.node = list(node_ids), node
         self.segments, self.visits = segments, visits
@@ -70,7 +70,7 @@ class MeasureGrid(Grid):
             content = self.node.handle(message) if node == self.node_ids[0] else self._peer(message)
             self._replies[message.metadata.message_id] = Message(content, reply_to=message)
             ids.append(message.metadata.message_id)
-            if sum(hop["message_type"] == MessageType.TRAIN for hop in self.node.hops) >= self.visits:
+            if len(self.node.hops) >= self.visits:
                 raise VisitsDone
         return ids
 
@@ -88,7 +88,7 @@ class MeasureGrid(Grid):
             return RecordDict({"info": MetricRecord({"rank": rank, "num-partitions": float(len(self.node_ids))})})
         config = dict(next(iter(message.content.config_records.values())))
         arrays = next(iter(message.content.array_records.values()))
-        measured = [hop["reply"] for hop in self.node.hops if hop["message_type"] == MessageType.TRAIN]
+        measured = [hop["reply"] for hop in self.node.hops]
         reported = dict(next(iter(measured[-1].content.metric_records.values()))) if measured else {}
         metrics = MetricRecord({**reported, "num-examples": 1.0, "train-loss": 0.0, "partition-id": rank})
         if self.segments is None or "window" not in config:  # every array back, as FedAvg's nodes send it

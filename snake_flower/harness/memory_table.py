@@ -53,7 +53,7 @@ def format_measured(report: dict[str, Any]) -> str:
              f"{'x ledger':>10}   (MiB)"]
     for arm, got in report["arms"].items():
         for hop, fig in got["hops"].items():
-            lines.append(f"{arm:13}{hop:>10}{got['baseline_rss_bytes'] / mib:>10.0f}{fig['peak_rss_bytes'] / mib:>8.0f}"
+            lines.append(f"{arm:13}{hop:>10}{fig['baseline_rss_bytes'] / mib:>10.0f}{fig['peak_rss_bytes'] / mib:>8.0f}"
                          f"{fig['grown_bytes'] / mib:>8.0f}{fig['ledger_bytes'] / mib:>8.0f}"
                          f"{fig['message_bytes'] / mib:>9.0f}{fig['grown_over_ledger']:>10.2f}")
     for mode in ("full", "lora"):
