@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="opt-1.3b, llama-3-8b, smollm2-135m, tiny-opt, or a folder with a config.json")
     memory.add_argument("--window", default="1", help="decoder layers Snake trains at once (default 1)")
     memory.add_argument("--frozen-dtype", help="fp16 (default), bf16, fp32 or int8; with --measure "
-                                               "auto (default: bf16/fp16 where the CPU has it), fp16, bf16, fp32")
+                                               "auto (default: bf16/fp16 where the CPU has it), fp16, bf16, fp32, int8")
     memory.add_argument("--finetune", default="full", help="full (default) or lora")
     memory.add_argument("--lora-rank", default="8", help="LoRA rank (default 8)")
     memory.add_argument("--lora-targets", default="q_proj,v_proj",
@@ -83,12 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     memory.add_argument("--seq", default="0", help="tokens per sequence, to count activations (default 0)")
     memory.add_argument("--json", action="store_true", help="print the report as JSON")
     memory.add_argument("--measure", action="store_true",
-                        help="run one real hop per strategy, each in a fresh process, and measure its "
-                             "peak RSS beside its ledger (random weights; batch 8 x seq 96 by default)")
+                        help="run the ClientApp on two hops per arm (first visit, then a delta sync), each "
+                             "arm in a fresh process, and measure peak RSS beside the ledger (task llm's "
+                             "model and data; batch 8 x seq 96 by default)")
     memory.add_argument("--optimizer", default="sgd", help="--measure: sgd (default, as runs train) or adam (the paper's)")
     memory.add_argument("--steps", default="2", help="--measure: training steps of the hop (default 2)")
-    memory.add_argument("--strategies", default="fedavg,snake",
-                        help="--measure: which to run (default fedavg,snake; FedAvg on OPT-1.3B needs ~24 GB)")
+    memory.add_argument("--strategies", default="snake-full,snake-lora,fedavg-full,fedavg-lora",
+                        help="--measure: the arms to run (default all four; snake and fedavg name the full ones)")
     sub.add_parser("supernode", add_help=False, help="Flower's SuperNode for an edge node, with a warm "
                    "ClientApp launcher and no idle polls (snake-flower supernode --help)")
     return parser
@@ -205,17 +206,17 @@ def _int_option(name: str, value: str) -> int:
 
 
 def _measure(args: argparse.Namespace) -> int:
-    """``snake-flower memory --measure --model M``: one real hop per strategy, peak RSS and ledger."""
+    """``snake-flower memory --measure --model M``: two hops of the ClientApp per arm, peak RSS and ledger."""
+    from snake_flower.harness.measure import MeasureError, MeasureOptions, arms_of, measure
     from snake_flower.harness.memory_table import format_measured
-    from snake_flower.training.measure import MeasureError, MeasureOptions, measure
 
     try:
         batch, seq = _int_option("batch", args.batch) or 8, _int_option("seq", args.seq) or 96
         options = MeasureOptions(model=args.model, batch=batch, seq=seq, steps=_int_option("steps", args.steps),
                                  optimizer=args.optimizer, frozen_dtype=args.frozen_dtype or "auto",
-                                 window=_int_option("window", args.window))
-        arms = tuple(name for name in args.strategies.split(",") if name)
-        report = measure(options, arms)
+                                 window=_int_option("window", args.window),
+                                 lora_rank=_int_option("lora-rank", args.lora_rank))
+        report = measure(options, arms_of(args.strategies))
     except (ConfigError, MeasureError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2

@@ -38,14 +38,16 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from snake_flower.config import kd_enabled
-from snake_flower.node_model import ModelBuilder
+from snake_flower.node_copy import frozen_names, load_copy, load_received, read_copy, rest_keys
+from snake_flower.node_model import ModelBuilder, hold_parameters
 from snake_flower.node_settings import NodeSettings, node_settings
-from snake_flower.node_store import CopyUnreadable, NodeStore, StoredCopy, node_state_dir
+from snake_flower.node_store import NodeStore, StoredCopy, node_state_dir
 from snake_flower.runtime.chaos import maybe_fail
 from snake_flower.segments import segment_model
 from snake_flower.tasks.task import transport_state
 from snake_flower.training.attack import node_attack
 from snake_flower.training.batches import split_batch, visit_seed
+from snake_flower.training.frozen import DTYPES
 from snake_flower.training.loop import OPTION_FIELDS, Align, LocalWork, train_window
 from snake_flower.training.loop import evaluate as _evaluate_tensors
 from strategies.payload import decode, encode
@@ -61,8 +63,7 @@ SegmentsFn = Callable[[nn.Module, Mapping[str, Any]], Mapping[str, list[str]]]
 
 _OPTION_OF = {field: option for option, field in OPTION_FIELDS.items()}
 _DEFAULTS: dict[str, Any] = {
-    **{_OPTION_OF.get(f.name, f.name).replace("_", "-"): f.default for f in fields(LocalWork)
-       if f.name != "optimizer"},
+    **{_OPTION_OF.get(f.name, f.name).replace("_", "-"): f.default for f in fields(LocalWork)},
     "seed": 0, "kd": "on",
 }
 """A plugin node's defaults, overridden by ``make_client_app``'s options and then by the same
@@ -103,7 +104,7 @@ def make_client_app(model_fn: ModelFn, train_data_fn: DataFn, *,
         ``lr`` (0.01), ``momentum`` (0.9), ``weight_decay`` (0), ``local_steps`` (0: use
         epochs), ``local_epochs`` (1), ``batch_size`` (32, tensor data), ``clip_norm`` (1.0),
         ``kd_weight`` (0), ``kd_temperature`` (2.0), ``frozen_dtype`` ("fp32": what the
-        frozen layers are held in while the window trains), ``seed`` (0).
+        frozen layers are held in while the window trains), ``optimizer`` ("sgd", or "adam"), ``seed`` (0).
 
     Returns
     -------
@@ -178,21 +179,39 @@ class _Node:
         snake = "window" in cfg
         keeps_copy = snake and cfg.get("strategy") != "fedavg"  # FedAvg sends the whole model anyway
         store = NodeStore(_state_dir(settings, context)) if keeps_copy else None
-        copy, lost = _read(store)
-        model = self.build(cfg, {*received_keys, *(copy.tensors if copy is not None else ())})
+        copy, lost = read_copy(store)
+        work = LocalWork.from_config(cfg, kd=snake and kd_enabled(cfg))
+        dtype = DTYPES.get(work.frozen_dtype)  # None: int8, quantized from fp32 as training starts
+
+        def hold(model: nn.Module) -> None:  # frozen parameters straight into the held dtype
+            if dtype is not None:
+                hold_parameters(model, frozen_names(model, self.segments(model, cfg), cfg.get("window")), dtype)
+
+        # built empty (on meta), the frozen parameters are allocated in the held dtype from the start
+        held_keys = [key for keys in copy.parts.values() for key in keys] if copy is not None else []
+        model = self.build(cfg, {*received_keys, *held_keys}, hold)
         segments = self.segments(model, cfg)
-        if copy is not None:
-            model.load_state_dict(copy.tensors, strict=False)
-        _load(model, received, segments)  # segment by segment, each released once loaded
+        window = [str(name) for name in cfg["window"]] if snake else list(segments)
         if snake:
             held, server, stale = self._apply_snake(segments, cfg, copy)
             if stale:  # e.g. a node whose state directory was lost: the server resends everything
                 reason = f"{lost or 'its copy is older than the message says'}; stale segments {stale[:3]}"
                 return _full_sync_reply(msg, reason, partition_id)
-            window = [str(name) for name in cfg["window"]]
-        else:
-            window = list(segments)
-        work = LocalWork.from_config(cfg, kd=snake and kd_enabled(cfg))
+        sent = [str(name) for name in cfg.get("segments-sent", []) if name] if store is not None else []
+        files = {}
+        if store is not None and (copy is None or "" not in copy.files):  # the keys in no segment, as built
+            state = model.state_dict()
+            files[""] = store.write_part("", {key: state[key] for key in rest_keys(model, segments)})
+            del state
+        hold(model)  # a real build: its frozen parameters cast now, before the loads
+        if copy is not None and store is not None:
+            load_copy(model, store, copy, skip=sent)
+        # segment by segment: each sent one stored exactly as received, loaded, then let go of
+        load_received(model, received, segments, store=store, sent=sent, files=files)
+        exact = None
+        if store is not None:
+            copy = store.commit(files, held, copy, read_back=dtype is None)
+            exact = copy.tensors if dtype is None else None  # int8 restores its frozen layers from the copy
         seed = visit_seed(cfg["seed"], cfg.get("server-round", 0))
         torch.manual_seed(seed)  # what a loader shuffles (or a dropout draws), per visit
         data = self.train_data_fn(context, cfg)
@@ -200,14 +219,12 @@ class _Node:
         attack = node_attack(cfg, settings.partition_id, settings.num_partitions)  # byzantine-nodes > 0 only
         if attack is not None:
             data, before = attack.data(data, model, self.align), attack.snapshot(model, keys)
-        exact = None
-        if store is not None:  # the copy as received, on disk: the frozen layers are restored from it
-            sent = [str(name) for name in cfg.get("segments-sent", []) if name]
-            copy = store.write(model.state_dict(), _parts(model, segments, sent, copy), held, copy)
-            exact = copy.tensors
         metrics = train_window(model, window, data, segments=segments, work=work, seed=seed,
                                align=self.align, exact=exact)
-        state = transport_state(model.state_dict())
+        if snake:  # the window alone, converted for the reply
+            state = transport_state({key: value for key, value in model.state_dict().items() if key in set(keys)})
+        else:
+            state = transport_state(model.state_dict())
         if attack is not None:  # what it sends, and keeps, is poisoned (training/attack.py)
             attack.poison(state, model, keys, before)
         if snake:
@@ -217,7 +234,8 @@ class _Node:
             for name in window:  # the server bumps these versions when it merges the reply
                 held[name] = server[name] + 1
             if store is not None:
-                store.write(state, {name: segments[name] for name in window}, held, copy)
+                trained = {name: store.write_part(name, {key: state[key] for key in segments[name]}) for name in window}
+                store.commit(trained, held, copy, read_back=False)
         else:  # every key it was sent, as FedAvg averages them
             reply = ArrayRecord({key: state[key] for key in received_keys})
         # One MetricRecord, as Flower's FedAvg requires of every reply: metrics and memory ledger.
@@ -232,7 +250,7 @@ class _Node:
         cfg = {**self.defaults, **_config(msg)}
         received = dict(decode(_arrays(msg), str(cfg.get("payload-dtype", "fp32"))).items())
         model = self.build(cfg, received.keys())
-        _load(model, received, self.segments(model, cfg))
+        load_received(model, received, self.segments(model, cfg))
         loss = correct = count = 0.0
         for batch in self.evaluate_data_fn(context, cfg):
             inputs, labels = split_batch(batch)
@@ -284,29 +302,6 @@ def _state_dir(settings: NodeSettings, context: Context) -> Any:
     return node_state_dir(settings.state_dir, context.run_id, settings.partition_id, context.node_id)
 
 
-def _read(store: NodeStore | None) -> tuple[StoredCopy | None, str | None]:
-    """The node's stored copy, and if it has none, why (a node's first visit has none either)."""
-    if store is None:
-        return None, None
-    try:
-        copy = store.read()
-    except CopyUnreadable as err:
-        return None, f"its copy of the model is unreadable ({err})"
-    return copy, None if copy is not None else f"its state directory {store.directory} holds no copy"
-
-
-def _parts(model: nn.Module, segments: Mapping[str, list[str]], sent: Iterable[str],
-           copy: StoredCopy | None) -> dict[str, list[str]]:
-    """What to store of a download: the segments sent, and once the keys in no segment, less
-    a tied weight's alias (it follows its owner; a stale alias loaded later would undo it)."""
-    parts = {name: segments[name] for name in sent}
-    if copy is None or "" not in copy.files:
-        state = model.state_dict(keep_vars=True)
-        owned = {id(state[key]) for keys in segments.values() for key in keys if key in state}
-        parts[""] = [key for key in state if id(state[key]) not in owned]
-    return parts
-
-
 def _full_sync_reply(msg: Message, reason: str, partition_id: int) -> Message:
     """The reply of a node that cannot train with what it was sent: it needs the whole model."""
     content = RecordDict({"metrics": MetricRecord({FULL_SYNC: 1.0, "partition-id": float(partition_id)}),
@@ -324,15 +319,3 @@ def _arrays(msg: Message) -> ArrayRecord:
     if len(records) != 1:
         raise ValueError(f"expected one ArrayRecord in the message, got {len(records)}")
     return records[0]
-
-
-def _load(model: nn.Module, received: dict[str, Any], segments: Mapping[str, list[str]]) -> None:
-    """Load what was sent over the model, one segment at a time, each let go of once loaded;
-    keys the model does not have are an error."""
-    groups = [keys for keys in segments.values()] + [list(received)]  # the rest last
-    for keys in groups:
-        part = {key: torch.from_numpy(received.pop(key).numpy()) for key in keys if key in received}
-        if part:
-            result = model.load_state_dict(part, strict=False)
-            if result.unexpected_keys:
-                raise ValueError(f"the server sent keys this model does not have: {result.unexpected_keys[:3]}")

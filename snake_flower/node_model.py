@@ -34,11 +34,17 @@ class ModelBuilder:
         self.model_fn, self.meta_build = model_fn, meta_build
         self._unsaved: dict[tuple, dict[str, torch.Tensor]] = {}  # per model structure
 
-    def __call__(self, cfg: Mapping[str, Any], source: Iterable[str] = ()) -> nn.Module:
+    def __call__(self, cfg: Mapping[str, Any], source: Iterable[str] = (),
+                 prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
         """The model to load ``source``'s ``state_dict`` keys over: empty when they fill it,
-        else with the seeded initial weights (``cfg["seed"]``)."""
+        else with the seeded initial weights (``cfg["seed"]``).
+
+        ``prepare(model)`` runs on the empty model while it is still on the meta device
+        (before its storage is allocated): casting a parameter there (``hold_parameters``)
+        allocates it in its new dtype, and never in the old one.
+        """
         if self.meta_build:
-            shell = self._shell(cfg, set(source))
+            shell = self._shell(cfg, set(source), prepare)
             if shell is not None:
                 return shell
         with torch.random.fork_rng(devices=[]):  # every node builds the same initial weights
@@ -49,7 +55,8 @@ class ModelBuilder:
             self._unsaved[_signature(model)] = {name: model.get_buffer(name).clone() for name in unsaved}
         return model
 
-    def _shell(self, cfg: Mapping[str, Any], source: set[str]) -> nn.Module | None:
+    def _shell(self, cfg: Mapping[str, Any], source: set[str],
+               prepare: Callable[[nn.Module], None] | None = None) -> nn.Module | None:
         """The model's structure with uninitialised storage, if ``source`` (and the kept
         unsaved buffers) fill every tensor; else ``None``."""
         try:
@@ -67,6 +74,8 @@ class ModelBuilder:
         if any(name not in unsaved for name in missing):
             return None
         ties = _ties(model)
+        if prepare is not None:
+            prepare(model)
         model.to_empty(device="cpu")  # a meta parameter becomes a new one: tied weights come apart
         for alias, owner in ties.items():
             module, _, name = alias.rpartition(".")
@@ -75,6 +84,23 @@ class ModelBuilder:
             for name in missing:
                 model.get_buffer(name).copy_(unsaved[name])
         return model
+
+
+def hold_parameters(model: nn.Module, names: Iterable[str], dtype: torch.dtype) -> int:
+    """Cast the floating parameters called ``names`` (``named_parameters``) to ``dtype`` in
+    place, each once (a tied one under any of its names); return the bytes they hold now.
+
+    On the meta device this costs nothing: the storage ``to_empty`` then gives them is
+    ``dtype``'s from the start.
+    """
+    wanted, done, held = set(names), set(), 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in wanted and id(p) not in done and p.is_floating_point():
+            done.add(id(p))
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+            held += p.numel() * p.element_size()
+    return held
 
 
 def _signature(model: nn.Module) -> tuple:

@@ -29,7 +29,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,11 +60,14 @@ class StoredCopy:
     """A node's copy as read from its state directory.
 
     ``tensors`` are memory-mapped, by ``state_dict`` key: read them, never write them.
+    ``parts`` names each part's keys (a segment's, or ``""``: the keys in no segment), so
+    that a reader can take the copy one file at a time and let each mapping go.
     """
 
     versions: dict[str, int]
     tensors: dict[str, torch.Tensor]
     files: dict[str, str]
+    parts: dict[str, list[str]] = field(default_factory=dict)
 
 
 class CopyUnreadable(Exception):
@@ -83,8 +86,13 @@ class NodeStore:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
 
-    def read(self) -> StoredCopy | None:
-        """The stored copy, ``None`` if there is none; raises ``CopyUnreadable`` if it is damaged."""
+    def read(self, tensors: bool = True) -> StoredCopy | None:
+        """The stored copy, ``None`` if there is none; raises ``CopyUnreadable`` if it is damaged.
+
+        Every file is read (memory-mapped) to check it. With ``tensors=False`` each file's
+        mapping goes again before the next is read, and the copy comes without tensors:
+        take its parts one at a time with ``load_part``.
+        """
         manifest = self.directory / MANIFEST
         if not manifest.exists():
             return None
@@ -94,27 +102,58 @@ class NodeStore:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
             versions = {str(name): int(v) for name, v in meta["versions"].items()}
             files = {str(name): str(file) for name, file in meta["files"].items()}
-            tensors: dict[str, torch.Tensor] = {}
-            for file in files.values():
-                tensors.update(torch.load(self.directory / file, mmap=True, weights_only=True,
-                                          map_location="cpu"))
+            mapped: dict[str, torch.Tensor] = {}
+            parts: dict[str, list[str]] = {}
+            for name, file in files.items():
+                part = self._load(file)
+                parts[name] = list(part)
+                if tensors:
+                    mapped.update(part)
+                del part
         except Exception as err:  # any damage (truncated, missing file, bad JSON): resync
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CopyUnreadable(f"{self.directory}: {type(err).__name__}: {first}"[:300]) from None
-        return StoredCopy(versions, tensors, files)
+        return StoredCopy(versions, mapped, files, parts)
+
+    def load_part(self, copy: StoredCopy, name: str) -> dict[str, torch.Tensor]:
+        """Part ``name`` of ``copy`` (read with ``read``), memory-mapped; raises ``CopyUnreadable``."""
+        try:
+            return self._load(copy.files[name])
+        except Exception as err:  # changed on disk since it was read
+            raise CopyUnreadable(f"{self.directory}: part {name!r}: {type(err).__name__}") from None
+
+    def _load(self, file: str) -> dict[str, torch.Tensor]:
+        return torch.load(self.directory / file, mmap=True, weights_only=True, map_location="cpu")
 
     def write(self, state: Mapping[str, torch.Tensor], parts: Mapping[str, Iterable[str]],
               versions: Mapping[str, int], old: StoredCopy | None = None) -> StoredCopy:
         """Store ``parts`` (segment name -> its keys; ``""``: the keys in no segment) of ``state``
         over ``old`` (the copy read before), with ``versions``; atomically (module docstring)."""
+        files = {name: self.write_part(name, {key: state[key] for key in keys}) for name, keys in parts.items()}
+        return self.commit(files, versions, old)
+
+    def write_part(self, name: str, tensors: Mapping[str, torch.Tensor]) -> str:
+        """Write one part (segment ``name``, or ``""``) to a new file; return its name for ``commit``.
+
+        Until ``commit`` names it, the file is no part of the copy (a crash leaves the old one).
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
-        files = dict(old.files) if old is not None else {}
-        for name, keys in parts.items():
-            tensors = {key: _own(state[key]) for key in keys}
-            prefix = "rest" if name == "" else f"seg-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:40]}"
-            final = f"{prefix}-{secrets.token_hex(6)}.pt"
-            _write_atomically(self.directory / final, lambda f, t=tensors: torch.save(t, f))
-            files[name] = final
+        owned = {key: _own(tensor) for key, tensor in tensors.items()}
+        prefix = "rest" if name == "" else f"seg-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:40]}"
+        final = f"{prefix}-{secrets.token_hex(6)}.pt"
+        _write_atomically(self.directory / final, lambda f: torch.save(owned, f))
+        return final
+
+    def commit(self, files: Mapping[str, str], versions: Mapping[str, int], old: StoredCopy | None = None,
+               read_back: bool = True) -> StoredCopy:
+        """Make the parts ``files`` (``write_part``'s, by part name) over ``old``'s the copy, with
+        ``versions``: the manifest replaced last, then the files it no longer names removed.
+
+        Returns the copy read back (memory-mapped), or with ``read_back=False`` its versions
+        and files alone (no tensor: nothing is mapped).
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        files = {**(old.files if old is not None else {}), **files}
         meta = {"format": FORMAT, "versions": dict(versions), "files": files}
         _write_atomically(self.directory / MANIFEST, lambda f: f.write(json.dumps(meta).encode()))
         _sync_directory(self.directory)
@@ -124,6 +163,8 @@ class NodeStore:
                     path.unlink(missing_ok=True)
                 except OSError:  # still mapped where the platform forbids that: next write
                     pass
+        if not read_back:
+            return StoredCopy(dict(versions), {}, files)
         copy = self.read()
         assert copy is not None
         return copy

@@ -280,20 +280,26 @@ def run_fedavg(grid: Grid, config: RunConfig) -> dict[str, Any]:
 
     step_flops = capacities.sizer.step_flops(segments)  # plain cross-entropy: no teacher
     recorder.describe = describe
-    # The same ClientApp as Snake: the window is the whole model and nothing is stale.
-    # FedAvg trains as its community does: plain cross-entropy, never Snake's distillation.
-    # lr-rounds: FedAvg's lr decays over its own rounds (Snake's and split's: num-server-rounds)
-    # Flower's FedAvg averages what it is sent as it is: payloads stay fp32 whatever payload-dtype says
-    train_config = ConfigRecord({**node_message(config), "payload-dtype": "fp32", "kd": "off", "window": segments,
-                                 "sync": "window",
-                                 "lr-rounds": num_rounds,
-                                 "segments-sent": segments, "segment-versions": [0] * len(segments)})
+    train_config = ConfigRecord(fedavg_message(config, segments, num_rounds))
     with recorder.prunable():
         strategy.start(grid=metered, initial_arrays=ArrayRecord(transport_state(model.state_dict())),
                        num_rounds=num_rounds, timeout=config.hop_timeout, train_config=train_config,
                        evaluate_fn=recorder.evaluate_fn)
     return recorder.write([led for led in ledgers if "total-bytes" in led], mode="cs", failures=failures,
                           **attack_record(config, nodes))
+
+
+def fedavg_message(config: RunConfig, segments: list[str], num_rounds: int) -> dict[str, Any]:
+    """The config of FedAvg's messages: the run's node keys, the whole model as the window.
+
+    The same ClientApp as Snake's: the window is every segment and nothing is stale.
+    FedAvg trains as its community does: plain cross-entropy, never Snake's distillation;
+    its lr decays over its own rounds (``lr-rounds``; Snake's and split's over
+    num-server-rounds); Flower's FedAvg averages what it is sent as it is, so payloads
+    stay fp32 whatever ``payload-dtype`` says.
+    """
+    return {**node_message(config), "payload-dtype": "fp32", "kd": "off", "window": segments, "sync": "window",
+            "lr-rounds": num_rounds, "segments-sent": segments, "segment-versions": [0] * len(segments)}
 
 
 def run_split(grid: Grid, config: RunConfig) -> dict[str, Any]:

@@ -44,21 +44,29 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def format_measured(report: dict[str, Any]) -> str:
-    """The report of ``measure.measure`` as a short table, in MiB."""
+    """The report of ``harness.measure.measure`` as a short table, in MiB."""
     opts, mib = report["options"], 2**20
-    snake = report["snake"]
-    lines = [f"{report['model']}: one hop of {opts['steps']} {opts['optimizer']} steps on {opts['batch']} x "
-             f"{opts['seq']} tokens, each strategy in a fresh process (random weights)",
-             f"Snake trains {'+'.join(snake['window'])}, frozen layers held and kept in "
-             f"{snake['frozen_dtype']} (payload {snake['payload_dtype']}); FedAvg trains everything in fp32",
-             f"{'':8}{'baseline':>10}{'peak':>10}{'peak-base':>11}{'ledger':>10}{'ratio':>7}   (MiB)"]
-    for arm in ("fedavg", "snake"):
-        got = report[arm]
-        grown = got["peak_rss_bytes"] - got["baseline_rss_bytes"]
-        lines.append(f"{arm:8}{got['baseline_rss_bytes'] / mib:>10.0f}{got['peak_rss_bytes'] / mib:>10.0f}"
-                     f"{grown / mib:>11.0f}{got['total_bytes'] / mib:>10.0f}{grown / got['total_bytes']:>7.2f}")
-    ratio = report.get("snake_over_fedavg")
-    if ratio:
-        lines.append(f"Snake / FedAvg: {ratio['measured']:.2f} measured (peak - baseline), "
-                     f"{ratio['ledger']:.2f} by the ledger")
+    lines = [f"{report['model']}: the ClientApp on two hops per arm ({opts['steps']} {opts['optimizer']} steps on "
+             f"{opts['batch']} x {opts['seq']} tokens; a chain of {report['nodes']} nodes), each arm in a fresh "
+             "process; grown = peak - baseline; ledger = the node's + the received message",
+             f"{'':13}{'hop':>10}{'baseline':>10}{'peak':>8}{'grown':>8}{'ledger':>8}{'message':>9}"
+             f"{'x ledger':>10}   (MiB)"]
+    for arm, got in report["arms"].items():
+        for hop, fig in got["hops"].items():
+            lines.append(f"{arm:13}{hop:>10}{fig['baseline_rss_bytes'] / mib:>10.0f}{fig['peak_rss_bytes'] / mib:>8.0f}"
+                         f"{fig['grown_bytes'] / mib:>8.0f}{fig['ledger_bytes'] / mib:>8.0f}"
+                         f"{fig['message_bytes'] / mib:>9.0f}{fig['grown_over_ledger']:>10.2f}")
+    for mode in ("full", "lora"):
+        ratio = report["ratios"].get(f"snake_over_fedavg_{mode}")
+        if ratio:
+            lines.append(f"snake-{mode} / fedavg-{mode}: " + "; ".join(
+                f"{hop} grown {r['grown']:.2f}, total peak RSS {r['peak_rss']:.2f}, ledger {r['ledger']:.2f}"
+                for hop, r in ratio.items()))
+    targets, met = report["ratios"]["targets"], report["ratios"]["met"]
+    if "delta_growth" in met:
+        lines.append(f"targets: snake-full / fedavg-full grown <= {targets['delta']} on the delta hop "
+                     f"({'met' if met['delta_growth'] else 'MISSED'}), <= {targets['full-sync']} on the full-sync hop "
+                     f"({'met' if met['full-sync_growth'] else 'MISSED'})")
+    lines.append(f"every hop's growth within {targets['ledger']:.0%} of its ledger: "
+                 f"{'met' if met['growth_within_ledger'] else 'MISSED'}")
     return "\n".join(lines)

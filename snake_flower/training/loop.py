@@ -52,7 +52,11 @@ class LocalWork:
 
     @classmethod
     def from_config(cls, config: dict, kd: bool) -> "LocalWork":
-        """Build from a run-config (kebab-case keys); the lr is this visit's (``lr-decay``)."""
+        """Build from a run-config (kebab-case keys); the lr is this visit's (``lr-decay``).
+
+        ``optimizer`` is no run-config key: a message may carry it (``snake-flower memory
+        --measure --optimizer adam`` does); runs train with SGD.
+        """
         lr = scheduled_lr(float(config["lr"]), int(config.get("server-round", 1)),
                           int(config.get("lr-rounds", config.get("num-server-rounds", 1))),
                           config.get("lr-decay", "none"), float(config.get("lr-floor", 1.0)))
@@ -63,7 +67,8 @@ class LocalWork:
                    kd_weight=float(config["kd-weight"]) if kd else 0.0,
                    kd_temperature=float(config["kd-temperature"]),
                    frozen_dtype=resolve_dtype(str(config.get("frozen-dtype", "fp32")),
-                                              str(config.get("task", ""))))
+                                              str(config.get("task", ""))),
+                   optimizer=str(config.get("optimizer", "sgd")))
 
 
 def scheduled_lr(lr: float, server_round: int, rounds: int, decay: str = "none",

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Top to bottom: a module may import its own layer and the layers below it, never above.
 LAYERS = ["cli", "harness", "simulation", "deploy", "apps", "runtime", "config", "training", "tasks", "segments"]
-APPS = {"server_app", "client_app", "split_client", "node", "node_settings", "node_store", "node_model"}
+APPS = {"server_app", "client_app", "split_client", "node", "node_settings", "node_store", "node_model", "node_copy"}
 
 
 def _modules(package: str) -> dict[str, Path]:

@@ -59,13 +59,18 @@ def test_chunked_loss_holds_one_chunk_of_logits_not_the_batchs(kd, live_bytes):
 
 def _llm_hop(chunked: bool, recompute: bool, kd: float, live_bytes) -> tuple[dict, dict, int]:
     """A Snake hop of a 4-layer tiny OPT, window ``layer00``: three frozen layers above it."""
+    from transformers import AutoModelForCausalLM
+
     from snake_flower.tasks.architectures import load_config
+    from snake_flower.tasks.llm import CausalLMSegments
     from snake_flower.tasks.llm_data import align_tokens
-    from snake_flower.training.measure import build_node_model
 
     config = load_config("tiny-opt")
     config.num_hidden_layers, config.dropout, config.attention_dropout = 4, 0.0, 0.0
-    model = build_node_model(config, torch.float32, "snake", 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CausalLMSegments(AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                                  attn_implementation="sdpa")).train()
     model.chunked_head, model.recompute_frozen = chunked, recompute
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randint(3, 1000, (8, 48), generator=gen), torch.randint(3, 1000, (8, 48), generator=gen)

@@ -1,0 +1,79 @@
+"""A Flower ``Message`` through a file, object by object, as a deployed ClientApp receives it.
+
+In a deployment the SuperNode hands its ``flwr-clientapp`` process a message as Flower's
+deflated objects (the message, its records, each ``Array``), pulled one at a time and
+inflated with Flower's own ``inflate_object_from_contents``, which lets go of each
+object's bytes once inflated. ``write_message`` stores exactly those objects, one after
+the other; ``read_message`` reads them one at a time and inflates them the same way, so a
+process that reads a message holds what a deployed ClientApp holds, and no more: no
+pickle of the whole message, no second copy of the file.
+
+The file is ``b"SFMSG1\\n"``, the root object's id (64 hex digits) and then, per object,
+its id, its length (8 bytes, big-endian) and its deflated bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+MAGIC = b"SFMSG1\n"
+_ID = 64  # a SHA-256 object id, hex
+
+
+class MessageFileError(ValueError):
+    """A message file that is not one (one-line message)."""
+
+
+def write_message(message: Message, path: Path) -> int:
+    """Write ``message``'s deflated objects to ``path``; return their bytes (what travels).
+
+    Each object is deflated, written and let go of before the next, as Flower pushes them.
+    """
+    objects = get_all_nested_objects(message)
+    root = message.object_id
+    total = 0
+    with open(path, "wb") as f:
+        f.write(MAGIC + root.encode())
+        for object_id in list(objects):
+            content = objects.pop(object_id).deflate()
+            f.write(object_id.encode() + len(content).to_bytes(8, "big"))
+            f.write(content)
+            total += len(content)
+            del content
+    return total
+
+
+def read_message(path: Path) -> tuple[Message, int]:
+    """The message in ``path`` (inflated as Flower inflates a pulled one) and its objects' bytes.
+
+    Raises
+    ------
+    MessageFileError
+        If ``path`` is not a message file, or is cut short.
+    """
+    contents: dict[str, bytes] = {}
+    total = 0
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            raise MessageFileError(f"{path}: not a message file")
+        root = f.read(_ID).decode()
+        while head := f.read(_ID + 8):
+            if len(head) != _ID + 8:
+                raise MessageFileError(f"{path}: cut short")
+            size = int.from_bytes(head[_ID:], "big")
+            content = f.read(size)
+            if len(content) != size:
+                raise MessageFileError(f"{path}: cut short")
+            contents[head[:_ID].decode()] = content
+            total += size
+    if root not in contents:
+        raise MessageFileError(f"{path}: its root object is missing")
+    message = inflate_object_from_contents(root, contents)  # each object's bytes go as it is inflated
+    if not isinstance(message, Message):
+        raise MessageFileError(f"{path}: holds a {type(message).__name__}, not a Message")
+    message.metadata.__dict__["_message_id"] = root  # as Flower sets it: the deflated message lacks it
+    return message, total
