@@ -134,17 +134,41 @@ def patches_on(*patches: str) -> bool:
     """
     if stock_flower() or _stock_since:
         return False
+    if (reason := stock_reason(*patches)) is None:
+        return True
+    _stock_since.append(reason)
+    from flwr.supercore import log
+
+    log(WARNING, "%s", degraded(reason))
+    return False
+
+
+def stock_reason(*patches: str) -> str | None:
+    """Why stock Flower would run instead of ``patches`` in this process (one line), or ``None``.
+
+    Only looks: no warning, nothing applied (tests skip with it what needs a patch).
+
+    Parameters
+    ----------
+    patches : str
+        Keys of ``PATCHES``.
+
+    Returns
+    -------
+    str | None
+        ``SNAKE_FLOWER_STOCK_FLOWER=1``, the unchecked version or the changed target; ``None``
+        if every one of ``patches`` may be applied.
+    """
+    if stock_flower():
+        return f"{STOCK_ENV}=1"
+    if _stock_since:
+        return _stock_since[0]
     try:
         for patch in patches:
             check(patch)
     except Exception as err:  # noqa: BLE001 - UncheckedFlower, or an flwr nobody read: stock Flower runs
-        reason = str(err) if isinstance(err, UncheckedFlower) else f"checking flwr failed ({type(err).__name__})"
-        _stock_since.append(reason)
-        from flwr.supercore import log
-
-        log(WARNING, "%s", degraded(reason))
-        return False
-    return True
+        return str(err) if isinstance(err, UncheckedFlower) else f"checking flwr failed ({type(err).__name__})"
+    return None
 
 
 def reset_checks() -> None:
