@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import threading
 import time
@@ -137,9 +138,8 @@ def patches_on(*patches: str) -> bool:
     if (reason := stock_reason(*patches)) is None:
         return True
     _stock_since.append(reason)
-    from flwr.supercore import log
-
-    log(WARNING, "%s", degraded(reason))
+    # Flower's own logger by its name, not through an import of a module that may have moved
+    logging.getLogger("flwr").log(WARNING, "%s", degraded(reason))
     return False
 
 
