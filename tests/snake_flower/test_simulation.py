@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,7 @@ def _pids_matching(*needles: str) -> set[int]:
 
 # A flwr version nobody checked (runtime/flower_patches.py): every patch off, stock Flower, one warning
 UNCHECKED = {FAKE_VERSION_ENV: "1.99.0", STOCK_ENV: ""}
+RUN_TAG = "SNAKE_FLOWER_TEST_RUN"  # read by nothing: marks the environment of one test run
 WARNED = "snake_flower: flwr 1.99.0 is not a version snake_flower's Flower patches were checked against"
 STOCK_FAULT = (f"stock Flower here ({stock_reason('ray-actors')}): the test needs patch_ray_actors; without it "
                "a dead ClientApp actor goes back into Ray's pool and every later hop it is given fails")
@@ -56,21 +58,32 @@ def _simulate(out: Path, overrides: str) -> dict:
     return _simulate_watched(out, overrides)[0]
 
 
+@dataclass
+class Seen:
+    """A process of a run: every command line it showed (Ray's renames itself), its start time,
+    and the ``extra_env`` variables in its environment while it was readable (else ``None``)."""
+
+    commands: str
+    started: int
+    env: dict[str, str] | None
+
+
 def _simulate_watched(out: Path, overrides: str, extra_env: dict[str, str] | None = None
-                      ) -> tuple[dict, str, dict[int, tuple[str, dict[str, str]]]]:
+                      ) -> tuple[dict, str, dict[int, Seen]]:
     """``snake-flower run`` with ``extra_env``: its results, its output, and every process it
-    started (Ray's included) with its command line and the ``extra_env`` variables it got."""
-    env = {**ENV, **(extra_env or {})}
+    started (Ray's included), watched while they live."""
+    # RUN_TAG first: a process that renames itself (setproctitle) overwrites its environment from
+    # the front, so a reading that still holds the tag holds everything after it
+    env = {RUN_TAG: str(out), **ENV, **(extra_env or {})}
     cmd = [sys.executable, "-m", "snake_flower.cli", "run", "--num-supernodes", "3", "--run-config", overrides,
            "--out", str(out)]
-    processes: dict[int, tuple[str, dict[str, str]]] = {}
+    processes: dict[int, Seen] = {}
     with ThreadPoolExecutor(1) as pool:
         done = pool.submit(subprocess.run, cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-        while extra_env and not done.done():  # watch the run's processes while they live
+        while not done.done():
             for cli in _pids_matching("snake_flower.cli", str(out)):
                 for pid in {cli} | _descendants(cli):
-                    if (found := _environment(pid, extra_env)) is not None:  # a Ray worker renames itself
-                        processes[pid] = found
+                    _watch(processes, pid, env, extra_env or {})
             time.sleep(0.2)
         proc = done.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -79,17 +92,33 @@ def _simulate_watched(out: Path, overrides: str, extra_env: dict[str, str] | Non
     return json.loads((out / "snake.json").read_text()), proc.stdout + proc.stderr, processes
 
 
-def _environment(pid: int, names: dict[str, str]) -> tuple[str, dict[str, str]] | None:
-    """``pid``'s command line and its values of the variables ``names`` (None if it is gone)."""
+def _watch(processes: dict[int, Seen], pid: int, env: dict[str, str], names: dict[str, str]) -> None:
+    """Note ``pid``'s command line, start time and, while its environment is intact, its ``names``."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+        started = _started(pid)
+    except (OSError, ValueError):
+        return
+    if not cmd or started is None:  # a zombie, or a process on its way out
+        return
+    seen = processes.get(pid)
+    if seen is None or seen.started != started:  # (a PID reused meanwhile: another process)
+        seen = processes[pid] = Seen("", started, None)
+    if cmd not in seen.commands:
+        seen.commands = f"{seen.commands} | {cmd}"
+    found = dict(item.partition("=")[::2] for item in raw if item)
+    if seen.env is None and found.get(RUN_TAG) == env[RUN_TAG]:
+        seen.env = {name: found[name] for name in names if name in found}
+
+
+def _started(pid: int) -> int | None:
+    """``pid``'s start time (clock ticks after boot), or None if it has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    if not cmd:  # a zombie, or a process on its way out
-        return None
-    env = dict(item.partition("=")[::2] for item in raw if item)
-    return cmd, {name: env[name] for name in names if name in env}
+    return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
 def _plugin_style_sha(loopback, nodes, out: Path, overrides: dict) -> str:
@@ -118,20 +147,22 @@ def _plugin_style_sha(loopback, nodes, out: Path, overrides: dict) -> str:
 
 
 def test_ray_simulation_runs_hops_the_same_patched_or_stock_and_leaves_nothing_behind(tmp_path, loopback, nodes):
-    # only Ray processes of this venv: other checkouts on the machine may run Ray meanwhile
-    before = _pids_matching("ray", str(BIN.parent))
     overrides = "task=synthetic num-server-rounds=5 window=1 local-epochs=2"
-    first, printed, _ = _simulate_watched(tmp_path / "a", overrides)  # patched (unless the suite runs stock)
+    first, printed, patched = _simulate_watched(tmp_path / "a", overrides)  # patched (unless the suite is stock)
     # flwr's version faked to an unchecked one, in every process of the run: stock Flower, one warning
     second, warned, processes = _simulate_watched(tmp_path / "b", overrides, UNCHECKED)
     time.sleep(2)
-    assert _pids_matching("ray", str(BIN.parent)) - before == set()
+    # nothing of either run is left (only their own processes: other sessions may run Ray meanwhile)
+    left = {pid: seen.commands for pid, seen in [*patched.items(), *processes.items()]
+            if _started(pid) == seen.started}
+    assert left == {} and len(patched) > 5 and len(processes) > 5  # (the CLI, Ray's daemons and workers)
     if stock_reason("pickup", "ray-actors") is None:  # (unless the whole suite runs stock)
         assert STOCK_RUNS not in printed  # patched: no warning
     lines = [line for line in warned.splitlines() if "snake_flower:" in line]
     assert len(lines) == 1 and WARNED in lines[0] and STOCK_RUNS in lines[0], lines  # one line, once
-    actors = [cmd for cmd, _ in processes.values() if "ClientAppActor" in cmd]
-    assert actors and [cmd for cmd, got in processes.values() if got != UNCHECKED] == []  # Ray's workers too
+    read = {seen.commands: seen.env for seen in processes.values() if seen.env is not None}
+    assert {cmd: env for cmd, env in read.items() if env != UNCHECKED} == {}  # every process read had it ...
+    assert [cmd for cmd in read if "ClientAppActor" in cmd]  # ... Ray's workers too
 
     rows = first["rounds"]
     assert [r["status"] for r in rows] == ["merged"] * 5
