@@ -17,7 +17,6 @@ from snake_flower.config import (
     parse_overrides,
     resolve,
 )
-from snake_flower.runtime.flower_patches import check as check_flower
 from snake_flower.tasks.data import DataError, partition_from_config
 
 
@@ -262,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = {"compare": lambda: args.strategies.split(","), "tune": lambda: [args.strategy]}
         configs = resolve_runs(args, names[args.command]() if args.command in names else None)
-        check_flower("pickup")  # an untested flwr: a one-line error (SNAKE_FLOWER_STOCK_FLOWER=1 runs it)
         if args.command == "tune":
             from snake_flower.harness.tune import parse_grid, run_tuning
 

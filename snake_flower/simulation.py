@@ -30,11 +30,12 @@ def simulate(config: RunConfig, num_supernodes: int, parallel: int = 0, ray_addr
     from flwr.simulation import run_simulation
 
     from snake_flower.client_app import app as client_app
-    from snake_flower.runtime.flower_patches import patch_pickup, patch_ray_actors
+    from snake_flower.runtime.flower_patches import patch_pickup, patch_ray_actors, patches_on
     from snake_flower.server_app import make_server_app
 
-    patch_pickup()  # split learning waits on every batch's round trip (see runtime/flower_patches.py)
-    patch_ray_actors()  # a ClientApp actor that dies costs its hop, not every later one
+    if patches_on("pickup", "ray-actors"):  # else stock Flower, after one warning line (runtime/flower_patches.py)
+        patch_pickup()  # split learning waits on every batch's round trip
+        patch_ray_actors()  # a ClientApp actor that dies costs its hop, not every later one
 
     if ray_address:  # an attaching ray.init takes no resources: the cluster has them
         init_args: dict[str, Any] = {"address": ray_address, "logging_level": "ERROR"}

@@ -182,12 +182,15 @@ class LoopbackDeployment:
 
     def wait_until_warm(self, name: str, timeout: float = WARM_TIMEOUT_S) -> None:
         """Wait until the launcher node ``name``'s forkserver has preloaded torch, the app and
-        its data (its SuperExec prints ``warm_executor.READY``); fail if the node exits."""
+        its data (its SuperExec prints ``warm_executor.READY``), or until the launcher said that
+        stock Flower runs (``flower_patches.STOCK_RUNS``: patches off); fail if the node exits."""
         from snake_flower.deploy.warm_executor import READY
+        from snake_flower.runtime.flower_patches import STOCK_RUNS
 
         deadline, proc, log = time.monotonic() + timeout, self.family.popens[name], self.family.log_path(name)
         while time.monotonic() < deadline:
-            if READY in log.read_text(errors="replace"):
+            text = log.read_text(errors="replace")
+            if READY in text or STOCK_RUNS in text:
                 return
             if proc.poll() is not None:
                 raise DeploymentError(f"{name} exited with code {proc.returncode} before its forkserver "

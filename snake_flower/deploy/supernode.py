@@ -10,9 +10,11 @@ ClientApp's reply (0.5 s, looks at its own memory) at 5 ms, and the object-pull 
 from 0.02 to 0.05 s instead of from 1 to 10 s (``runtime/flower_patches.py``); the SuperExec
 polls for tasks at ``--poll-interval`` (Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
 
-The patches hold only for the flwr versions in ``runtime/flower_fingerprints.py``; with
-any other the launcher stops with a one-line error, and ``--stock`` runs plain
-``flower-supernode`` with the same arguments.
+The patches hold only for the flwr versions in ``runtime/flower_fingerprints.py``. With any
+other (or a changed patched function) the launcher logs one warning line and runs stock
+``flower-supernode`` with the same arguments, as ``--stock`` and ``SNAKE_FLOWER_STOCK_FLOWER=1``
+do: the warm SuperExec reaches Flower only through a patch (``patch_executor``), so its
+forkserver and preloading go with the patches.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from collections.abc import Sequence
 
 from snake_flower.config import ConfigError, parse_overrides, resolve
 from snake_flower.node_settings import node_settings
-from snake_flower.runtime.flower_patches import check, patch_object_pulls, patch_supernode_sleeps
+from snake_flower.runtime.flower_patches import (
+    STOCK_ENV,
+    STOCK_RUNS,
+    patch_object_pulls,
+    patch_supernode_sleeps,
+    patches_on,
+    stock_flower,
+)
 
 POLL_RANGE = (0.01, 3.0)  # Flower's own SuperExec poll accepts 0.01-60 s; the SuperNode's idle poll is 3 s
 SUPEREXEC_START_TIMEOUT_S = 120.0
@@ -128,10 +137,14 @@ def _start_superexec_when_listening(command: list[str], env: dict[str, str], add
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run the launcher; returns an exit code (2: bad arguments or an unchecked flwr)."""
+    """Run the launcher; returns an exit code (2: bad arguments).
+
+    With ``--stock``, ``SNAKE_FLOWER_STOCK_FLOWER=1`` or a flwr the patches were not checked
+    against (after one warning line), Flower's own SuperNode runs with the other arguments.
+    """
     args, flower_argv = _parser().parse_known_args(list(argv))
     if args.stock:  # Flower's own SuperNode, SuperExec and flwr-clientapp: nothing of ours runs in them
-        return _run_flower_supernode(flower_argv)
+        return _run_stock(flower_argv, "--stock")
     if any(arg == "--isolation" or arg.startswith("--isolation=") for arg in flower_argv):
         print("snake-flower supernode: error: --isolation: the launcher runs its own SuperExec "
               "(isolation process); drop it, or add --stock", file=sys.stderr)
@@ -145,12 +158,10 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as err:
         print(f"snake-flower supernode: error: --warm-config: {err}", file=sys.stderr)
         return 2
-    try:
-        for patch in ("supernode-sleeps", "object-pulls", "executor"):
-            check(patch)
-    except ConfigError as err:  # UncheckedFlower
-        print(f"snake-flower supernode: error: {err}", file=sys.stderr)
-        return 2
+    if stock_flower():
+        return _run_stock(flower_argv, f"{STOCK_ENV}=1")
+    if not patches_on("supernode-sleeps", "object-pulls", "executor"):  # it warned, in one line
+        return _run_flower_supernode(flower_argv)  # (its argument parser is a patched function too)
     flower = _flower_args(flower_argv)
     if (error := _node_config_error(flower.node_config)) is not None:  # it would fail every hop
         print(f"snake-flower supernode: error: {error}", file=sys.stderr)
@@ -164,6 +175,12 @@ def main(argv: Sequence[str]) -> int:
     patch_supernode_sleeps(args.poll_interval)
     patch_object_pulls()
     return _run_flower_supernode([*flower_argv, "--isolation", "process"])
+
+
+def _run_stock(flower_argv: Sequence[str], why: str) -> int:
+    """Flower's own SuperNode, after one line that says so (``why``: who asked)."""
+    print(f"snake-flower supernode: {why}: {STOCK_RUNS} (flower-supernode, no patch)", file=sys.stderr, flush=True)
+    return _run_flower_supernode(flower_argv)
 
 
 def _run_flower_supernode(flower_argv: Sequence[str]) -> int:

@@ -122,15 +122,18 @@ class ForkExecutor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``flower-superexec`` with ``ForkExecutor``; its forkserver warms up first."""
+    """``flower-superexec`` with ``ForkExecutor``; its forkserver warms up first.
+
+    If the executor may not be patched in (stock Flower asked for, or an unchecked flwr:
+    ``runtime/flower_patches.py``), this is Flower's own ``flower-superexec`` and no forkserver starts.
+    """
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     from snake_flower.runtime.flower_patches import patch_executor
 
     executor = ForkExecutor()
-    if not patch_executor(executor):
-        sys.exit("snake_flower.deploy.warm_executor: stock Flower was asked for; run flower-superexec")
-    executor.start()
+    if patch_executor(executor):
+        executor.start()
     sys.argv = ["flower-superexec", *(sys.argv[1:] if argv is None else argv)]
     flower_superexec()
 

@@ -19,9 +19,13 @@ Flower's deployment runtime waits in places no flag reaches (flwr 1.41.0 and 1.4
 
 Each ``patch_*`` function below changes exactly one of these in the calling process, after
 checking that the installed flwr is a version in ``CHECKED`` whose patched functions still
-have the recorded signature and source (``flower_fingerprints``). Anything else stops with
-a one-line ``UncheckedFlower`` error that names the way out: ``SNAKE_FLOWER_STOCK_FLOWER=1``
-(or ``snake-flower supernode --stock``) runs stock Flower and makes every patch a no-op.
+have the recorded signature and source (``flower_fingerprints``). Patches degrade, they never
+break: on any other flwr, or if one target changed, the process logs one warning line
+(``degraded``: the version, the reason, what is lost) and from then on every patch in it is
+a no-op and stock Flower runs, slower and with the dead-actor fault. ``SNAKE_FLOWER_STOCK_FLOWER=1``
+(or ``snake-flower supernode --stock``) asks for stock Flower outright, without the warning.
+``SNAKE_FLOWER_FAKE_FLWR_VERSION`` makes ``flwr_version`` report another version, for tests;
+like any environment variable it reaches every process a run starts.
 ``tests/snake_flower/runtime/test_flower_patches.py`` fails as soon as one changes.
 """
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import threading
 import time
@@ -45,6 +50,14 @@ from snake_flower.runtime.flower_fingerprints import CHECKED
 
 STOCK_ENV = "SNAKE_FLOWER_STOCK_FLOWER"
 """Set to ``1`` to run stock Flower: every patch here becomes a no-op."""
+FAKE_VERSION_ENV = "SNAKE_FLOWER_FAKE_FLWR_VERSION"
+"""For tests: the flwr version ``flwr_version`` reports instead of the installed one."""
+STOCK_RUNS = "stock Flower runs"
+"""What a process that runs stock Flower says, in its warning or its note (``deploy/loopback.py`` waits for it)."""
+LOST = ("slower hops (Flower's 0.1 s simulation pickup, 3 s SuperNode polls, 1-10 s object-pull back-off "
+        "and a fresh flwr-clientapp per message) and, in the Ray simulation, the replacement of a dead "
+        "ClientApp actor (Flower gives it every later message, and those hops fail)")
+"""What stock Flower costs: the latency the patches buy, and the fault ``patch_ray_actors`` fixes."""
 PICKUP_FIRST_WAIT, PICKUP_MAX_WAIT = 0.001, 0.02
 # Flower's: 1 s doubling to 10 s, 500 tries an object (about 80 min). A cap of 50 ms overshoots
 # an object's arrival by 50 ms at most; without a limit on tries, Flower's max_time (2 h) bounds it.
@@ -83,14 +96,85 @@ class UncheckedFlower(ConfigError):
     """The installed flwr is not one these patches were checked against (a one-line message)."""
 
 
+_stock_since: list[str] = []  # why this process runs stock Flower, once a check failed (warned once)
+
+
 def stock_flower() -> bool:
     """Does the environment ask for stock Flower (``SNAKE_FLOWER_STOCK_FLOWER=1``)?"""
     return os.environ.get(STOCK_ENV, "") not in ("", "0")
 
 
 def flwr_version() -> str:
-    """The installed flwr's version."""
-    return version("flwr")
+    """The installed flwr's version, or ``SNAKE_FLOWER_FAKE_FLWR_VERSION`` if set (tests)."""
+    return os.environ.get(FAKE_VERSION_ENV) or version("flwr")
+
+
+def degraded(reason: str) -> str:
+    """The one warning line of a process whose patches are off because of ``reason``."""
+    return (f"snake_flower: {reason}, so every Flower patch is off and {STOCK_RUNS}; lost: {LOST} "
+            f"(set {STOCK_ENV}=1 to run stock Flower without this warning)")
+
+
+def patches_on(*patches: str) -> bool:
+    """May this process apply ``patches``? ``False``: stock Flower runs, and every patch is a no-op.
+
+    ``False`` if stock Flower was asked for (``SNAKE_FLOWER_STOCK_FLOWER=1``), and, after one
+    warning line (``degraded``), if the installed flwr or a target of one of ``patches`` is not
+    as recorded; from then on every patch of this process is off, not only those. Never raises.
+
+    Parameters
+    ----------
+    patches : str
+        Keys of ``PATCHES`` the caller is about to apply; check them all before applying any,
+        so that none is applied when one would be refused.
+
+    Returns
+    -------
+    bool
+        Whether the patches may be applied.
+    """
+    if stock_flower() or _stock_since:
+        return False
+    if (reason := stock_reason(*patches)) is None:
+        return True
+    _stock_since.append(reason)
+    # Flower's own logger by its name, not through an import of a module that may have moved
+    logging.getLogger("flwr").log(WARNING, "%s", degraded(reason))
+    return False
+
+
+def stock_reason(*patches: str) -> str | None:
+    """Why stock Flower would run instead of ``patches`` in this process (one line), or ``None``.
+
+    Only looks: no warning, nothing applied (tests skip with it what needs a patch).
+
+    Parameters
+    ----------
+    patches : str
+        Keys of ``PATCHES``.
+
+    Returns
+    -------
+    str | None
+        ``SNAKE_FLOWER_STOCK_FLOWER=1``, the unchecked version or the changed target; ``None``
+        if every one of ``patches`` may be applied.
+    """
+    if stock_flower():
+        return f"{STOCK_ENV}=1"
+    if _stock_since:
+        return _stock_since[0]
+    try:
+        for patch in patches:
+            check(patch)
+    except Exception as err:  # noqa: BLE001 - UncheckedFlower, or an flwr nobody read: stock Flower runs
+        return str(err) if isinstance(err, UncheckedFlower) else f"checking flwr failed ({type(err).__name__})"
+    return None
+
+
+def reset_checks() -> None:
+    """Forget every check of this process and its verdict (for tests)."""
+    _check.cache_clear()
+    _stock_since.clear()
 
 
 def resolve_ref(ref: str) -> Any:
@@ -112,30 +196,31 @@ def fingerprint(ref: str) -> str:
 
 
 def check(patch: str) -> None:
-    """Raise ``UncheckedFlower`` unless ``patch``'s targets are exactly as recorded
-    (or stock Flower was asked for)."""
+    """Raise ``UncheckedFlower`` (one line: the version, what differs) unless ``patch``'s targets
+    are exactly as recorded (or stock Flower was asked for); ``patches_on`` turns it into a warning."""
     if not stock_flower():
         _check(patch, flwr_version())
 
 
 @lru_cache(maxsize=None)
 def _check(patch: str, installed: str) -> None:
-    way_out = f"set {STOCK_ENV}=1 (snake-flower supernode --stock) to run stock Flower"
     if installed not in CHECKED:
         raise UncheckedFlower(f"flwr {installed} is not a version snake_flower's Flower patches were "
-                              f"checked against ({', '.join(sorted(CHECKED))}); {way_out}")
+                              f"checked against ({', '.join(sorted(CHECKED))})")
     for ref in PATCHES[patch]:
         try:
             found = fingerprint(ref)
-        except (ImportError, AttributeError, OSError, TypeError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - gone, moved, or unreadable: not what was checked
             found = f"unreadable ({type(err).__name__})"
         if found != CHECKED[installed][ref]:
             raise UncheckedFlower(f"flwr {installed}: {ref} is not the one patch {patch!r} was checked "
-                                  f"against ({_difference(found, CHECKED[installed][ref])}); {way_out}")
+                                  f"against ({_difference(found, CHECKED[installed][ref])})")
 
 
 def _difference(found: str, recorded: str) -> str:
     """Which part of a fingerprint changed, briefly."""
+    if found.startswith("unreadable"):
+        return f"it is {found}"
     (signature, _, source), (was_signature, _, was_source) = found.rpartition(" "), recorded.rpartition(" ")
     if signature != was_signature:
         return "its signature or value changed"
@@ -143,9 +228,8 @@ def _difference(found: str, recorded: str) -> str:
 
 
 def _apply(patch: str, apply: Callable[[], None], what: str) -> bool:
-    if stock_flower():
+    if not patches_on(patch):
         return False
-    check(patch)
     apply()
     from flwr.supercore import log
 

@@ -9,9 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from snake_flower.runtime.flower_patches import FAKE_VERSION_ENV, STOCK_ENV, STOCK_RUNS, stock_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -42,14 +46,79 @@ def _pids_matching(*needles: str) -> set[int]:
     return found
 
 
+# A flwr version nobody checked (runtime/flower_patches.py): every patch off, stock Flower, one warning
+UNCHECKED = {FAKE_VERSION_ENV: "1.99.0", STOCK_ENV: ""}
+RUN_TAG = "SNAKE_FLOWER_TEST_RUN"  # read by nothing: marks the environment of one test run
+WARNED = "snake_flower: flwr 1.99.0 is not a version snake_flower's Flower patches were checked against"
+STOCK_FAULT = (f"stock Flower here ({stock_reason('ray-actors')}): the test needs patch_ray_actors; without it "
+               "a dead ClientApp actor goes back into Ray's pool and every later hop it is given fails")
+
+
 def _simulate(out: Path, overrides: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "snake_flower.cli", "run", "--num-supernodes", "3",
-                           "--run-config", overrides, "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
+    return _simulate_watched(out, overrides)[0]
+
+
+@dataclass
+class Seen:
+    """A process of a run: every command line it showed (Ray's renames itself), its start time,
+    and the ``extra_env`` variables in its environment while it was readable (else ``None``)."""
+
+    commands: str
+    started: int
+    env: dict[str, str] | None
+
+
+def _simulate_watched(out: Path, overrides: str, extra_env: dict[str, str] | None = None
+                      ) -> tuple[dict, str, dict[int, Seen]]:
+    """``snake-flower run`` with ``extra_env``: its results, its output, and every process it
+    started (Ray's included), watched while they live."""
+    # RUN_TAG first: a process that renames itself (setproctitle) overwrites its environment from
+    # the front, so a reading that still holds the tag holds everything after it
+    env = {RUN_TAG: str(out), **ENV, **(extra_env or {})}
+    cmd = [sys.executable, "-m", "snake_flower.cli", "run", "--num-supernodes", "3", "--run-config", overrides,
+           "--out", str(out)]
+    processes: dict[int, Seen] = {}
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(subprocess.run, cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+        while not done.done():
+            for cli in _pids_matching("snake_flower.cli", str(out)):
+                for pid in {cli} | _descendants(cli):
+                    _watch(processes, pid, env, extra_env or {})
+            time.sleep(0.2)
+        proc = done.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "snake: accuracy" in proc.stdout
     assert (out / "snake.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return json.loads((out / "snake.json").read_text())
+    return json.loads((out / "snake.json").read_text()), proc.stdout + proc.stderr, processes
+
+
+def _watch(processes: dict[int, Seen], pid: int, env: dict[str, str], names: dict[str, str]) -> None:
+    """Note ``pid``'s command line, start time and, while its environment is intact, its ``names``."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+        started = _started(pid)
+    except (OSError, ValueError):
+        return
+    if not cmd or started is None:  # a zombie, or a process on its way out
+        return
+    seen = processes.get(pid)
+    if seen is None or seen.started != started:  # (a PID reused meanwhile: another process)
+        seen = processes[pid] = Seen("", started, None)
+    if cmd not in seen.commands:
+        seen.commands = f"{seen.commands} | {cmd}"
+    found = dict(item.partition("=")[::2] for item in raw if item)
+    if seen.env is None and found.get(RUN_TAG) == env[RUN_TAG]:
+        seen.env = {name: found[name] for name in names if name in found}
+
+
+def _started(pid: int) -> int | None:
+    """``pid``'s start time (clock ticks after boot), or None if it has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
 def _plugin_style_sha(loopback, nodes, out: Path, overrides: dict) -> str:
@@ -77,21 +146,30 @@ def _plugin_style_sha(loopback, nodes, out: Path, overrides: dict) -> str:
     return json.loads((out / "snake.json").read_text())["final"]["model_sha256"]
 
 
-def test_ray_simulation_runs_hops_and_leaves_nothing_behind(tmp_path, loopback, nodes):
-    # only Ray processes of this venv: other checkouts on the machine may run Ray meanwhile
-    before = _pids_matching("ray", str(BIN.parent))
+def test_ray_simulation_runs_hops_the_same_patched_or_stock_and_leaves_nothing_behind(tmp_path, loopback, nodes):
     overrides = "task=synthetic num-server-rounds=5 window=1 local-epochs=2"
-    first = _simulate(tmp_path / "a", overrides)
-    second = _simulate(tmp_path / "b", overrides)
+    first, printed, patched = _simulate_watched(tmp_path / "a", overrides)  # patched (unless the suite is stock)
+    # flwr's version faked to an unchecked one, in every process of the run: stock Flower, one warning
+    second, warned, processes = _simulate_watched(tmp_path / "b", overrides, UNCHECKED)
     time.sleep(2)
-    assert _pids_matching("ray", str(BIN.parent)) - before == set()
+    # nothing of either run is left (only their own processes: other sessions may run Ray meanwhile)
+    left = {pid: seen.commands for pid, seen in [*patched.items(), *processes.items()]
+            if _started(pid) == seen.started}
+    assert left == {} and len(patched) > 5 and len(processes) > 5  # (the CLI, Ray's daemons and workers)
+    if stock_reason("pickup", "ray-actors") is None:  # (unless the whole suite runs stock)
+        assert STOCK_RUNS not in printed  # patched: no warning
+    lines = [line for line in warned.splitlines() if "snake_flower:" in line]
+    assert len(lines) == 1 and WARNED in lines[0] and STOCK_RUNS in lines[0], lines  # one line, once
+    read = {seen.commands: seen.env for seen in processes.values() if seen.env is not None}
+    assert {cmd: env for cmd, env in read.items() if env != UNCHECKED} == {}  # every process read had it ...
+    assert [cmd for cmd in read if "ClientAppActor" in cmd]  # ... Ray's workers too
 
     rows = first["rounds"]
     assert [r["status"] for r in rows] == ["merged"] * 5
     assert len({n for r in rows for n in r["nodes"]}) == 3
     assert sorted({p for r in rows for p in r["partitions"]}) == [0, 1, 2]
     assert all(r["bytes_up"] < first["final"]["model_bytes"] / 2 for r in rows)
-    assert first["final"]["model_sha256"] == second["final"]["model_sha256"]
+    assert first["final"]["model_sha256"] == second["final"]["model_sha256"]  # stock Flower: the same model
     # one node implementation: a plugin-style make_client_app trains the same model bit for bit
     plugin = {"task": "synthetic", "num-server-rounds": 5, "window": 1, "local-epochs": 2}
     assert _plugin_style_sha(loopback, nodes, tmp_path / "plugin", plugin) == first["final"]["model_sha256"]
@@ -173,6 +251,7 @@ def test_run_killed_half_way_resumes_to_the_same_model(tmp_path):
     assert resumed["failures"] == []
 
 
+@pytest.mark.skipif(stock_reason("ray-actors") is not None, reason=STOCK_FAULT)
 def test_chaos_run_in_ray_records_failed_hops_and_the_node_that_left(tmp_path):
     result = _simulate(tmp_path, "task=synthetic num-server-rounds=10 window=1 fail-rate=0.3 "
                                  "leave-round=5 leave-partition=1 crash-round=3 hop-timeout=60")

@@ -22,7 +22,7 @@ from snake_flower.deploy.loopback import DeploymentError, LoopbackDeployment
 from snake_flower.deploy.processes import alive
 from snake_flower.deploy.warm_executor import READY, clientapp_argv
 from snake_flower.runtime import flower_patches
-from snake_flower.runtime.flower_patches import STOCK_ENV
+from snake_flower.runtime.flower_patches import FAKE_VERSION_ENV, STOCK_ENV, STOCK_RUNS
 
 flower_supernode = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the module, not its function
 NODE = ["--superlink", "10.0.0.1:9200", "--port", "9301", "--node-config", "partition-id=1 num-partitions=3"]
@@ -33,7 +33,8 @@ def no_supernode(monkeypatch):
     """Record what Flower's SuperNode would have been started with, instead of starting it."""
     calls = []
     monkeypatch.delenv(STOCK_ENV, raising=False)
-    flower_patches._check.cache_clear()
+    monkeypatch.delenv(FAKE_VERSION_ENV, raising=False)
+    flower_patches.reset_checks()
     for patch in ("supernode-sleeps", "object-pulls", "executor"):  # checked before the stand-ins go in
         flower_patches.check(patch)
     monkeypatch.setattr(flower_supernode, "flower_supernode", lambda: calls.append(list(sys.argv)))
@@ -42,7 +43,7 @@ def no_supernode(monkeypatch):
     monkeypatch.setattr(supernode.threading, "Thread", lambda **kw: calls.append(["superexec", *kw["args"]])
                         or type("T", (), {"start": lambda self: None})())
     yield calls
-    flower_patches._check.cache_clear()
+    flower_patches.reset_checks()
 
 
 def test_every_flower_argument_passes_through_with_process_isolation(no_supernode):
@@ -97,14 +98,24 @@ def test_a_bad_node_config_stops_the_launcher_in_one_line(no_supernode, capsys, 
     assert "\n" not in printed and no_supernode == []
 
 
-def test_an_unchecked_flwr_version_stops_the_launcher_in_one_line(no_supernode, capsys, monkeypatch):
-    monkeypatch.setattr(flower_patches, "flwr_version", lambda: "1.43.0")
-    assert cli.main(["supernode", *NODE, "--insecure"]) == 2
-    printed = capsys.readouterr().err.strip()
-    assert printed == ("snake-flower supernode: error: flwr 1.43.0 is not a version snake_flower's Flower "
-                       "patches were checked against (1.41.0, 1.42.0); set SNAKE_FLOWER_STOCK_FLOWER=1 "
-                       "(snake-flower supernode --stock) to run stock Flower")
-    assert no_supernode == []
+def test_an_unchecked_flwr_version_runs_stock_flower_supernode_after_one_warning(no_supernode, monkeypatch,
+                                                                                 caplog):
+    monkeypatch.setenv(FAKE_VERSION_ENV, "1.43.0")
+    assert cli.main(["supernode", *NODE, "--insecure"]) == 0  # it starts: Flower's own node, no patch
+    assert no_supernode == [["flower-supernode", *NODE, "--insecure"]]  # no sleeps, pulls or warm SuperExec
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [flower_patches.degraded("flwr 1.43.0 is not a version snake_flower's Flower patches "
+                                                "were checked against (1.41.0, 1.42.0)")]
+
+
+def test_asking_for_stock_flower_runs_flower_supernode_with_a_note(no_supernode, monkeypatch, caplog, capsys):
+    monkeypatch.setenv(STOCK_ENV, "1")
+    monkeypatch.setenv(FAKE_VERSION_ENV, "1.43.0")  # any version
+    assert supernode.main([*NODE, "--insecure"]) == 0
+    assert no_supernode == [["flower-supernode", *NODE, "--insecure"]]
+    assert capsys.readouterr().err == (f"snake-flower supernode: {STOCK_ENV}=1: {STOCK_RUNS} "
+                                       "(flower-supernode, no patch)\n")  # what wait_until_warm waits for
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
 
 
 def test_stock_runs_flower_supernode_unpatched(no_supernode, monkeypatch):

@@ -2,7 +2,8 @@
 
 The simulation engine's quicker message pickup: same messages, same order, less waiting.
 The SuperNode's capped sleeps and the object-pull back-off. A changed signature, source or
-constant, or an unrecorded flwr version, stops every patch with a one-line error.
+constant, or an unrecorded flwr version, turns every patch off after one warning line, and
+stock Flower runs.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from queue import Queue
 
 import pytest
 from flwr.server.superlink.fleet.vce import vce_api
+from flwr.simulation.ray_transport import ray_actor
 from flwr.supercore import constant
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.supernode import start_client_internal
 
-from snake_flower import cli
 from snake_flower.runtime import flower_patches
 from snake_flower.runtime.flower_fingerprints import CHECKED
 from snake_flower.runtime.flower_patches import (
+    FAKE_VERSION_ENV,
     PATCHES,
     LOCAL_WAIT,
     PICKUP_MAX_WAIT,
     STOCK_ENV,
+    STOCK_RUNS,
     CappedTime,
     UncheckedFlower,
     add_messages_to_queue_quickly,
@@ -33,7 +36,9 @@ from snake_flower.runtime.flower_patches import (
     fingerprint,
     patch_object_pulls,
     patch_pickup,
+    patch_ray_actors,
     patch_supernode_sleeps,
+    patches_on,
 )
 
 PULLERS = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
@@ -43,12 +48,29 @@ PULLERS = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_obje
 def fresh_checks(monkeypatch):
     """Each test checks afresh, with stock Flower not asked for; patched functions are restored."""
     monkeypatch.delenv(STOCK_ENV, raising=False)
+    monkeypatch.delenv(FAKE_VERSION_ENV, raising=False)
     for function in PULLERS:
         monkeypatch.setattr(function, "__kwdefaults__", dict(function.__kwdefaults__))
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
-    flower_patches._check.cache_clear()
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    monkeypatch.setattr(ray_actor.BasicActorPool, "fetch_result_and_return_actor_to_pool",
+                        ray_actor.BasicActorPool.fetch_result_and_return_actor_to_pool)
+    flower_patches.reset_checks()
     yield
-    flower_patches._check.cache_clear()
+    flower_patches.reset_checks()
+
+
+def warnings_logged(caplog) -> list[str]:
+    """Every warning line Flower's logger got (where ``patches_on`` writes)."""
+    return [r.getMessage() for r in caplog.records if r.name == "flwr" and r.levelname == "WARNING"]
+
+
+def flower_untouched() -> bool:
+    """Are the functions and modules the patches change still Flower's own?"""
+    return (all(f.__kwdefaults__["initial_backoff"] == 1 for f in PULLERS) and start_client_internal.time is time
+            and vce_api.add_messages_to_queue is not add_messages_to_queue_quickly
+            and ray_actor.BasicActorPool.fetch_result_and_return_actor_to_pool
+            is not flower_patches.fetch_result_replacing_dead_actors)
 
 
 class FakeState:
@@ -150,8 +172,7 @@ def test_one_pass_over_the_messages_hands_out_what_flowers_per_node_asks_do(monk
     assert handed_out(flower_patches._undelivered, state, nodes[1:])[0] == [(0, 0), (2, 0)]
 
 
-def test_quick_pickup_replaces_the_engines_loop(monkeypatch):
-    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+def test_quick_pickup_replaces_the_engines_loop():
     assert patch_pickup()
     assert vce_api.add_messages_to_queue is add_messages_to_queue_quickly
 
@@ -166,22 +187,26 @@ def test_the_installed_flower_is_exactly_as_recorded():
     assert recorded["flwr.supercore.constant:PULL_INITIAL_BACKOFF"] == "1"  # what the patch lowers
 
 
-def test_a_changed_constant_or_signature_stops_the_patch(monkeypatch):
+def test_a_changed_constant_or_signature_turns_every_patch_off_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(constant, "PULL_BACKOFF_CAP", 30)
     with pytest.raises(UncheckedFlower, match="PULL_BACKOFF_CAP"):
         check("object-pulls")
-    flower_patches._check.cache_clear()
+    flower_patches.reset_checks()
+    monkeypatch.setattr(constant, "PULL_BACKOFF_CAP", 10)
 
     def _push_messages(state, object_store, send, push_object, poll=0.5):  # one argument more
         del state, object_store, send, push_object, poll
     monkeypatch.setattr(start_client_internal, "_push_messages", _push_messages)
-    with pytest.raises(UncheckedFlower, match="_push_messages") as err:
-        patch_supernode_sleeps(0.1)
-    assert start_client_internal.time is time  # nothing was patched
-    assert "SNAKE_FLOWER_STOCK_FLOWER=1" in str(err.value)
+    assert not patch_supernode_sleeps(0.1)
+    assert not patch_object_pulls() and not patch_pickup()  # unchanged targets, but every patch is off
+    assert flower_untouched()
+    [warning] = warnings_logged(caplog)
+    assert warning.startswith("snake_flower: flwr 1.42.0: flwr.supernode.start_client_internal:_push_messages "
+                              "is not the one patch 'supernode-sleeps' was checked against (its signature")
+    assert STOCK_RUNS in warning and "\n" not in warning
 
 
-def test_the_same_signature_with_another_body_stops_the_patch(monkeypatch):
+def test_the_same_signature_with_another_body_turns_the_patches_off(monkeypatch, caplog):
     original = inflatable_utils.pull_objects
 
     def pull_objects(*args, **kwargs):
@@ -189,23 +214,48 @@ def test_the_same_signature_with_another_body_stops_the_patch(monkeypatch):
     pull_objects.__signature__ = inspect.signature(original)  # the very same signature
     monkeypatch.setattr(inflatable_utils, "pull_objects", pull_objects)
     with pytest.raises(UncheckedFlower, match="pull_objects.*its source changed: sha256:"):
-        patch_object_pulls()
+        check("object-pulls")
+    assert not patch_object_pulls()
+    [warning] = warnings_logged(caplog)
+    assert "pull_objects is not the one patch 'object-pulls' was checked against (its source changed" in warning
 
 
-def test_an_unchecked_flwr_version_is_a_one_line_error(monkeypatch, capsys):
-    monkeypatch.setattr(flower_patches, "flwr_version", lambda: "1.99.0")
+def test_an_unchecked_flwr_version_runs_stock_flower_after_one_warning_line(monkeypatch, caplog):
+    monkeypatch.setenv(FAKE_VERSION_ENV, "1.99.0")  # the hook the run's other processes inherit
+    assert flower_patches.flwr_version() == "1.99.0"
     for patch in PATCHES:
         with pytest.raises(UncheckedFlower) as err:
             check(patch)
-        message = str(err.value)
-        assert "\n" not in message and "flwr 1.99.0" in message and "1.41.0, 1.42.0" in message
-        assert STOCK_ENV in message
-    assert cli.main(["run", "--run-config", "task=synthetic", "--out", "/nonexistent"]) == 2
-    printed = capsys.readouterr().err.strip()
-    assert printed.startswith("snake-flower: error: flwr 1.99.0 is not a version") and "\n" not in printed
-    monkeypatch.setenv(STOCK_ENV, "1")  # the way out: stock Flower, no patch, no check
+        assert str(err.value) == ("flwr 1.99.0 is not a version snake_flower's Flower patches were checked "
+                                  "against (1.41.0, 1.42.0)")
+    assert not patches_on("pickup", "ray-actors")
+    assert not patch_pickup() and not patch_ray_actors() and not patch_object_pulls()
+    assert not patch_supernode_sleeps(0.1) and not flower_patches.patch_executor(object())
+    assert flower_untouched()
+    [warning] = warnings_logged(caplog)  # one line for the whole process, not one per patch
+    assert warning == flower_patches.degraded("flwr 1.99.0 is not a version snake_flower's Flower patches were "
+                                              "checked against (1.41.0, 1.42.0)")
+    assert "\n" not in warning and "1-10 s object-pull back-off" in warning  # the latency lost ...
+    assert "replacement of a dead ClientApp actor" in warning  # ... and the fault patch_ray_actors fixes
+
+
+def test_asking_for_stock_flower_turns_every_patch_off_without_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv(FAKE_VERSION_ENV, "1.99.0")
+    monkeypatch.setenv(STOCK_ENV, "1")  # the way to say it: stock Flower, no patch, no check
     check("pickup")
-    assert not patch_object_pulls()
+    assert not patches_on(*PATCHES) and not patch_pickup() and not patch_object_pulls()
+    assert flower_untouched() and warnings_logged(caplog) == []
+
+
+def test_a_failing_check_degrades_too(monkeypatch, caplog):
+    from importlib.metadata import PackageNotFoundError
+
+    def no_flwr() -> str:
+        raise PackageNotFoundError("flwr")
+    monkeypatch.setattr(flower_patches, "flwr_version", no_flwr)
+    assert not patch_object_pulls() and flower_untouched()
+    assert [w.split(",")[0] for w in warnings_logged(caplog)] == [
+        "snake_flower: checking flwr failed (PackageNotFoundError)"]
 
 
 def test_object_pulls_start_their_back_off_at_20_ms_everywhere_in_the_process():
@@ -228,13 +278,6 @@ def test_a_late_object_is_pulled_within_the_back_off_cap_of_its_arrival():
     assert patch_object_pulls()
     assert inflatable_utils.pull_objects(["a", "b"], pull) == {"a": b"content", "b": b"content"}
     assert time.monotonic() - arrives < 0.05 * 1.2 + 0.1  # the cap, its jitter, and a loaded machine
-
-
-def test_stock_flower_leaves_everything_alone(monkeypatch):
-    monkeypatch.setenv(STOCK_ENV, "1")
-    assert not patch_object_pulls() and not patch_supernode_sleeps(0.1)
-    assert all(f.__kwdefaults__["initial_backoff"] == 1 for f in PULLERS)
-    assert start_client_internal.time is time
 
 
 def test_the_supernode_sleeps_at_most_the_poll_interval():
