@@ -35,8 +35,28 @@ def _node_state_in_tmp(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
 
 
+class ServerStopped(Exception):
+    """Raised by ``LoopbackGrid.stopping_at``: the server dies there."""
+
+
 class LoopbackGrid(Grid):
     """A Grid whose nodes are a Python function."""
+
+    Stopped = ServerStopped
+
+    @classmethod
+    def stopping_at(cls, server_round: int) -> type[LoopbackGrid]:
+        """This grid, but the server dies (``ServerStopped``) as it sends hop ``server_round``."""
+
+        class Stopping(cls):
+            def push_messages(self, messages):  # noqa: ANN001, ANN202
+                messages = list(messages)
+                if any(m.content.config_records["config"].get("server-round") == server_round
+                       for m in messages if "config" in m.content.config_records):
+                    raise ServerStopped
+                return super().push_messages(messages)
+
+        return Stopping
 
     def __init__(self, node_ids: Iterable[int], handler: Handler) -> None:
         self.node_ids = list(node_ids)

@@ -52,23 +52,13 @@ def test_each_row_meters_its_own_hop_though_hops_overlap(loopback, nodes, tmp_pa
     assert result["final"]["network_time_s"] == clocks[-1]
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_a_run_stopped_with_hops_in_flight_resumes_to_the_same_model(loopback, nodes, tmp_path):
     whole = _run(loopback, nodes, tmp_path / "whole")
 
-    class Stopping(loopback):  # the server dies as it sends hop 6 (hop 4 merged, hop 5 in flight)
-        def push_messages(self, messages):
-            messages = list(messages)
-            if any(m.content.config_records["config"].get("server-round") == 6 for m in messages
-                   if "config" in m.content.config_records):
-                raise Interrupted
-            return super().push_messages(messages)
+    Stopping = loopback.stopping_at(6)  # the server dies as it sends hop 6 (hop 4 merged, hop 5 in flight)
 
     out = tmp_path / "stopped"
-    with pytest.raises(Interrupted):
+    with pytest.raises(Stopping.Stopped):
         _run(Stopping, nodes, out)
     resumed = _run(loopback, nodes, out, node_ids=5000, resume=True)  # new node ids, empty copies
     assert resumed["resumed_at_round"] == 4

@@ -20,10 +20,6 @@ GATED = {"task": "synthetic", "partitioner": "iid", "local-steps": 20, "eval-eve
          "byzantine-nodes": 1, "attack": "scale"}
 
 
-class Interrupted(Exception):
-    pass
-
-
 def _run(grid_class, nodes, out, node_ids=1000, **overrides) -> dict:
     config = resolve({**GATED, "out-dir": str(out), **overrides})
     node = nodes(NODES, first_id=node_ids)
@@ -47,16 +43,10 @@ def test_a_gated_run_rolls_the_attacker_back_and_resumes_to_the_same_model(loopb
     assert whole["failures"] == [] and whole["rejected_replies"] == 0  # well-formed: validation passed them
     assert summarize(whole, 0.5)["gate_rejected_rounds"] == len(rejected)
 
-    class Stopping(loopback):  # the server dies as it sends hop 4, after a rejection
-        def push_messages(self, messages):
-            messages = list(messages)
-            if any(m.content.config_records["config"].get("server-round") == 4 for m in messages
-                   if "config" in m.content.config_records):
-                raise Interrupted
-            return super().push_messages(messages)
+    Stopping = loopback.stopping_at(4)  # the server dies as it sends hop 4, after a rejection
 
     out = tmp_path / "stopped"
-    with pytest.raises(Interrupted):
+    with pytest.raises(Stopping.Stopped):
         _run(Stopping, nodes, out)
     resumed = _run(loopback, nodes, out, node_ids=5000, resume=True)  # new node ids, empty copies
     assert resumed["resumed_at_round"] == 3
