@@ -222,7 +222,8 @@ class _Node:
         metrics = train_window(model, window, data, segments=segments, work=work, seed=seed,
                                align=self.align, exact=exact)
         if snake:  # the window alone, converted for the reply
-            state = transport_state({key: value for key, value in model.state_dict().items() if key in set(keys)})
+            weights = model.state_dict()
+            state = transport_state({key: weights[key] for key in keys})
         else:
             state = transport_state(model.state_dict())
         if attack is not None:  # what it sends, and keeps, is poisoned (training/attack.py)
