@@ -4,9 +4,11 @@ A node loads its copy of the model and the message's arrays over the model it bu
 when those cover every tensor the seeded fp32 build is wasted work and memory: the model
 is then built on the ``meta`` device (its structure only), given uninitialised CPU storage
 (``to_empty``) and filled by the loads. Buffers no ``state_dict`` holds (a rotary
-embedding's frequencies) are copied from the last real build of the same structure, a few
-bytes. Otherwise, and for builders not marked ``snake_meta_build`` (a plugin's builder may
-cache what it builds), the model is built with the run's seeded initial weights.
+embedding's frequencies) are computed by the builder for real even on the meta device
+(the LLM task's rotary embedding: a fresh process needs no real build first), else copied
+from the last real build of the same structure, a few bytes. Otherwise, and for builders
+not marked ``snake_meta_build`` (a plugin's builder may cache what it builds), the model is
+built with the run's seeded initial weights.
 """
 
 from __future__ import annotations
@@ -57,21 +59,28 @@ class ModelBuilder:
 
     def _shell(self, cfg: Mapping[str, Any], source: set[str],
                prepare: Callable[[nn.Module], None] | None = None) -> nn.Module | None:
-        """The model's structure with uninitialised storage, if ``source`` (and the kept
-        unsaved buffers) fill every tensor; else ``None``."""
+        """The model's structure with uninitialised storage, if ``source``, the unsaved
+        buffers and the builder's checkpoint (``snake_pretrained``) fill every tensor; else
+        ``None``. The checkpoint's tensors are read here, after ``prepare``."""
         try:
             with torch.device("meta"):
                 model = self.model_fn(cfg)
         except Exception:  # a builder that cannot run on meta: build it for real
             return None
-        if any(not t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
-            return None
+        computed = {name: tensor.clone() for name, tensor in model.named_buffers()
+                    if not tensor.is_meta and name in _unsaved_buffers(model)}
+        if any(not t.is_meta for t in model.parameters()) or any(
+                not t.is_meta and name not in computed for name, t in model.named_buffers()):
+            return None  # the builder ignored the meta device
         state = model.state_dict(keep_vars=True)
         covered = {id(tensor) for key, tensor in state.items() if key in source}
         missing = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
                    if id(tensor) not in covered]
-        unsaved = self._unsaved.get(_signature(model), {})
-        if any(name not in unsaved for name in missing):
+        # buffers no state_dict holds: computed by the builder even on meta, or kept from a real build
+        unsaved = {**self._unsaved.get(_signature(model), {}), **computed}
+        pretrained = getattr(model, "snake_pretrained", None) or ()  # read from a checkpoint (tasks/pretrained.py)
+        from_checkpoint = [name for name in missing if name not in unsaved and name in pretrained]
+        if any(name not in unsaved and name not in from_checkpoint for name in missing):
             return None
         ties = _ties(model)
         if prepare is not None:
@@ -82,7 +91,10 @@ class ModelBuilder:
             model.get_submodule(module)._parameters[name] = model.get_parameter(owner)
         with torch.no_grad():
             for name in missing:
-                model.get_buffer(name).copy_(unsaved[name])
+                if name in unsaved:
+                    model.get_buffer(name).copy_(unsaved[name])
+        if from_checkpoint:  # one tensor at a time, into the dtype prepare gave it
+            pretrained.fill(model, from_checkpoint)
         return model
 
 

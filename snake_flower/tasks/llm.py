@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from snake_flower.tasks import architectures
+from snake_flower.tasks.pretrained import model_tensors, pretrained_tensors
 
 SMOLLM2 = "smollm2-135m"
 TINY_OPT = "tiny-opt"
@@ -127,14 +128,33 @@ def load_tokenizer(name: str):
 
 
 def load_causal_lm(name: str) -> nn.Module:
-    """The transformers model, in fp32 (random weights for ``tiny-opt``)."""
+    """The transformers model, in fp32 (random weights for ``tiny-opt``).
+
+    Under ``torch.device("meta")`` (a node whose copy and message fill every tensor,
+    ``node_model.py``) it is the structure alone, built with ``from_config``, which
+    transformers allows there where ``from_pretrained`` is refused; the rotary
+    embedding, whose buffers no ``state_dict`` holds, is then computed for real.
+    """
     from transformers import AutoModelForCausalLM
 
     config = load_config(name)
-    if name == TINY_OPT:
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    if name == TINY_OPT or torch.get_default_device().type == "meta":
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        _compute_rotary(lm)
+        return lm
     return AutoModelForCausalLM.from_pretrained(_source(name), dtype=torch.float32,
                                                 attn_implementation="sdpa")
+
+
+def _compute_rotary(lm: nn.Module) -> None:
+    """Give a model built on ``meta`` a real rotary embedding (a few hundred bytes of
+    frequencies computed from the config), as ``from_pretrained`` computes it."""
+    base = getattr(lm.model, "decoder", lm.model)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None or not any(t.is_meta for t in rotary.buffers()):
+        return
+    with torch.device("cpu"):
+        base.rotary_emb = type(rotary)(config=lm.config)
 
 
 def layer_name(index: int, count: int) -> str:
@@ -292,10 +312,17 @@ def build_segments(name: str, finetune: str = "full", lora_rank: int = 8) -> Cau
 
     Call it under a seeded RNG (``task.build_model`` does): ``tiny-opt``'s weights and
     LoRA's A matrices are random.
+
+    On the ``meta`` device the pretrained tensors are not read: the model carries where
+    they are (``snake_pretrained``), for the node to read those it needs.
     """
     lm = load_causal_lm(name)
+    loaded = list(model_tensors(lm))  # the checkpoint's names, before peft renames any
     if finetune == "lora":
         from peft import get_peft_model
 
         lm = get_peft_model(lm, lora_config(lora_rank)).base_model.model  # the same model, adapters injected
-    return CausalLMSegments(lm, lora=finetune == "lora").eval()
+    model = CausalLMSegments(lm, lora=finetune == "lora").eval()
+    if name != TINY_OPT and torch.get_default_device().type == "meta":
+        model.snake_pretrained = pretrained_tensors(Path(_source(name)), loaded, model)
+    return model
