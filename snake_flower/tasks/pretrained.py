@@ -50,13 +50,12 @@ class PretrainedTensors:
     def _read(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import safe_open
 
-        by_file: dict[Path, list[str]] = {}
+        # The file is memory-mapped, and every page read stays in the process's resident set
+        # until it is unmapped: opened once for all tensors, the whole checkpoint would count.
         for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
-        for path, group in by_file.items():
-            with safe_open(str(path), framework="pt") as handle:
-                for name in group:
-                    yield name, handle.get_tensor(self.keys[name])
+            with safe_open(str(self.files[name]), framework="pt") as handle:
+                value = handle.get_tensor(self.keys[name])
+            yield name, value
 
 
 def pretrained_tensors(directory: Path, loaded: Iterable[tuple[str, torch.Tensor]],

@@ -1,0 +1,150 @@
+"""Peak memory of a deployed node during real LLM hops: its SuperNode and its ClientApp processes.
+
+A ``LoopbackDeployment`` (``flower-superlink`` and 8 stock ``flower-supernode`` processes on
+loopback, each of which starts one fresh ``flwr-clientapp`` process per message; no patch,
+no launcher) runs the ``snake-full`` arm of ``snake-flower memory --measure`` (the same
+run-config: SmolLM2-135M, ``experiments/llm.toml``'s hop, 8 nodes in a fixed chain) for 9
+hops, so that the node of partition 0 makes the two hops that command measures: its first
+visit (full sync) and, after the 7 others made one hop each, its second (delta). While the
+run goes, every process under that node's SuperNode is read from ``/proc`` every 20 ms:
+its peak resident set (``VmHWM``), kept per process. Prints the SuperNode's peak and each
+ClientApp process's, in the order they started; a ClientApp that answered a train
+message is told apart from the one that answered the chain's query by its peak.
+
+Growth is a peak less a baseline, and a deployed ClientApp process has no moment that is
+"after imports and data, before the message" to read; so this prints the peaks, and the
+growth over the peak of the same node's query ClientApp (Flower, torch and the app
+imported; no data, no transformers), beside ``memory --measure``'s figures for the same
+hops when given its JSON (``--in-process``).
+
+    python experiments/memory_deployed.py --in-process experiments/memory/smol-sgd.json \\
+        --json experiments/memory/smol-deployed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from snake_flower.deploy.loopback import LoopbackDeployment
+from snake_flower.deploy.processes import _process_table
+from snake_flower.harness.measure import NODES, MeasureOptions, run_config
+from snake_flower.runtime.results import cpu
+
+MIB = 2**20
+
+
+class PeakSampler(threading.Thread):
+    """Reads ``VmHWM`` of every process under ``root`` every ``interval`` seconds."""
+
+    def __init__(self, root: int, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.peaks: dict[tuple[int, int], dict[str, Any]] = {}  # (pid, start time) -> figures
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            table = _process_table()
+            for pid, (ppid, _, started) in table.items():
+                if not _descends(pid, self.root, table):
+                    continue
+                peak = _hwm(pid)
+                if peak is None:
+                    continue
+                entry = self.peaks.setdefault((pid, started), {"pid": pid, "started": started,
+                                                               "command": _command(pid), "peak_rss_bytes": 0})
+                entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], peak)
+            time.sleep(self.interval)
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop_event.set()
+        self.join()
+        return sorted(self.peaks.values(), key=lambda e: e["started"])
+
+
+def _descends(pid: int, root: int, table: dict[int, tuple[int, int, int]]) -> bool:
+    while pid in table and pid != root:
+        pid = table[pid][0]
+    return pid == root
+
+
+def _hwm(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--in-process", help="memory --measure's JSON for the same options, to print beside")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    options = MeasureOptions()  # SGD: a run's nodes train with it (adam is a message key of memory --measure only)
+    config = dict(run_config("snake-full", options))
+    overrides = {**{k: v for k, v in config.items() if k in _RUN_KEYS}, "eval-every": NODES + 1,
+                 "eval-samples": 16, "validation-size": 0}
+    with tempfile.TemporaryDirectory() as work, LoopbackDeployment(Path(work), num_nodes=NODES,
+                                                                   launcher=False, in_memory=True) as deployment:
+        node = deployment.family.popens["supernode-0"].pid
+        sampler = PeakSampler(node)
+        sampler.start()
+        started = time.monotonic()
+        result = deployment.run(overrides, timeout=3600.0)
+        processes = sampler.stop()
+        seconds = time.monotonic() - started
+    supernode = next(p for p in processes if p["pid"] == node)
+    clientapps = [p for p in processes if "flwr-clientapp" in p["command"]]
+    report = {"command": "python experiments/memory_deployed.py", "date": time.strftime("%Y-%m-%d"),
+              "cpu": cpu()["cpu"], "options": vars(args), "run_seconds": round(seconds, 1),
+              "model_sha256": result["final"].get("model_sha256"), "supernode_peak_rss_bytes": supernode["peak_rss_bytes"],
+              "clientapps": [{"peak_rss_bytes": p["peak_rss_bytes"]} for p in clientapps]}
+    print(f"SuperNode of partition 0: peak {supernode['peak_rss_bytes'] / MIB:,.0f} MiB")
+    for i, p in enumerate(clientapps):
+        print(f"ClientApp process {i + 1}: peak {p['peak_rss_bytes'] / MIB:,.0f} MiB")
+    train = sorted(clientapps, key=lambda p: -p["peak_rss_bytes"])[:2]
+    train.sort(key=lambda p: p["started"])  # its two train messages: first visit, then the delta one
+    query = min(clientapps, key=lambda p: p["peak_rss_bytes"])
+    report["query_peak_rss_bytes"] = query["peak_rss_bytes"]
+    report["hops"] = {}
+    measured = json.loads(Path(args.in_process).read_text())["arms"]["snake-full"]["hops"] if args.in_process else {}
+    for hop, p in zip(("full-sync", "delta"), train):
+        row = {"peak_rss_bytes": p["peak_rss_bytes"], "grown_over_query_bytes": p["peak_rss_bytes"] - query["peak_rss_bytes"]}
+        line = f"{hop}: deployed peak {p['peak_rss_bytes'] / MIB:,.0f} MiB, {row['grown_over_query_bytes'] / MIB:,.0f} over the query's"
+        if hop in measured:
+            inside = measured[hop]
+            row["in_process_peak_rss_bytes"] = inside["peak_rss_bytes"]
+            row["in_process_grown_bytes"] = inside["peak_rss_bytes"] - inside["baseline_rss_bytes"]
+            row["peak_ratio"] = round(p["peak_rss_bytes"] / inside["peak_rss_bytes"], 3)
+            line += (f"; in process: peak {inside['peak_rss_bytes'] / MIB:,.0f} MiB, grown "
+                     f"{row['in_process_grown_bytes'] / MIB:,.0f} (peak ratio {row['peak_ratio']:.2f})")
+        report["hops"][hop] = row
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+_RUN_KEYS = ("task", "finetune", "partitioner", "window", "train-head", "frozen-segments", "frozen-dtype",
+             "lr", "momentum", "clip-norm", "kd", "strategy", "model", "seq-len", "batch-size", "local-steps",
+             "lora-rank", "order", "num-server-rounds", "min-nodes", "seed")
+"""The run-config keys of ``memory --measure``'s arm that shape the hops (the rest are defaults)."""
+
+
+if __name__ == "__main__":
+    main()
