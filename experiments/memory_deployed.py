@@ -8,13 +8,13 @@ hops, so that the node of partition 0 makes the two hops that command measures: 
 visit (full sync) and, after the 7 others made one hop each, its second (delta). While the
 run goes, every process under that node's SuperNode is read from ``/proc`` every 20 ms:
 its peak resident set (``VmHWM``), kept per process. Prints the SuperNode's peak and each
-ClientApp process's, in the order they started; a ClientApp that answered a train
-message is told apart from the one that answered the chain's query by its peak.
+ClientApp process's, in the order they started: the first answered the chain's rank
+query, and the two largest of the others its two train messages.
 
 Growth is a peak less a baseline, and a deployed ClientApp process has no moment that is
 "after imports and data, before the message" to read; so this prints the peaks, and the
-growth over the peak of the same node's query ClientApp (Flower, torch and the app
-imported; no data, no transformers), beside ``memory --measure``'s figures for the same
+growth over the peak of the same node's query ClientApp (a fresh process that imported
+Flower, torch and the app, and answered without loading a model), beside ``memory --measure``'s figures for the same
 hops when given its JSON (``--in-process``).
 
     python experiments/memory_deployed.py --in-process experiments/memory/smol-sgd.json \\
@@ -118,9 +118,9 @@ def main() -> None:
     print(f"SuperNode of partition 0: peak {supernode['peak_rss_bytes'] / MIB:,.0f} MiB")
     for i, p in enumerate(clientapps):
         print(f"ClientApp process {i + 1}: peak {p['peak_rss_bytes'] / MIB:,.0f} MiB")
-    train = sorted(clientapps, key=lambda p: -p["peak_rss_bytes"])[:2]
+    query = clientapps[0]  # the chain's rank query comes before any hop
+    train = sorted(clientapps[1:], key=lambda p: -p["peak_rss_bytes"])[:2]
     train.sort(key=lambda p: p["started"])  # its two train messages: first visit, then the delta one
-    query = min(clientapps, key=lambda p: p["peak_rss_bytes"])
     report["query_peak_rss_bytes"] = query["peak_rss_bytes"]
     report["hops"] = {}
     measured = json.loads(Path(args.in_process).read_text())["arms"]["snake-full"]["hops"] if args.in_process else {}
