@@ -45,6 +45,25 @@ def raw_tensor_bytes(record: ArrayRecord) -> int:
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in record.values())
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """What one message's content counts: serialized bytes, of them the ArrayRecords', and the
+    tensors' raw bytes."""
+
+    bytes: int
+    array_bytes: int
+    raw_bytes: int
+
+    @classmethod
+    def of(cls, content: RecordDict) -> Sizes:
+        """From one serialization of ``content`` (a whole LLM takes seconds to serialize): the
+        ArrayRecords' sizes are those of their items in the serialized RecordDict."""
+        proto = recorddict_to_proto(content)
+        arrays = sum(item.array_record.ByteSize() for item in proto.items if item.HasField("array_record"))
+        raw = sum(raw_tensor_bytes(r) for r in content.array_records.values())
+        return cls(proto.ByteSize(), arrays, raw)
+
+
 @dataclass
 class Tally:
     """Counted bytes of one direction."""
@@ -54,13 +73,15 @@ class Tally:
     raw_bytes: int = 0
     messages: int = 0
 
-    def add(self, content: RecordDict | None) -> None:
+    def add(self, content: RecordDict | Sizes | None) -> None:
+        """Count one message: its content (or its ``Sizes``, counted once for several tallies)."""
         self.messages += 1
         if content is None:
             return
-        self.bytes += content_bytes(content)
-        self.array_bytes += array_bytes(content)
-        self.raw_bytes += sum(raw_tensor_bytes(r) for r in content.array_records.values())
+        sizes = content if isinstance(content, Sizes) else Sizes.of(content)
+        self.bytes += sizes.bytes
+        self.array_bytes += sizes.array_bytes
+        self.raw_bytes += sizes.raw_bytes
 
 
 @dataclass
@@ -184,8 +205,9 @@ class MeteredGrid(ForwardingGrid):
         if msg.metadata.message_type == MessageType.QUERY:
             self.current.control.add(content)
             return
-        total.add(content)
-        by_node.add(content)
+        sizes = Sizes.of(content) if content is not None else None
+        total.add(sizes)
+        by_node.add(sizes)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from snake_flower.runtime.metering import MeteredGrid, array_bytes, content_bytes, raw_tensor_bytes
+from snake_flower.runtime import metering
+from snake_flower.runtime.metering import MeteredGrid, Sizes, array_bytes, content_bytes, raw_tensor_bytes
 from snake_flower.tasks.task import TASKS, build_model
 
 
@@ -26,6 +29,21 @@ def test_counts_each_direction_per_node_and_round(loopback):
     assert first.up.bytes == 2 * content_bytes(reply)
     assert first.down.array_bytes == 2 * array_bytes(down)
     assert grid.current.down.bytes == 0 and grid.rounds == [first]
+
+
+def test_a_message_is_serialized_once_and_counted_as_flower_serializes_it(loopback, monkeypatch):
+    two = RecordDict({"arrays": _model_record(), "more": ArrayRecord({"w": torch.zeros(300, 7)}),
+                      "metrics": MetricRecord({"loss": 1.5}), "config": ConfigRecord({"lr": 0.1})})
+    sizes = Sizes.of(two)
+    assert (sizes.bytes, sizes.array_bytes) == (content_bytes(two), array_bytes(two))
+    assert sizes.raw_bytes == sum(raw_tensor_bytes(r) for r in two.array_records.values())
+    calls = []
+    serialize = metering.recorddict_to_proto
+    monkeypatch.setattr(metering, "recorddict_to_proto", lambda c: calls.append(1) or serialize(c))
+    grid = MeteredGrid(loopback([1], lambda msg: None), poll_interval=0.01)
+    grid.send_and_receive([Message(two, dst_node_id=1, message_type=MessageType.TRAIN)], timeout=0.05)
+    assert len(calls) == 1  # counted in the round's tally and the node's from one serialization
+    assert grid.current.down.bytes == grid.current.down_by_node[1].bytes == sizes.bytes
 
 
 def test_queries_are_control_traffic(loopback):
