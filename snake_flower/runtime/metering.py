@@ -1,8 +1,8 @@
 """Byte metering: one Grid wrapper, used alike for every strategy.
 
-Each message's content is serialized exactly as Flower puts it on the wire
-(``recorddict_to_proto``) and its size counted, down (server -> node) on push and
-up (node -> server) on pull, per node and per round. The raw bytes of the tensors
+Each message's content is counted at its size as Flower puts it on the wire
+(``recorddict_to_proto``; ``Sizes`` computes it without copying the tensors), down
+(server -> node) on push and up (node -> server) on pull, per node and per round. The raw bytes of the tensors
 carried are counted beside it, so payload efficiency = counted / raw.
 Query messages (node discovery) are control traffic and are tallied apart, so
 that ``down``/``up`` are the model-carrying messages alone.
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from flwr.common.serde import array_record_to_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 
@@ -56,12 +56,49 @@ class Sizes:
 
     @classmethod
     def of(cls, content: RecordDict) -> Sizes:
-        """From one serialization of ``content`` (a whole LLM takes seconds to serialize): the
-        ArrayRecords' sizes are those of their items in the serialized RecordDict."""
-        proto = recorddict_to_proto(content)
-        arrays = sum(item.array_record.ByteSize() for item in proto.items if item.HasField("array_record"))
+        """What Flower's ``recorddict_to_proto(content).ByteSize()`` would give, and its
+        ArrayRecords' part, without copying the tensors' bytes into a proto (seconds for a
+        whole LLM): ``content`` is serialized by Flower with every ``Array``'s data left
+        out, and each length-delimited field on the way down to the data is then grown by
+        the data's length (``tests/snake_flower/runtime/test_metering.py`` checks it
+        against Flower's serialization)."""
+        stripped = RecordDict({key: ArrayRecord({k: _without_data(a) for k, a in record.items()})
+                               if isinstance(record, ArrayRecord) else record for key, record in content.items()})
+        total = arrays = 0
+        for item in recorddict_to_proto(stripped).items:
+            size = item.ByteSize()
+            if item.HasField("array_record"):
+                record = content[item.key]
+                grown = sum(_grown(entry.ByteSize(), entry.value.ByteSize(), len(record[entry.key].data))
+                            for entry in item.array_record.items)
+                sent = item.array_record.ByteSize() + grown
+                size += _field(sent) - _field(item.array_record.ByteSize())
+                arrays += sent
+            total += _field(size)
         raw = sum(raw_tensor_bytes(r) for r in content.array_records.values())
-        return cls(proto.ByteSize(), arrays, raw)
+        return cls(total, arrays, raw)
+
+
+def _without_data(array: Array) -> Array:
+    return Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=b"")
+
+
+def _varint(n: int) -> int:
+    """Bytes of ``n`` as a protobuf varint."""
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _field(n: int) -> int:
+    """Bytes of a length-delimited field (tag < 16: one byte) whose payload is ``n`` bytes."""
+    return 1 + _varint(n) + n
+
+
+def _grown(entry: int, array: int, data: int) -> int:
+    """How many bytes an ``ArrayRecord`` item (``entry`` bytes, its ``Array`` ``array`` bytes,
+    both without data) grows by, framing included, once its ``data`` bytes are in."""
+    with_data = array + (_field(data) if data else 0)  # proto3 leaves empty bytes out
+    item = entry - _field(array) + _field(with_data)
+    return _field(item) - _field(entry)
 
 
 @dataclass

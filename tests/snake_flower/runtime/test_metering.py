@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from snake_flower.runtime import metering
 from snake_flower.runtime.metering import MeteredGrid, Sizes, array_bytes, content_bytes, raw_tensor_bytes
@@ -29,6 +30,18 @@ def test_counts_each_direction_per_node_and_round(loopback):
     assert first.up.bytes == 2 * content_bytes(reply)
     assert first.down.array_bytes == 2 * array_bytes(down)
     assert grid.current.down.bytes == 0 and grid.rounds == [first]
+
+
+@pytest.mark.parametrize("length", [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152])
+def test_sizes_are_flowers_serialized_sizes_at_every_varint_boundary(length):
+    def data(n):
+        return Array(dtype="uint8", shape=(n,), stype="raw", data=b"\0" * n)
+
+    content = RecordDict({"a": ArrayRecord({"w": data(length), "b": Array(torch.ones(3, 5))}),
+                          "empty": ArrayRecord(), "m": MetricRecord({"x": 1.0}),
+                          "c": ConfigRecord({"s": "t" * 200}), "z": ArrayRecord({"k" * 300: data(length)})})
+    sizes = Sizes.of(content)
+    assert (sizes.bytes, sizes.array_bytes) == (content_bytes(content), array_bytes(content))
 
 
 def test_a_message_is_serialized_once_and_counted_as_flower_serializes_it(loopback, monkeypatch):
