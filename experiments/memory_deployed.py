@@ -113,7 +113,8 @@ def main() -> None:
     clientapps = [p for p in processes if "flwr-clientapp" in p["command"]]
     report = {"command": "python experiments/memory_deployed.py", "date": time.strftime("%Y-%m-%d"),
               "cpu": cpu()["cpu"], "options": vars(args), "run_seconds": round(seconds, 1),
-              "model_sha256": result["final"].get("model_sha256"), "supernode_peak_rss_bytes": supernode["peak_rss_bytes"],
+              "model_sha256": result["final"].get("model_sha256"),
+              "supernode_peak_rss_bytes": supernode["peak_rss_bytes"],
               "clientapps": [{"peak_rss_bytes": p["peak_rss_bytes"]} for p in clientapps]}
     print(f"SuperNode of partition 0: peak {supernode['peak_rss_bytes'] / MIB:,.0f} MiB")
     for i, p in enumerate(clientapps):
@@ -123,10 +124,12 @@ def main() -> None:
     train.sort(key=lambda p: p["started"])  # its two train messages: first visit, then the delta one
     report["query_peak_rss_bytes"] = query["peak_rss_bytes"]
     report["hops"] = {}
-    measured = json.loads(Path(args.in_process).read_text())["arms"]["snake-full"]["hops"] if args.in_process else {}
+    measured = (json.loads(Path(args.in_process).read_text())["arms"]["snake-full"]["hops"]
+                if args.in_process else {})
     for hop, p in zip(("full-sync", "delta"), train):
-        row = {"peak_rss_bytes": p["peak_rss_bytes"], "grown_over_query_bytes": p["peak_rss_bytes"] - query["peak_rss_bytes"]}
-        line = f"{hop}: deployed peak {p['peak_rss_bytes'] / MIB:,.0f} MiB, {row['grown_over_query_bytes'] / MIB:,.0f} over the query's"
+        grown = p["peak_rss_bytes"] - query["peak_rss_bytes"]
+        row = {"peak_rss_bytes": p["peak_rss_bytes"], "grown_over_query_bytes": grown}
+        line = f"{hop}: deployed peak {p['peak_rss_bytes'] / MIB:,.0f} MiB, {grown / MIB:,.0f} over the query's"
         if hop in measured:
             inside = measured[hop]
             row["in_process_peak_rss_bytes"] = inside["peak_rss_bytes"]

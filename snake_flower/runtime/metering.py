@@ -2,8 +2,8 @@
 
 Each message's content is counted at its size as Flower puts it on the wire
 (``recorddict_to_proto``; ``Sizes`` computes it without copying the tensors), down
-(server -> node) on push and up (node -> server) on pull, per node and per round. The raw bytes of the tensors
-carried are counted beside it, so payload efficiency = counted / raw.
+(server -> node) on push and up (node -> server) on pull, per node and per round. The
+raw bytes of the tensors carried are counted beside it, so payload efficiency = counted / raw.
 Query messages (node discovery) are control traffic and are tallied apart, so
 that ``down``/``up`` are the model-carrying messages alone.
 """

@@ -130,7 +130,7 @@ def load_tokenizer(name: str):
 def load_causal_lm(name: str) -> nn.Module:
     """The transformers model, in fp32 (random weights for ``tiny-opt``).
 
-    Under ``torch.device("meta")`` (a node whose copy and message fill every tensor,
+    Under ``torch.device("meta")`` (a node that builds its model empty and loads it,
     ``node_model.py``) it is the structure alone, built with ``from_config``, which
     transformers allows there where ``from_pretrained`` is refused; the rotary
     embedding, whose buffers no ``state_dict`` holds, is then computed for real.

@@ -1,10 +1,10 @@
-"""A pretrained model's tensors read one at a time from its safetensors files.
+"""A pretrained model's tensors read from its safetensors files, a block of rows at a time.
 
 A node that builds its model on the ``meta`` device (``node_model.py``) fills the tensors
 its copy and the message do not bring (the pretrained embeddings a Snake run never sends,
-or LoRA's base weights) from here: each tensor is read from the memory-mapped file
+or LoRA's base weights) from here: each block is read through its own mapping of the file
 straight into the parameter, in the dtype the parameter is held in, so the node never
-holds the whole model in fp32.
+holds the whole model, nor a whole fp32 embedding, at once.
 """
 
 from __future__ import annotations
