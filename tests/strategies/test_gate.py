@@ -8,19 +8,15 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord
 
 from strategies import MergeGate, SnakeStrategy
+from test_snake import SEGMENTS, AddOneNodes, initial
 
-SEGMENTS = {"s0": ["s0.w"], "s1": ["s1.w", "s1.b"], "s2": ["s2.w"], "head": ["head.w"]}
 KEYS = [k for keys in SEGMENTS.values() for k in keys]
 TARGET = 50.0  # honest nodes move every value one step towards it; the gate's loss is the distance
 POISON = -20.0  # what a poisoning node adds to its window instead
 TOLERANCE = 0.5  # above zero, far below the rise of one poisoned window
-
-
-def initial() -> ArrayRecord:
-    return ArrayRecord({k: Array(np.full((2, 2), i, np.float32)) for i, k in enumerate(KEYS)})
 
 
 def sha256(arrays: ArrayRecord) -> str:
@@ -38,27 +34,17 @@ class Loss:
         return float(np.mean([np.mean((arrays[k].numpy() - TARGET) ** 2) for k in KEYS]))
 
 
-class Nodes:
+class Nodes(AddOneNodes):
     """Nodes that add 1 to their window, except the ``poisoners`` (at every hop, or at the hops of
     ``rounds``), which add POISON."""
 
     def __init__(self, ranks: dict[int, int], poisoners: set[int] = frozenset(), rounds: set[int] | None = None):
-        self.ranks, self.poisoners, self.rounds = ranks, set(poisoners), rounds
-        self.copies: dict[int, dict[str, np.ndarray]] = {}
+        super().__init__(ranks)
+        self.poisoners, self.rounds = set(poisoners), rounds
 
-    def __call__(self, msg):
-        node = msg.metadata.dst_node_id
-        if msg.metadata.message_type == MessageType.QUERY:
-            return RecordDict({"info": MetricRecord({"rank": self.ranks[node]})})
-        copy = self.copies.setdefault(node, {})
-        copy.update({k: v.numpy() for k, v in msg.content["arrays"].items()})
+    def step(self, node: int, msg) -> float:
         poisons = node in self.poisoners and (self.rounds is None or msg.content["config"]["server-round"] in self.rounds)
-        step = POISON if poisons else 1.0
-        keys = [k for name in msg.content["config"]["window"] for k in SEGMENTS[name]]
-        window = {k: (copy[k] + step).astype(np.float32) for k in keys}
-        copy.update(window)
-        return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in window.items()}),
-                           "metrics": MetricRecord({"num-examples": 10})})
+        return POISON if poisons else 1.0
 
 
 class Models:

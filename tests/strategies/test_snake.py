@@ -35,11 +35,16 @@ class AddOneNodes:
         copy.update({k: v.numpy() for k, v in msg.content["arrays"].items()})
         self.received.append((node, list(msg.content["arrays"].keys())))
         keys = [k for name in msg.content["config"]["window"] for k in SEGMENTS[name]]
-        window = {k: copy[k] + 1.0 for k in keys}
+        step = self.step(node, msg)
+        window = {k: copy[k] + step for k in keys}
         copy.update(window)
         arrays = ArrayRecord({k: Array(v) for k, v in window.items()})
         reply = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10 + self.ranks[node]})})
         return self.tamper(reply, node) if self.tamper else reply
+
+    def step(self, node: int, msg) -> float:
+        """What ``node`` adds to its window for ``msg``."""
+        return 1.0
 
 
 class Global:
