@@ -67,8 +67,9 @@ class ModelBuilder:
                 model = self.model_fn(cfg)
         except Exception:  # a builder that cannot run on meta: build it for real
             return None
+        unsaved_names = set(_unsaved_buffers(model))
         computed = {name: tensor.clone() for name, tensor in model.named_buffers()
-                    if not tensor.is_meta and name in _unsaved_buffers(model)}
+                    if not tensor.is_meta and name in unsaved_names}
         if any(not t.is_meta for t in model.parameters()) or any(
                 not t.is_meta and name not in computed for name, t in model.named_buffers()):
             return None  # the builder ignored the meta device
