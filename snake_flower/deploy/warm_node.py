@@ -9,7 +9,8 @@ the result. Importing it
   pool cannot;
 - imports Flower's ClientApp runtime (``flwr-clientapp``'s entry), this app, and what torch
   imports lazily on a first training step (``torch._dynamo``, for the optimizer);
-- turns on the object-pull back-off fix for the ClientApps (``runtime/flower_patches.py``);
+- turns on the ClientApps' patches (``runtime/flower_patches.py``): the object-pull back-off,
+  and the message inflation that frees each received array's chunks once the array is built;
 - reads this node's Fashion-MNIST, normalises the images and cuts its partitions once
   (``tasks.data.preload_partition``), with the run-config in ``SNAKE_FLOWER_WARM`` (the
   launcher writes it from ``--warm-config`` and ``--node-config``). A run whose config
@@ -42,7 +43,7 @@ from flwr.supernode.cli import flwr_clientapp  # noqa: E402,F401  (Flower's Clie
 import snake_flower.client_app  # noqa: E402,F401  (the app: tasks, training, strategies)
 import snake_flower.deploy.warm_executor  # noqa: E402,F401  (each task's __mp_main__)
 from snake_flower.config import parse_overrides, resolve  # noqa: E402
-from snake_flower.runtime.flower_patches import patch_object_pulls  # noqa: E402
+from snake_flower.runtime.flower_patches import patch_clientapp_process  # noqa: E402
 from snake_flower.tasks.data import preload_partition  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def warm_up(spec: str) -> bool:
     return preload_partition(config, int(warm["num-partitions"]), int(warm["partition-id"]))
 
 
-patch_object_pulls()
+patch_clientapp_process()
 PRELOADED = warm_up(os.environ[WARM_ENV]) if os.environ.get(WARM_ENV) else False
 gc.collect()
 gc.freeze()  # last: what the tasks inherit stays out of their collections

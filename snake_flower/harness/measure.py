@@ -24,6 +24,11 @@ message), its growth over that process's baseline (after imports, data and a war
 before its message) and the hop's ledger: what the node reports (parameters by
 dtype, gradients, optimizer state, saved activations) plus the received message.
 An arm's top-level figures are its hop with the larger growth.
+
+The node's processes run with the Flower patches a node launcher's ClientApp runs with
+(``flower_patches.patch_clientapp_process``: a received message's chunks are freed as its
+arrays are built), unless ``SNAKE_FLOWER_STOCK_FLOWER=1`` asks for stock Flower: then each
+holds what a stock ``flwr-clientapp`` holds. The report's ``flower`` says which.
 """
 
 from __future__ import annotations
@@ -121,7 +126,11 @@ def measure(options: MeasureOptions, arms: tuple[str, ...] = ARMS, timeout: floa
             configs[arm] = run_config(arm, options)
         except (ConfigError, ValueError) as err:  # the llm task's ModelError is a ValueError
             raise MeasureError(f"{err}".splitlines()[0]) from None
-    report: dict[str, Any] = {"model": options.model, "options": asdict(options), "nodes": NODES, "arms": {}}
+    from snake_flower.runtime.flower_patches import CLIENTAPP_PATCHES, stock_reason
+
+    stock = stock_reason(*CLIENTAPP_PATCHES)  # what the node processes, which inherit the environment, run
+    report: dict[str, Any] = {"model": options.model, "options": asdict(options), "nodes": NODES,
+                              "flower": "patched" if stock is None else f"stock ({stock})", "arms": {}}
     for arm in arms:
         report["arms"][arm] = measure_arm(arm, configs[arm], options, timeout)
     report["ratios"] = ratios(report["arms"])

@@ -3,7 +3,8 @@
 ``python -m snake_flower.harness.measure_node SPEC_JSON`` (``NodeProcess`` starts it):
 
 1. imports torch, transformers, Flower and the ClientApp (``snake_flower.client_app.app``,
-   the one ``make_client_app`` returns for the built-in tasks) and loads the node's data
+   the one ``make_client_app`` returns for the built-in tasks), applies the Flower patches a
+   node launcher's ClientApp runs with (``patch_clientapp_process``) and loads the node's data
    (its partition of the task's training set, as the ClientApp reads it every hop);
 2. warms up: one training step of a miniature of the same architecture (two layers,
    toy widths), a node store written and read back and a message through a file, so
@@ -112,7 +113,9 @@ def serve(spec: dict[str, Any]) -> None:
 
     from snake_flower.client_app import app, task_data
     from snake_flower.harness.message_files import read_message, write_message
+    from snake_flower.runtime.flower_patches import patch_clientapp_process
 
+    patch_clientapp_process()  # as a node launcher's ClientApp (stock Flower if the environment says so)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = spec["run_id"], spec["node_id"], 1
     context = Context(run_id=spec["run_id"], node_id=spec["node_id"], node_config=spec["node_config"],
                       state=RecordDict(), run_config={})

@@ -2,8 +2,9 @@
 
 In a deployment the SuperNode hands its ``flwr-clientapp`` process a message as Flower's
 deflated objects (the message, its records, each ``Array``), pulled one at a time and
-inflated with Flower's own ``inflate_object_from_contents``, which lets go of each
-object's bytes once inflated. ``write_message`` stores exactly those objects, one after
+inflated with Flower's ``inflate_object_from_contents`` (the one in Flower's module: in a
+node launcher's ClientApp and in ``memory --measure``'s node, the patched one that frees each
+array's chunks once the array is built), which lets go of each object's bytes once inflated. ``write_message`` stores exactly those objects, one after
 the other; ``read_message`` reads them one at a time and inflates them the same way, so a
 process that reads a message holds what a deployed ClientApp holds, and no more: no
 pickle of the whole message, no second copy of the file.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.inflatable import inflatable_utils
 
 MAGIC = b"SFMSG1\n"
 _ID = 64  # a SHA-256 object id, hex
@@ -72,7 +73,8 @@ def read_message(path: Path) -> tuple[Message, int]:
             total += size
     if root not in contents:
         raise MessageFileError(f"{path}: its root object is missing")
-    message = inflate_object_from_contents(root, contents)  # each object's bytes go as it is inflated
+    # through Flower's module, as a ClientApp's pull calls it: with the process's patches, if any
+    message = inflatable_utils.inflate_object_from_contents(root, contents)
     if not isinstance(message, Message):
         raise MessageFileError(f"{path}: holds a {type(message).__name__}, not a Message")
     message.metadata.__dict__["_message_id"] = root  # as Flower sets it: the deflated message lacks it

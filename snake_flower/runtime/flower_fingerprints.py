@@ -5,7 +5,8 @@ first 16 hex digits of the sha256 of its ``inspect.getsource``; for a constant: 
 ``repr``. flwr 1.41.0 was read from this project's venv, 1.42.0 from its wheel
 (``pip download --no-deps flwr==1.42.0``); the two differ only in ``run_superexec``
 (1.41.0 passes a tracing ``traceparent`` to ``launch_task``); ``in_memory_linkstate.py``, which
-the pickup patch reads, is byte for byte the same in both wheels. To check a new version,
+the pickup patch reads, is byte for byte the same in both wheels, and so are ``inflatable_utils.py``,
+``array.py`` and ``arraychunk.py``, which the message-inflate patch reads. To check a new version,
 print ``flower_patches.fingerprint(ref)`` for every ref, read the changed functions, and add
 the version here only if every patch still does what its docstring says.
 """
@@ -33,6 +34,14 @@ _FLWR_1_41_0 = {
         '(object_ids: list[str], pull_object_fn: collections.abc.Callable[[str], bytes], *, max_concurrent_pulls: int = 2, max_time: float | None = 7200, max_tries_per_object: int | None = 500, initial_backoff: float = 1, backoff_cap: float = 10) -> dict[str, bytes] sha256:31bb2de46b450e6a',
     'flwr.supercore.inflatable.inflatable_utils:pull_and_inflate_object_from_tree':
         "(object_tree: flwr.proto.message_pb2.ObjectTree, pull_object_fn: collections.abc.Callable[[str], bytes], confirm_object_received_fn: collections.abc.Callable[[str], None], *, return_type: type[~T] = <class 'flwr.supercore.inflatable.inflatable_object.InflatableObject'>, max_concurrent_pulls: int = 2, max_time: float | None = 7200, max_tries_per_object: int | None = 500, initial_backoff: float = 1, backoff_cap: float = 10) -> ~T sha256:139811483a15e4a6",
+    'flwr.supercore.inflatable.inflatable_utils:inflate_object_from_contents':
+        '(object_id: str, object_contents: dict[str, bytes], *, keep_object_contents: bool = False, objects: dict[str, flwr.supercore.inflatable.inflatable_object.InflatableObject] | None = None) -> flwr.supercore.inflatable.inflatable_object.InflatableObject sha256:93b98a2ea3f35c4f',
+    'flwr.supercore.inflatable.inflatable_object:get_object_head_values_from_object_content':
+        "(object_content: 'bytes') -> 'tuple[str, list[str], int]' sha256:d9288c47e775b67a",
+    'flwr.app.message.array:Array.inflate':
+        "(object_content: 'bytes', children: 'dict[str, InflatableObject] | None' = None) -> 'Array' sha256:a7afff3a6fd59978",
+    'flwr.app.message.arraychunk:ArrayChunk.inflate':
+        "(object_content: 'bytes', children: 'dict[str, InflatableObject] | None' = None) -> 'ArrayChunk' sha256:60afa91e51f707fd",
     'flwr.supercore.constant:PULL_INITIAL_BACKOFF':
         '1',
     'flwr.supercore.constant:PULL_BACKOFF_CAP':

@@ -1,6 +1,7 @@
 """Every patch of Flower's internals, in one place, tied to the flwr versions it was checked on.
 
-Flower's deployment runtime waits in places no flag reaches (flwr 1.41.0 and 1.42.0 alike):
+Flower's deployment runtime waits, and holds more than it needs, in places no flag reaches (flwr
+1.41.0 and 1.42.0 alike):
 
 - the SuperNode sleeps a literal 3 s when the SuperLink has no message for it, and 0.5 s
   between checks for its ClientApp's reply (``flwr.supernode.start_client_internal``);
@@ -12,6 +13,8 @@ Flower's deployment runtime waits in places no flag reaches (flwr 1.41.0 and 1.4
   in ``flwr.supercore.superexec.run_superexec``), about 3 s of importing torch and the app;
 - the simulation engine sweeps for new messages every 0.1 s
   (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``);
+- a ClientApp inflates a received message with ``inflate_object_from_contents``, which keeps
+  every chunk of every array until the whole message is built: the message twice in memory;
 - and one fault, not a wait: a ClientApp actor that dies in the Ray simulation (killed by
   Ray's memory monitor, a crash) is put back into the actor pool
   (``BasicActorPool.fetch_result_and_return_actor_to_pool``), and every message it is given
@@ -55,8 +58,9 @@ FAKE_VERSION_ENV = "SNAKE_FLOWER_FAKE_FLWR_VERSION"
 STOCK_RUNS = "stock Flower runs"
 """What a process that runs stock Flower says, in its warning or its note (``deploy/loopback.py`` waits for it)."""
 LOST = ("slower hops (Flower's 0.1 s simulation pickup, 3 s SuperNode polls, 1-10 s object-pull back-off "
-        "and a fresh flwr-clientapp per message) and, in the Ray simulation, the replacement of a dead "
-        "ClientApp actor (Flower gives it every later message, and those hops fail)")
+        "and a fresh flwr-clientapp per message), a received message held twice while a ClientApp "
+        "inflates it, and, in the Ray simulation, the replacement of a dead ClientApp actor (Flower "
+        "gives it every later message, and those hops fail)")
 """What stock Flower costs: the latency the patches buy, and the fault ``patch_ray_actors`` fixes."""
 PICKUP_FIRST_WAIT, PICKUP_MAX_WAIT = 0.001, 0.02
 # Flower's: 1 s doubling to 10 s, 500 tries an object (about 80 min). A cap of 50 ms overshoots
@@ -85,11 +89,17 @@ EXECUTOR = ("flwr.supercore.superexec.run_superexec:run_superexec",
             "flwr.supercore.cli.flower_superexec:flower_superexec",
             "flwr.supernode.cli.flwr_clientapp:flwr_clientapp",
             "flwr.supernode.runtime.run_clientapp:run_clientapp")
+# (pull_and_inflate_object_from_tree calls it through its module: tested, not fingerprinted, since
+# patch_object_pulls changes that function's defaults and so its signature)
+MESSAGE_INFLATE = ("flwr.supercore.inflatable.inflatable_utils:inflate_object_from_contents",
+                   "flwr.supercore.inflatable.inflatable_object:get_object_head_values_from_object_content",
+                   "flwr.app.message.array:Array.inflate",
+                   "flwr.app.message.arraychunk:ArrayChunk.inflate")
 RAY_ACTORS = ("flwr.simulation.ray_transport.ray_actor:BasicActorPool.fetch_result_and_return_actor_to_pool",
               "flwr.simulation.ray_transport.ray_actor:BasicActorPool.add_actor_back_to_pool",
               "flwr.server.superlink.fleet.vce.backend.raybackend:RayBackend.process_message")
 PATCHES = {"pickup": PICKUP, "supernode-sleeps": SUPERNODE_SLEEPS, "object-pulls": OBJECT_PULLS,
-           "executor": EXECUTOR, "ray-actors": RAY_ACTORS}
+           "message-inflate": MESSAGE_INFLATE, "executor": EXECUTOR, "ray-actors": RAY_ACTORS}
 
 
 class UncheckedFlower(ConfigError):
@@ -393,6 +403,41 @@ def patch_object_pulls(initial: float = PULL_INITIAL_BACKOFF, cap: float = PULL_
             function.__kwdefaults__.update(initial_backoff=initial, backoff_cap=cap,
                                            max_tries_per_object=max_tries)
     return _apply("object-pulls", apply, f"object pulls back off from {initial:g} s to {cap:g} s")
+
+
+# -- the inflation of a received message ---------------------------------------------------
+
+def patch_message_inflate() -> bool:
+    """Let Flower's message inflation free each chunk once its array is built, in this process.
+
+    Flower's ``inflate_object_from_contents`` holds every inflated object until the whole
+    message is built, so a ClientApp holds a received message twice at the end of its pull
+    (``runtime/message_inflate.py`` says why); ``pull_and_inflate_object_from_tree``, which a
+    deployed ClientApp pulls its message with, looks the function up in its module, and finds
+    the one that lets go. The objects built are the same.
+    """
+    def apply() -> None:
+        from snake_flower.runtime.message_inflate import releasing_children
+
+        module = importlib.import_module("flwr.supercore.inflatable.inflatable_utils")
+        if not getattr(module.inflate_object_from_contents, "releases_children", False):
+            module.inflate_object_from_contents = releasing_children(module.inflate_object_from_contents)
+    return _apply("message-inflate", apply, "a received message's chunks freed as its arrays are built")
+
+
+CLIENTAPP_PATCHES = ("object-pulls", "message-inflate")
+
+
+def patch_clientapp_process() -> bool:
+    """The patches a ClientApp process of a node runs with: object pulls and message inflation.
+
+    The node launcher's forkserver (``deploy/warm_node.py``) applies them before it forks a
+    ClientApp, and ``snake-flower memory --measure``'s node process (``harness/measure_node.py``)
+    applies the same, so that it measures what a launcher's ClientApp holds.
+    """
+    if not patches_on(*CLIENTAPP_PATCHES):  # both checked before either is applied
+        return False
+    return patch_object_pulls() and patch_message_inflate()
 
 
 # -- the SuperExec's executor --------------------------------------------------------------

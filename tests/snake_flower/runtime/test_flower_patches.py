@@ -34,6 +34,8 @@ from snake_flower.runtime.flower_patches import (
     add_messages_to_queue_quickly,
     check,
     fingerprint,
+    patch_clientapp_process,
+    patch_message_inflate,
     patch_object_pulls,
     patch_pickup,
     patch_ray_actors,
@@ -42,6 +44,7 @@ from snake_flower.runtime.flower_patches import (
 )
 
 PULLERS = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+FLOWER_INFLATE = inflatable_utils.inflate_object_from_contents
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +55,7 @@ def fresh_checks(monkeypatch):
     for function in PULLERS:
         monkeypatch.setattr(function, "__kwdefaults__", dict(function.__kwdefaults__))
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
+    monkeypatch.setattr(inflatable_utils, "inflate_object_from_contents", FLOWER_INFLATE)
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
     monkeypatch.setattr(ray_actor.BasicActorPool, "fetch_result_and_return_actor_to_pool",
                         ray_actor.BasicActorPool.fetch_result_and_return_actor_to_pool)
@@ -68,6 +72,7 @@ def warnings_logged(caplog) -> list[str]:
 def flower_untouched() -> bool:
     """Are the functions and modules the patches change still Flower's own?"""
     return (all(f.__kwdefaults__["initial_backoff"] == 1 for f in PULLERS) and start_client_internal.time is time
+            and inflatable_utils.inflate_object_from_contents is FLOWER_INFLATE
             and vce_api.add_messages_to_queue is not add_messages_to_queue_quickly
             and ray_actor.BasicActorPool.fetch_result_and_return_actor_to_pool
             is not flower_patches.fetch_result_replacing_dead_actors)
@@ -230,12 +235,14 @@ def test_an_unchecked_flwr_version_runs_stock_flower_after_one_warning_line(monk
                                   "against (1.41.0, 1.42.0)")
     assert not patches_on("pickup", "ray-actors")
     assert not patch_pickup() and not patch_ray_actors() and not patch_object_pulls()
+    assert not patch_message_inflate() and not patch_clientapp_process()
     assert not patch_supernode_sleeps(0.1) and not flower_patches.patch_executor(object())
     assert flower_untouched()
     [warning] = warnings_logged(caplog)  # one line for the whole process, not one per patch
     assert warning == flower_patches.degraded("flwr 1.99.0 is not a version snake_flower's Flower patches were "
                                               "checked against (1.41.0, 1.42.0)")
     assert "\n" not in warning and "1-10 s object-pull back-off" in warning  # the latency lost ...
+    assert "a received message held twice" in warning  # ... the memory ...
     assert "replacement of a dead ClientApp actor" in warning  # ... and the fault patch_ray_actors fixes
 
 
@@ -244,6 +251,7 @@ def test_asking_for_stock_flower_turns_every_patch_off_without_a_warning(monkeyp
     monkeypatch.setenv(STOCK_ENV, "1")  # the way to say it: stock Flower, no patch, no check
     check("pickup")
     assert not patches_on(*PATCHES) and not patch_pickup() and not patch_object_pulls()
+    assert not patch_message_inflate()
     assert flower_untouched() and warnings_logged(caplog) == []
 
 
