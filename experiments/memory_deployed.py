@@ -1,24 +1,28 @@
 """Peak memory of a deployed node during real LLM hops: its SuperNode and its ClientApp processes.
 
-A ``LoopbackDeployment`` (``flower-superlink`` and 8 stock ``flower-supernode`` processes on
-loopback, each of which starts one fresh ``flwr-clientapp`` process per message; no patch,
-no launcher) runs the ``snake-full`` arm of ``snake-flower memory --measure`` (the same
-run-config: SmolLM2-135M, ``experiments/llm.toml``'s hop, 8 nodes in a fixed chain) for 9
-hops, so that the node of partition 0 makes the two hops that command measures: its first
-visit (full sync) and, after the 7 others made one hop each, its second (delta). While the
-run goes, every process under that node's SuperNode is read from ``/proc`` every 20 ms:
-its peak resident set (``VmHWM``), kept per process. Prints the SuperNode's peak and each
-ClientApp process's, in the order they started: the first answered the chain's rank
-query, and the two largest of the others its two train messages.
+A ``LoopbackDeployment`` (``flower-superlink`` and 8 nodes on loopback) runs the ``snake-full``
+arm of ``snake-flower memory --measure`` (the same run-config: SmolLM2-135M,
+``experiments/llm.toml``'s hop, 8 nodes in a fixed chain) for 9 hops, so that the node of
+partition 0 makes the two hops that command measures: its first visit (full sync) and, after
+the 7 others made one hop each, its second (delta). The nodes are the node launcher's
+(``snake-flower supernode``: each ClientApp forked from a warm forkserver, with the patches
+``memory --measure``'s node runs with), or with ``--stock`` stock ``flower-supernode`` processes
+(one fresh ``flwr-clientapp`` per message, no patch). While the run goes, every process under
+that node's SuperNode is read from ``/proc`` every 20 ms: its peak resident set (``VmHWM``),
+kept per process. Prints the SuperNode's peak and each ClientApp process's, in the order they
+started: the first answered the chain's rank query, and the two largest of the others its two
+train messages.
 
 Growth is a peak less a baseline, and a deployed ClientApp process has no moment that is
 "after imports and data, before the message" to read; so this prints the peaks, and the
-growth over the peak of the same node's query ClientApp (a fresh process that imported
-Flower, torch and the app, and answered without loading a model), beside ``memory --measure``'s figures for the same
-hops when given its JSON (``--in-process``).
+growth over the peak of the same node's query ClientApp (a process that holds Flower, torch
+and the app, and answered without loading a model), beside ``memory --measure``'s figures for
+the same hops when given its JSON (``--in-process``).
 
     python experiments/memory_deployed.py --in-process experiments/memory/smol-sgd.json \\
         --json experiments/memory/smol-deployed.json
+    SNAKE_FLOWER_STOCK_FLOWER=1 snake-flower memory --measure --model smollm2-135m --json > stock.json
+    python experiments/memory_deployed.py --stock --in-process stock.json --json deployed-stock.json
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class PeakSampler(threading.Thread):
                 peak = _hwm(pid)
                 if peak is None:
                     continue
-                entry = self.peaks.setdefault((pid, started), {"pid": pid, "started": started,
+                entry = self.peaks.setdefault((pid, started), {"pid": pid, "ppid": ppid, "started": started,
                                                                "command": _command(pid), "peak_rss_bytes": 0})
                 entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], peak)
             time.sleep(self.interval)
@@ -66,6 +70,13 @@ class PeakSampler(threading.Thread):
         self._stop_event.set()
         self.join()
         return sorted(self.peaks.values(), key=lambda e: e["started"])
+
+
+def _clientapps(processes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ClientApp processes among ``processes``: stock ``flwr-clientapp`` ones, or the children
+    of a launcher's forkserver (whose command line they inherit)."""
+    forkservers = {p["pid"] for p in processes if "multiprocessing.forkserver" in p["command"]}
+    return [p for p in processes if "flwr-clientapp" in p["command"] or p["ppid"] in forkservers]
 
 
 def _descends(pid: int, root: int, table: dict[int, tuple[int, int, int]]) -> bool:
@@ -95,13 +106,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--in-process", help="memory --measure's JSON for the same options, to print beside")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--stock", action="store_true",
+                        help="stock flower-supernode nodes (a fresh flwr-clientapp per message) instead of the launcher's")
     args = parser.parse_args()
     options = MeasureOptions()  # SGD: a run's nodes train with it (adam is a message key of memory --measure only)
     config = dict(run_config("snake-full", options))
     overrides = {**{k: v for k, v in config.items() if k in _RUN_KEYS}, "eval-every": NODES + 1,
                  "eval-samples": 16, "validation-size": 0}
     with tempfile.TemporaryDirectory() as work, LoopbackDeployment(Path(work), num_nodes=NODES,
-                                                                   launcher=False, in_memory=True) as deployment:
+                                                                   launcher=not args.stock, in_memory=True) as deployment:
         node = deployment.family.popens["supernode-0"].pid
         sampler = PeakSampler(node)
         sampler.start()
@@ -110,8 +123,10 @@ def main() -> None:
         processes = sampler.stop()
         seconds = time.monotonic() - started
     supernode = next(p for p in processes if p["pid"] == node)
-    clientapps = [p for p in processes if "flwr-clientapp" in p["command"]]
-    report = {"command": "python experiments/memory_deployed.py", "date": time.strftime("%Y-%m-%d"),
+    clientapps = _clientapps(processes)
+    report = {"command": "python experiments/memory_deployed.py" + (" --stock" if args.stock else ""),
+              "node": "stock flower-supernode" if args.stock else "snake-flower supernode (launcher)",
+              "date": time.strftime("%Y-%m-%d"),
               "cpu": cpu()["cpu"], "options": vars(args), "run_seconds": round(seconds, 1),
               "model_sha256": result["final"].get("model_sha256"),
               "supernode_peak_rss_bytes": supernode["peak_rss_bytes"],
