@@ -5,7 +5,8 @@ arm of ``snake-flower memory --measure`` (the same run-config: SmolLM2-135M,
 ``experiments/llm.toml``'s hop, 8 nodes in a fixed chain) for 9 hops, so that the node of
 partition 0 makes the two hops that command measures: its first visit (full sync) and, after
 the 7 others made one hop each, its second (delta). The nodes are the node launcher's
-(``snake-flower supernode``: each ClientApp forked from a warm forkserver, with the patches
+(``snake-flower supernode``: each ClientApp forked from a warm forkserver that preloaded the
+app, the tokenizer and the node's tokenized partition for this run-config, with the patches
 ``memory --measure``'s node runs with), or with ``--stock`` stock ``flower-supernode`` processes
 (one fresh ``flwr-clientapp`` per message, no patch). While the run goes, every process under
 that node's SuperNode is read from ``/proc`` every 20 ms: its peak resident set (``VmHWM``),
@@ -114,7 +115,8 @@ def main() -> None:
     overrides = {**{k: v for k, v in config.items() if k in _RUN_KEYS}, "eval-every": NODES + 1,
                  "eval-samples": 16, "validation-size": 0}
     with tempfile.TemporaryDirectory() as work, LoopbackDeployment(Path(work), num_nodes=NODES,
-                                                                   launcher=not args.stock, in_memory=True) as deployment:
+                                                                   launcher=not args.stock, in_memory=True,
+                                                                   warm_config=overrides) as deployment:
         node = deployment.family.popens["supernode-0"].pid
         sampler = PeakSampler(node)
         sampler.start()

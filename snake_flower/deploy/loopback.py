@@ -99,13 +99,16 @@ class LoopbackDeployment:
         Keep the SuperLink's state in memory (``flower-superlink``'s own default) instead of
         in ``<workdir>/superlink.db``: every message and object the hop moves is one SQLite
         transaction less.
+    warm_config : Mapping[str, Any] | None (default: None)
+        Launcher nodes only: the run-config whose data their forkservers preload
+        (``snake-flower supernode --warm-config``); ``None``: the app's defaults.
     """
 
     def __init__(self, workdir: Path, num_nodes: int = 3, tls: bool = False, auth: bool = False,
                  app_dir: Path = ROOT, capacities: Sequence[Mapping[str, float]] = (),
                  env: Mapping[str, str] | None = None, timeout: float = 60.0, launcher: bool = True,
                  poll_interval: float = 0.1, in_memory: bool = False,
-                 data_dir: str | Path | None = None) -> None:
+                 data_dir: str | Path | None = None, warm_config: Mapping[str, Any] | None = None) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it over --insecure)")
         # absolute: the daemons and the ServerApp resolve paths from their own working folders
@@ -114,6 +117,7 @@ class LoopbackDeployment:
         self.capacities = list(capacities)
         self.data_dir = str(Path(data_dir).resolve()) if data_dir is not None else None
         self.launcher, self.poll_interval, self.in_memory = launcher, poll_interval, in_memory
+        self.warm_config = dict(warm_config or {})
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(self.flwr_home),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
@@ -167,6 +171,8 @@ class LoopbackDeployment:
                                 *([f'data-dir="{self.data_dir}"'] if self.data_dir else [])])
         command = ([str(BIN / "snake-flower"), "supernode", "--poll-interval", str(self.poll_interval)]
                    if self.launcher else [str(BIN / "flower-supernode")])
+        if self.launcher and self.warm_config:
+            command += ["--warm-config", run_config_text(self.warm_config)]
         command += ["--superlink", self.address, "--port", str(port), "--node-config", node_config]
         command += ["--root-certificates", str(self.certs.ca_cert)] if self.certs else ["--insecure"]
         if keys is not None:

@@ -12,9 +12,10 @@ the result. Importing it
 - turns on the ClientApps' patches (``runtime/flower_patches.py``): the object-pull back-off,
   and the message inflation that frees each received array's chunks once the array is built;
 - reads this node's Fashion-MNIST, normalises the images and cuts its partitions once
-  (``tasks.data.preload_partition``), with the run-config in ``SNAKE_FLOWER_WARM`` (the
-  launcher writes it from ``--warm-config`` and ``--node-config``). A run whose config
-  differs loads its own data in each task, as stock Flower does;
+  (``tasks.data.preload_partition``), or for task ``llm`` loads the tokenizer, tokenizes the
+  corpus and cuts its partitions (``tasks.llm_data.preload_chat``), with the run-config in
+  ``SNAKE_FLOWER_WARM`` (the launcher writes it from ``--warm-config`` and ``--node-config``).
+  A run whose config differs loads its own data in each task, as stock Flower does;
 - imports the warm SuperExec's own module: ``multiprocessing`` runs the SuperExec's
   ``__main__`` (``deploy/warm_executor.py``) again in every forked process, and its imports
   would otherwise cost each task about 0.1 s;
@@ -52,6 +53,10 @@ def warm_up(spec: str) -> bool:
     warm = json.loads(spec)
     own = {"data-dir": warm["data-dir"]} if warm.get("data-dir") else {}  # the node's, as its tasks read
     config = resolve(parse_overrides(warm.get("run-config", "")), own)
+    if config["task"] == "llm":  # transformers, the tokenizer and the tokenized corpus (LLM nodes only)
+        from snake_flower.tasks.llm_data import preload_chat
+
+        return preload_chat(config, int(warm["num-partitions"]), int(warm["partition-id"]))
     return preload_partition(config, int(warm["num-partitions"]), int(warm["partition-id"]))
 
 

@@ -169,11 +169,17 @@ def preload_partition(config: Mapping[str, Any], num_partitions: int, partition_
     """
     if config["task"] != "fashion-mnist" or (arrays := fashion_mnist_arrays(config["data-dir"])) is None:
         return False
+    preload_partitions(tuple(arrays[1].tolist()), config, num_partitions, partition_id)
+    return True
+
+
+def preload_partitions(labels: tuple[int, ...], config: Mapping[str, Any], num_partitions: int,
+                       partition_id: int) -> None:
+    """Cut the partitions of ``labels`` for ``config`` into ``partition_indices``'s cache."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    _partitions(tuple(arrays[1].tolist()), config["partitioner"], num_partitions,
-                float(config["dirichlet-alpha"]), int(config["classes-per-partition"]), int(config["seed"]))
-    return True
+    _partitions(labels, config["partitioner"], num_partitions, float(config["dirichlet-alpha"]),
+                int(config["classes-per-partition"]), int(config["seed"]))
 
 
 def partition_from_config(labels: torch.Tensor, config: Mapping[str, Any], num_partitions: int,

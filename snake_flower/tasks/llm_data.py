@@ -17,13 +17,16 @@ SmolLM2 and other Hugging Face models format the pair with their chat template;
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from snake_flower.tasks.base import Task
-from snake_flower.tasks.data import DataError, Split
+from snake_flower.tasks.data import DataError, Split, preload_partitions
 from snake_flower.tasks.llm import (
     PAD,
     TINY_OPT_TOKENS,
@@ -90,8 +93,12 @@ def to_example(ids: list[int], prompt_len: int, seq_len: int) -> tuple[list[int]
 
 
 @lru_cache(maxsize=2)
-def load_chat(model: str, seq_len: int, data_dir: str = "") -> tuple[Split, torch.Tensor, tuple[str, ...]]:
-    """``((x_train, y_train, x_test, y_test), train topic ids, topic names)``."""
+def chat_arrays(model: str, seq_len: int, data_dir: str = "") -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
+    """``((x_train, y_train, topic_train, x_test, y_test), topic names)`` as numpy int64 arrays.
+
+    The tokenized corpus, without a torch op: a node launcher's forkserver computes it once
+    (``preload_chat``) and the ClientApps it forks find it here.
+    """
     tokenizer = load_tokenizer(model)
     pairs = load_pairs(data_dir)
     topics = tuple(sorted({topic for topic, _, _ in pairs}))
@@ -105,10 +112,31 @@ def load_chat(model: str, seq_len: int, data_dir: str = "") -> tuple[Split, torc
             rows[held_out].append((*example, topics.index(topic)))
     if not rows[False] or not rows[True]:
         raise DataError(f"task llm: no pair has an answer token within seq-len {seq_len}")
-    train, test = ([torch.tensor([r[i] for r in rows[part]]) for i in range(3)] for part in (False, True))
+    train, test = ([np.array([r[i] for r in rows[part]], dtype=np.int64) for i in range(3)] for part in (False, True))
+    return (train[0], train[1], train[2], test[0], test[1]), topics
+
+
+@lru_cache(maxsize=2)
+def load_chat(model: str, seq_len: int, data_dir: str = "") -> tuple[Split, torch.Tensor, tuple[str, ...]]:
+    """``((x_train, y_train, x_test, y_test), train topic ids, topic names)``."""
+    arrays, topics = chat_arrays(model, seq_len, data_dir)
+    x_train, y_train, topic_train, x_test, y_test = (torch.from_numpy(a) for a in arrays)
     # a fixed shuffle of the held-out pairs, so that eval-samples takes every topic's share
-    order = torch.randperm(len(test[0]), generator=torch.Generator().manual_seed(0))
-    return (train[0], train[1], test[0][order], test[1][order]), train[2], topics
+    order = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(0))
+    return (x_train, y_train, x_test[order], y_test[order]), topic_train, topics
+
+
+def preload_chat(config: Mapping[str, Any], num_partitions: int, partition_id: int) -> bool:
+    """Tokenize the corpus and cut its partitions for ``config`` (task ``llm``), without a torch op.
+
+    What ``load_chat`` and ``partition_from_config`` then find in their caches in this process
+    and in every process forked from it (``deploy/warm_node.py``). ``False`` for another task.
+    """
+    if config["task"] != "llm":
+        return False
+    arrays, _ = chat_arrays(str(config["model"]), int(config["seq-len"]), str(config["data-dir"]))
+    preload_partitions(tuple(arrays[2].tolist()), config, num_partitions, partition_id)
+    return True
 
 
 def align_tokens(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -182,6 +182,29 @@ def test_topic_partitions_keep_each_topic_whole():
     assert all(a.isdisjoint(b) for i, a in enumerate(owners) for b in owners[i + 1:])
 
 
+def test_a_preloaded_corpus_is_what_a_node_then_reads_and_cuts(monkeypatch):
+    from snake_flower.tasks import data, llm_data
+
+    cfg = _config(**{"seq-len": 40})  # a size no other test caches
+    llm_data.load_chat.cache_clear()
+    data._partitions.cache_clear()
+
+    def no_torch(*args, **kwargs):
+        raise AssertionError("a torch op in the preload (a forkserver must run none)")
+    with monkeypatch.context() as patched:
+        for name in ("tensor", "from_numpy", "randperm", "Generator"):
+            patched.setattr(torch, name, no_torch)
+        assert llm_data.preload_chat(cfg, 4, 2)
+    assert not llm_data.preload_chat({**cfg, "task": "synthetic"}, 4, 2)
+    hits = llm_data.chat_arrays.cache_info().hits, data._partitions.cache_info().hits
+    (x_train, y_train, _, _), topics, names = llm_data.load_chat("tiny-opt", 40, "")
+    part = data.partition_from_config(topics, cfg, 4, 2)
+    assert llm_data.chat_arrays.cache_info().hits == hits[0] + 1  # tokenized once, by the preload
+    assert data._partitions.cache_info().hits == hits[1] + 1  # and cut once
+    assert x_train.dtype == y_train.dtype == topics.dtype == torch.int64 and len(x_train) == len(topics)
+    assert part.tolist() == partition_indices(topics, "topic", 4, 2).tolist() and len(names) == 21
+
+
 def _hop(finetune: str, window: list[str]):
     task = _task(finetune)
     cfg = _config(finetune=finetune)
