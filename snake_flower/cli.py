@@ -17,7 +17,6 @@ from snake_flower.config import (
     parse_overrides,
     resolve,
 )
-from snake_flower.tasks.data import DataError, partition_from_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,6 +126,7 @@ def resolve_runs(args: argparse.Namespace, names: list[str] | None = None) -> li
         if min_nodes > args.num_supernodes:
             raise ConfigError(f"min-nodes: {min_nodes} exceeds --num-supernodes {args.num_supernodes}")
         configs.append(config.replace(out_dir=str(Path(config.out_dir).resolve()), min_nodes=min_nodes))
+    from snake_flower.tasks.data import partition_from_config
     from snake_flower.tasks.task import task_for
 
     for config in {c.task: c for c in configs}.values():
@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         from snake_flower.deploy.supernode import main as supernode
 
         return supernode(argv[1:])
+    from snake_flower.tasks.data import DataError  # (torch: not for the SuperNode above)
+
     args = _parser().parse_args(argv)
     if args.command == "report":
         return _report(args)

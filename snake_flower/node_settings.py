@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snake_flower.training.capacity import reported_capacity
+from snake_flower.training.stated import reported_capacity
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
     below the second; ``data-dir`` is a path (whether it exists is checked where it is
     read: a plugin's data function may make it); ``state-dir`` (where a Snake node keeps
     its copy of the model, ``node_store.py``) is a path that is a directory if it exists;
-    the capacities are ``training.capacity.reported_capacity``'s.
+    the capacities are ``training.stated.reported_capacity``'s.
     """
     partition_id = _whole(node_config, "partition-id", 0) if "partition-id" in node_config else (
         _whole(node_config, "rank", 0) if "rank" in node_config else None)

@@ -30,7 +30,6 @@ import time
 from collections.abc import Sequence
 
 from snake_flower.config import ConfigError, parse_overrides, resolve
-from snake_flower.node_settings import node_settings
 from snake_flower.runtime.flower_patches import (
     STOCK_ENV,
     STOCK_RUNS,
@@ -114,6 +113,8 @@ def _node_config_error(text: str | None) -> str | None:
     from flwr.common.config import parse_config_args
 
     try:
+        from snake_flower.node_settings import node_settings  # torch: not in the SuperNode's own process
+
         settings = node_settings(parse_config_args([text] if text else None))
         settings.data_dir_or("")  # a node's own data-dir must exist when the node starts
     except (ValueError, OSError, click.ClickException) as err:

@@ -26,12 +26,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from snake_flower.tasks.task import segment_keys
 from snake_flower.training.loop import Align, LocalWork, train_window
+from snake_flower.training.stated import KEYS, reported_capacity  # noqa: F401  (re-exported)
 
 # compute = 1.0: the FLOP rate one hop of the small Fashion-MNIST CNN sustained on the
 # 2-core development machine (29-47 GFLOP/s measured, depending on the window).
 REFERENCE_GFLOPS = 40.0
 PROFILES = ("uniform", "mixed")
-KEYS = ("compute", "memory-budget-mb", "link-mbps")
 
 
 @dataclass(frozen=True)
@@ -69,26 +69,6 @@ def profile_capacity(profile: str, rank: int, num_nodes: int, seed: int, full_le
     return Capacity(compute=round(0.25 * 8 ** level("compute"), 4),
                     memory_budget_mb=round(full_ledger_mb * (0.25 + 0.75 * level("memory")), 4),
                     link_mbps=round(5.0 * 20 ** level("link"), 4))
-
-
-def reported_capacity(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The capacity keys a node states in its ``--node-config`` (possibly none), checked.
-
-    Raises ``ValueError`` (one line, naming the key) for a value that is not a finite
-    number, a ``compute`` or ``link-mbps`` that is not > 0, or a negative memory budget.
-    """
-    stated = {}
-    for key in (k for k in KEYS if k in metrics):
-        try:
-            value = float(metrics[key])
-        except (TypeError, ValueError):
-            raise ValueError(f"node-config: {key} must be a number, got {metrics[key]!r}") from None
-        lowest_ok = 0.0 if key == "memory-budget-mb" else math.nextafter(0.0, 1.0)
-        if not math.isfinite(value) or value < lowest_ok:
-            bound = ">= 0 (0 = no limit)" if key == "memory-budget-mb" else "> 0"
-            raise ValueError(f"node-config: {key} must be {bound}, got {metrics[key]!r}")
-        stated[key] = value
-    return stated
 
 
 def node_capacity(reported: Mapping[str, Any], rank: float, profile: str, seed: int,

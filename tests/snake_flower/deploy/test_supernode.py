@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -96,6 +97,22 @@ def test_a_bad_node_config_stops_the_launcher_in_one_line(no_supernode, capsys, 
     printed = capsys.readouterr().err.strip()
     assert printed.startswith("snake-flower supernode: error: --node-config:") and why in printed
     assert "\n" not in printed and no_supernode == []
+
+
+LIGHT = """
+import sys
+from snake_flower import cli  # the console script's module, as `snake-flower supernode` starts
+from snake_flower.deploy import supernode
+assert supernode._node_config_error("partition-id=1 num-partitions=3 compute=0.5 memory-budget-mb=900") is None
+assert supernode._node_config_error("partition-id=1 num-partitions=3 compute=0").startswith("--node-config: compute")
+print(sorted(m for m in ("torch", "datasets", "transformers") if m in sys.modules))
+"""
+
+
+def test_the_supernode_process_itself_checks_its_node_config_without_torch():
+    # the launcher's own process runs Flower's SuperNode: it holds Flower, not the training stack
+    done = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_an_unchecked_flwr_version_runs_stock_flower_supernode_after_one_warning(no_supernode, monkeypatch,
