@@ -21,8 +21,10 @@ Two hops of the measured node are measured:
 
 Per hop: its process's peak resident set (the kernel's ``VmHWM``, reset before the
 message), its growth over that process's baseline (after imports, data and a warm-up,
-before its message) and the hop's ledger: what the node reports (parameters by
-dtype, gradients, optimizer state, saved activations) plus the received message.
+before its message) and the hop's ledger: the larger of what the node reports (parameters
+by dtype, gradients, optimizer state, saved activations) and the received message, which
+the node holds before its model and releases array by array as it loads them
+(``ledger_sum_bytes``: the two added, as if they were held together).
 An arm's top-level figures are its hop with the larger growth.
 
 The node's processes run with the Flower patches a node launcher's ClientApp runs with
@@ -233,12 +235,14 @@ def arm_figures(hops: list[dict[str, Any]], arm: str) -> dict[str, Any]:
                   if key.endswith("-bytes") and key != "peak-rss-bytes"}
         baseline = hop["baseline_rss_bytes"]
         grown = hop["peak_rss_bytes"] - baseline
-        total = ledger["total_bytes"] + hop["message_bytes"]
+        # the message, then the model: its arrays are released as they are loaded (node_copy.py)
+        total = max(ledger["total_bytes"], hop["message_bytes"])
         sent = [name for name in hop["config"].get("segments-sent", []) if name]
         figures[name] = {"peak_rss_bytes": hop["peak_rss_bytes"], "baseline_rss_bytes": baseline,
                          "rss_before_bytes": hop["rss_before_bytes"],
                          "rss_after_bytes": hop["rss_after_bytes"], "rss_file_after_bytes": hop["rss_file_after_bytes"],
                          "grown_bytes": grown, "ledger_bytes": total, "message_bytes": hop["message_bytes"],
+                         "ledger_sum_bytes": ledger["total_bytes"] + hop["message_bytes"],
                          "reply_bytes": hop["reply_bytes"], "grown_over_ledger": round(grown / total, 4),
                          "train_ledger": ledger, "segments_sent": len(sent),
                          "window": [str(name) for name in hop["config"].get("window", [])],

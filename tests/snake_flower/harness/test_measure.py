@@ -89,16 +89,19 @@ def _hop(peak: int, message: int, total: int) -> dict:
 
 
 def test_an_arms_top_figures_are_its_hop_that_grew_more_and_its_ledger_counts_the_message():
-    got = arm_figures([_hop(300, 50, 150), _hop(400, 20, 200)], "snake-full")
+    # the ledger: the message or the model, whichever is larger (the node releases the one into the other)
+    got = arm_figures([_hop(300, 250, 150), _hop(400, 20, 200)], "snake-full")
     assert got["top_hop"] == "delta" and got["measured_in"] == "clientapp"
     assert (got["peak_rss_bytes"], got["baseline_rss_bytes"], got["ledger_bytes"], got["message_bytes"]) == (
-        400, 100, 220, 20)
-    assert got["hops"]["full-sync"]["grown_bytes"] == 200 and got["hops"]["full-sync"]["ledger_bytes"] == 200
+        400, 100, 200, 20)
+    full = got["hops"]["full-sync"]
+    assert (full["grown_bytes"], full["ledger_bytes"], full["ledger_sum_bytes"]) == (200, 250, 400)
+    assert full["grown_over_ledger"] == 0.8 and got["hops"]["delta"]["ledger_sum_bytes"] == 220
     assert got["hops"]["delta"]["train_ledger"] == {"total_bytes": 200, "grad_bytes": 1}
     fedavg = arm_figures([_hop(1100, 500, 1000), _hop(1100, 500, 1000)], "fedavg-full")
     out = ratios({"snake-full": got, "fedavg-full": fedavg})
     assert out["snake_over_fedavg_full"]["delta"] == {"grown": 0.3, "peak_rss": round(400 / 1100, 4),
-                                                      "ledger": 0.1467}
+                                                      "ledger": 0.2}
     assert out["met"] == {"full-sync_growth": True, "delta_growth": False, "growth_within_ledger": False}
     table = format_measured({"model": "m", "options": TINY.__dict__, "nodes": 8,
                              "arms": {"snake-full": got, "fedavg-full": fedavg}, "ratios": out})
