@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Sequence
 
-from snake_flower.config import ConfigError, parse_overrides, resolve
 from snake_flower.runtime.flower_patches import (
     STOCK_ENV,
     STOCK_RUNS,
@@ -107,6 +106,31 @@ def warm_spec(flower: argparse.Namespace, warm_config: str) -> str | None:
     return json.dumps(spec)
 
 
+_CHECK_WARM = """
+import sys
+from snake_flower.config import ConfigError, parse_overrides, resolve
+try:
+    resolve(parse_overrides(sys.argv[1]))
+except ConfigError as err:
+    print(err)
+    sys.exit(2)
+"""
+
+
+def warm_config_error(text: str) -> str | None:
+    """What is wrong with a ``--warm-config`` (one line), or ``None``.
+
+    Checked in a child process: the check reads the task's segments (torch, and transformers
+    for an LLM), which this process, Flower's SuperNode for the node's whole life, never needs.
+    """
+    if not text.strip():
+        return None  # the app's defaults
+    done = subprocess.run([sys.executable, "-c", _CHECK_WARM, text], capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    return done.stdout.strip() or (done.stderr.strip().splitlines() or ["the check failed"])[-1]
+
+
 def _node_config_error(text: str | None) -> str | None:
     """What is wrong with a ``--node-config`` (one line, naming the key), or ``None``."""
     import click
@@ -154,10 +178,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"snake-flower supernode: error: --poll-interval: {args.poll_interval:g} is outside "
               f"{POLL_RANGE[0]:g}-{POLL_RANGE[1]:g} s", file=sys.stderr)
         return 2
-    try:
-        resolve(parse_overrides(args.warm_config))
-    except ConfigError as err:
-        print(f"snake-flower supernode: error: --warm-config: {err}", file=sys.stderr)
+    if (error := warm_config_error(args.warm_config)) is not None:
+        print(f"snake-flower supernode: error: --warm-config: {error}", file=sys.stderr)
         return 2
     if stock_flower():
         return _run_stock(flower_argv, f"{STOCK_ENV}=1")

@@ -105,6 +105,8 @@ from snake_flower import cli  # the console script's module, as `snake-flower su
 from snake_flower.deploy import supernode
 assert supernode._node_config_error("partition-id=1 num-partitions=3 compute=0.5 memory-budget-mb=900") is None
 assert supernode._node_config_error("partition-id=1 num-partitions=3 compute=0").startswith("--node-config: compute")
+assert supernode.warm_config_error("task='llm' model='tiny-opt' window=1") is None  # checked in a child
+assert supernode.warm_config_error("window=99").startswith("window")
 print(sorted(m for m in ("torch", "datasets", "transformers") if m in sys.modules))
 """
 
