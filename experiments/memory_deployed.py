@@ -18,7 +18,13 @@ Growth is a peak less a baseline, and a deployed ClientApp process has no moment
 "after imports and data, before the message" to read; so this prints the peaks, and the
 growth over the peak of the same node's query ClientApp (a process that holds Flower, torch
 and the app, and answered without loading a model), beside ``memory --measure``'s figures for
-the same hops when given its JSON (``--in-process``).
+the same hops when given its JSON (``--in-process``). Each process's anonymous resident
+memory (``RssAnon``, read at the same 20 ms) is kept too, at its largest: a ClientApp forked
+from a launcher's forkserver starts with the forkserver's anonymous pages (torch's and the
+app's heap, the preloaded data) in its resident set but none of its file-backed ones (the
+pages of torch's libraries), which count as they are touched, during the hop; a fresh
+process has touched them before its baseline is read. The anonymous growth, here and in
+``memory --measure``, leaves those pages out on both sides.
 
     python experiments/memory_deployed.py --in-process experiments/memory/smol-sgd.json \\
         --json experiments/memory/smol-deployed.json
@@ -59,12 +65,14 @@ class PeakSampler(threading.Thread):
             for pid, (ppid, _, started) in table.items():
                 if not _descends(pid, self.root, table):
                     continue
-                peak = _hwm(pid)
-                if peak is None:
+                status = _status(pid)
+                if status is None:
                     continue
                 entry = self.peaks.setdefault((pid, started), {"pid": pid, "ppid": ppid, "started": started,
-                                                               "command": _command(pid), "peak_rss_bytes": 0})
-                entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], peak)
+                                                               "command": _command(pid), "peak_rss_bytes": 0,
+                                                               "peak_anon_bytes": 0})
+                entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], status["VmHWM"])
+                entry["peak_anon_bytes"] = max(entry["peak_anon_bytes"], status["RssAnon"])
             time.sleep(self.interval)
 
     def stop(self) -> list[dict[str, Any]]:
@@ -86,14 +94,17 @@ def _descends(pid: int, root: int, table: dict[int, tuple[int, int, int]]) -> bo
     return pid == root
 
 
-def _hwm(pid: int) -> int | None:
+def _status(pid: int) -> dict[str, int] | None:
+    """``VmHWM`` (the kernel's peak resident set) and ``RssAnon`` (anonymous resident now), bytes."""
     try:
+        fields = {}
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "RssAnon"):
+                fields[key] = int(value.split()[0]) * 1024
     except OSError:
         return None
-    return None
+    return fields if len(fields) == 2 else None
 
 
 def _command(pid: int) -> str:
@@ -143,10 +154,14 @@ def main() -> None:
     report["hops"] = {}
     measured = (json.loads(Path(args.in_process).read_text())["arms"]["snake-full"]["hops"]
                 if args.in_process else {})
+    report["query_peak_anon_bytes"] = query["peak_anon_bytes"]
     for hop, p in zip(("full-sync", "delta"), train):
         grown = p["peak_rss_bytes"] - query["peak_rss_bytes"]
-        row = {"peak_rss_bytes": p["peak_rss_bytes"], "grown_over_query_bytes": grown}
-        line = f"{hop}: deployed peak {p['peak_rss_bytes'] / MIB:,.0f} MiB, {grown / MIB:,.0f} over the query's"
+        grown_anon = p["peak_anon_bytes"] - query["peak_anon_bytes"]
+        row = {"peak_rss_bytes": p["peak_rss_bytes"], "grown_over_query_bytes": grown,
+               "peak_anon_bytes": p["peak_anon_bytes"], "anon_grown_over_query_bytes": grown_anon}
+        line = (f"{hop}: deployed peak {p['peak_rss_bytes'] / MIB:,.0f} MiB, {grown / MIB:,.0f} over the query's; "
+                f"anonymous {grown_anon / MIB:,.0f} over the query's")
         if hop in measured:
             inside = measured[hop]
             row["in_process_peak_rss_bytes"] = inside["peak_rss_bytes"]
@@ -154,6 +169,11 @@ def main() -> None:
             row["peak_ratio"] = round(p["peak_rss_bytes"] / inside["peak_rss_bytes"], 3)
             line += (f"; in process: peak {inside['peak_rss_bytes'] / MIB:,.0f} MiB, grown "
                      f"{row['in_process_grown_bytes'] / MIB:,.0f} (peak ratio {row['peak_ratio']:.2f})")
+            if inside.get("peak_anon_bytes") is not None:
+                row["in_process_anon_grown_bytes"] = inside["peak_anon_bytes"] - inside["baseline_anon_bytes"]
+                row["anon_grown_ratio"] = round(grown_anon / row["in_process_anon_grown_bytes"], 3)
+                line += (f", anonymous grown {row['in_process_anon_grown_bytes'] / MIB:,.0f} "
+                         f"(deployed / in process {row['anon_grown_ratio']:.2f})")
         report["hops"][hop] = row
         print(line)
     if args.json:

@@ -43,7 +43,8 @@ class FreshNode:
         node = NodeProcess(self.spec, self.workdir, self.timeout)
         try:
             content = node.handle(message)
-            self.hops.append({**node.hops[-1], "baseline_rss_bytes": node.baseline_rss_bytes})
+            self.hops.append({**node.hops[-1], "baseline_rss_bytes": node.baseline_rss_bytes,
+                              "baseline_anon_bytes": node.baseline_anon_bytes})
         finally:
             node.close()
         return content

@@ -24,7 +24,10 @@ message), its growth over that process's baseline (after imports, data and a war
 before its message) and the hop's ledger: the larger of what the node reports (parameters
 by dtype, gradients, optimizer state, saved activations) and the received message, which
 the node holds before its model and releases array by array as it loads them
-(``ledger_sum_bytes``: the two added, as if they were held together).
+(``ledger_sum_bytes``: the two added, as if they were held together). Beside the resident
+set, its anonymous part (``baseline_anon_bytes``, ``peak_anon_bytes``: without the pages of
+libraries and mapped files, read every 5 ms), which ``experiments/memory_deployed.py``
+compares with a deployed node's.
 An arm's top-level figures are its hop with the larger growth.
 
 The node's processes run with the Flower patches a node launcher's ClientApp runs with
@@ -244,6 +247,7 @@ def arm_figures(hops: list[dict[str, Any]], arm: str) -> dict[str, Any]:
                          "grown_bytes": grown, "ledger_bytes": total, "message_bytes": hop["message_bytes"],
                          "ledger_sum_bytes": ledger["total_bytes"] + hop["message_bytes"],
                          "reply_bytes": hop["reply_bytes"], "grown_over_ledger": round(grown / total, 4),
+                         "baseline_anon_bytes": hop.get("baseline_anon_bytes"), "peak_anon_bytes": hop.get("peak_anon_bytes"),
                          "train_ledger": ledger, "segments_sent": len(sent),
                          "window": [str(name) for name in hop["config"].get("window", [])],
                          "frozen_dtype": str(hop["config"].get("frozen-dtype")), "seconds": hop["seconds"]}

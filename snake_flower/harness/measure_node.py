@@ -10,12 +10,14 @@
    toy widths), a node store written and read back and a message through a file, so
    that lazily imported modules, kernels and thread pools belong to the process and not
    to its first hop;
-3. prints ``{"baseline_rss_bytes": ...}``: its resident set now, before any message;
+3. prints ``{"baseline_rss_bytes": ..., "baseline_anon_bytes": ...}``: its resident set now,
+   before any message, and its anonymous part;
 4. then, per line ``{"message": path, "reply": path}`` on its input: resets the kernel's
    peak resident set (``/proc/self/clear_refs``), reads the message as Flower inflates a
    pulled one, calls the ClientApp with it and the node's ``Context`` (its state
    directory on disk, from its node config), writes the reply as Flower deflates a
-   pushed one and prints its resident set before the message and at its peak.
+   pushed one and prints its resident set before the message and at its peak, and the peak
+   of its anonymous part (``AnonPeak``).
 
 It exits when its input closes.
 """
@@ -27,9 +29,12 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def rss() -> dict[str, int]:
@@ -41,6 +46,35 @@ def rss() -> dict[str, int]:
             if key in ("VmRSS", "VmHWM", "RssFile"):
                 fields[key] = int(value.split()[0]) * 1024
     return {"rss": fields["VmRSS"], "peak": fields["VmHWM"], "file": fields.get("RssFile", 0)}
+
+
+def anon() -> int:
+    """This process's anonymous resident memory (``RssAnon``: resident less file-backed and shared)."""
+    with open("/proc/self/statm") as statm:
+        _, resident, shared = statm.read().split()[:3]
+    return (int(resident) - int(shared)) * PAGE
+
+
+class AnonPeak(threading.Thread):
+    """The most anonymous memory this process held while it ran (read every 5 ms).
+
+    The kernel keeps a peak of the whole resident set only; its file-backed part (pages of
+    torch's libraries, a mapped checkpoint) is counted differently in a process forked from
+    a warm one (``experiments/memory_deployed.py``), so the hop is also measured without it.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._done = interval, anon(), threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.peak = max(self.peak, anon())
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return max(self.peak, anon())
 
 
 def reset_peak() -> None:
@@ -122,12 +156,14 @@ def serve(spec: dict[str, Any]) -> None:
     task_data(context, spec["config"])  # the node's data, as every hop reads it (cached)
     warm_up(spec["config"])
     gc.collect()
-    print(json.dumps({"baseline_rss_bytes": rss()["rss"]}), flush=True)
+    print(json.dumps({"baseline_rss_bytes": rss()["rss"], "baseline_anon_bytes": anon()}), flush=True)
     for line in sys.stdin:
         paths = json.loads(line)
         gc.collect()
         before = rss()["rss"]
         reset_peak()
+        sampler = AnonPeak()
+        sampler.start()
         start = time.perf_counter()
         message, _ = read_message(Path(paths["message"]))
         os.unlink(paths["message"])
@@ -136,9 +172,11 @@ def serve(spec: dict[str, Any]) -> None:
         write_message(reply, Path(paths["reply"]))
         del reply
         seconds = time.perf_counter() - start
+        peak_anon = sampler.stop()
         now = rss()
         print(json.dumps({"rss_before_bytes": before, "peak_rss_bytes": now["peak"], "rss_after_bytes": now["rss"],
-                          "rss_file_after_bytes": now["file"], "seconds": round(seconds, 2)}), flush=True)
+                          "rss_file_after_bytes": now["file"], "peak_anon_bytes": peak_anon,
+                          "seconds": round(seconds, 2)}), flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -44,7 +44,9 @@ class NodeProcess:
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self._stderr)
         self.hops: list[dict[str, Any]] = []
-        self.baseline_rss_bytes = int(self._answer("start")["baseline_rss_bytes"])
+        started = self._answer("start")
+        self.baseline_rss_bytes = int(started["baseline_rss_bytes"])
+        self.baseline_anon_bytes = int(started["baseline_anon_bytes"])
 
     def handle(self, message: Message) -> RecordDict | Error:
         """The node's reply to ``message`` (its content, or its error)."""
