@@ -11,14 +11,14 @@ when it is held lower.
 
 from __future__ import annotations
 
-import ctypes
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from snake_flower.node_store import CopyUnreadable, NodeStore, StoredCopy
+from snake_flower.runtime.message_inflate import return_freed_memory
 
 
 def read_copy(store: NodeStore | None) -> tuple[StoredCopy | None, str | None]:
@@ -84,27 +84,3 @@ def load_received(model: nn.Module, received: dict[str, Any], segments: Mapping[
             del part
             return_freed_memory()
 
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl, macOS, Windows)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def return_freed_memory() -> None:
-    """Give the pages of freed heap memory back to the system (glibc's ``malloc_trim(0)``).
-
-    A received message's arrays are a few MB each: glibc serves them from its heap, not from
-    their own mappings (its mmap threshold rises to the largest block freed, 5 MB chunks here),
-    and keeps the pages when they are freed. Loading a segment frees its arrays while the
-    model's held storage is written for the first time, so without this the process holds the
-    message's pages and the model's together (SmolLM2-135M, a first visit: 250 MiB more at
-    the peak). A no-op where the C library has no ``malloc_trim``.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)

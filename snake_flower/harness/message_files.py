@@ -1,12 +1,13 @@
 """A Flower ``Message`` through a file, object by object, as a deployed ClientApp receives it.
 
 In a deployment the SuperNode hands its ``flwr-clientapp`` process a message as Flower's
-deflated objects (the message, its records, each ``Array``), pulled one at a time and
-inflated with Flower's ``inflate_object_from_contents`` (the one in Flower's module: in a
-node launcher's ClientApp and in ``memory --measure``'s node, the patched one that frees each
-array's chunks once the array is built), which lets go of each object's bytes once inflated. ``write_message`` stores exactly those objects, one after
-the other; ``read_message`` reads them one at a time and inflates them the same way, so a
-process that reads a message holds what a deployed ClientApp holds, and no more: no
+deflated objects (the message, its records, each ``Array``), pulled by worker threads
+(``pull_objects``) and then inflated with Flower's ``inflate_object_from_contents`` (the one
+in Flower's module: in a node launcher's ClientApp and in ``memory --measure``'s node, the
+patched one of ``runtime/message_inflate.py``), which lets go of each object's bytes once
+inflated. ``write_message`` stores exactly those objects, one after the other;
+``read_message`` reads them with as many worker threads and inflates them the same way, so
+a process that reads a message holds what a deployed ClientApp holds, and no more: no
 pickle of the whole message, no second copy of the file.
 
 The file is ``b"SFMSG1\\n"``, the root object's id (64 hex digits) and then, per object,
@@ -15,10 +16,13 @@ its id, its length (8 bytes, big-endian) and its deflated bytes.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.constant import FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS
 from flwr.supercore.inflatable import inflatable_utils
 
 MAGIC = b"SFMSG1\n"
@@ -51,13 +55,16 @@ def write_message(message: Message, path: Path) -> int:
 def read_message(path: Path) -> tuple[Message, int]:
     """The message in ``path`` (inflated as Flower inflates a pulled one) and its objects' bytes.
 
+    The objects are read by as many worker threads as Flower pulls them with
+    (``FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS``), so that their bytes live where a pulled
+    message's do (in the workers' heaps), then inflated in the calling thread.
+
     Raises
     ------
     MessageFileError
         If ``path`` is not a message file, or is cut short.
     """
-    contents: dict[str, bytes] = {}
-    total = 0
+    index: list[tuple[str, int, int]] = []  # (object id, offset, size)
     with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             raise MessageFileError(f"{path}: not a message file")
@@ -66,11 +73,16 @@ def read_message(path: Path) -> tuple[Message, int]:
             if len(head) != _ID + 8:
                 raise MessageFileError(f"{path}: cut short")
             size = int.from_bytes(head[_ID:], "big")
-            content = f.read(size)
-            if len(content) != size:
-                raise MessageFileError(f"{path}: cut short")
-            contents[head[:_ID].decode()] = content
-            total += size
+            index.append((head[:_ID].decode(), f.tell(), size))
+            f.seek(size, os.SEEK_CUR)
+        fd = f.fileno()
+        with ThreadPoolExecutor(max_workers=FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS) as pool:
+            read = list(pool.map(lambda entry: os.pread(fd, entry[2], entry[1]), index))
+    if any(len(content) != size for content, (_, _, size) in zip(read, index)):
+        raise MessageFileError(f"{path}: cut short")
+    contents = {object_id: content for (object_id, _, _), content in zip(index, read)}
+    del read
+    total = sum(size for _, _, size in index)
     if root not in contents:
         raise MessageFileError(f"{path}: its root object is missing")
     # through Flower's module, as a ClientApp's pull calls it: with the process's patches, if any

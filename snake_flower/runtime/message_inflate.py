@@ -11,7 +11,8 @@ is most of a node's growth before its training starts.
 
 ``inflate_releasing_children`` builds the same objects in the same order, but counts first how
 many parents each object has (from the objects' heads) and drops an object from the memo as
-soon as its last parent is built. Whoever keeps a child (a record keeps its arrays) still has
+soon as its last parent is built, and gives freed memory back to the system every 16 MB of
+contents (``return_freed_memory``). Whoever keeps a child (a record keeps its arrays) still has
 it; a chunk no array needs any more is freed. ``flower_patches.patch_message_inflate`` puts it
 in Flower's module, where ``pull_and_inflate_object_from_tree`` (a deployed ClientApp's pull)
 finds it.
@@ -19,6 +20,7 @@ finds it.
 
 from __future__ import annotations
 
+import ctypes
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +29,8 @@ from flwr.supercore.inflatable.inflatable_object import get_object_head_values_f
 from flwr.supercore.inflatable.inflatable_utils import inflatable_class_registry
 
 Inflate = Callable[..., Any]
+TRIM_EVERY = 16 * 2**20
+"""Bytes of inflated objects' contents after which freed memory goes back to the system."""
 
 
 def releasing_children(flower_inflate: Inflate) -> Inflate:
@@ -79,6 +83,7 @@ def inflate_releasing_children(object_id: str, object_contents: dict[str, bytes]
     for content in object_contents.values():
         parents.update(get_object_head_values_from_object_content(content)[1])
     memo: dict[str, Any] = {}
+    freed = [0]  # contents' bytes let go of since memory was last returned
 
     def inflate(oid: str) -> Any:
         if oid in memo:
@@ -87,12 +92,43 @@ def inflate_releasing_children(object_id: str, object_contents: dict[str, bytes]
         obj_type, children_ids, _ = get_object_head_values_from_object_content(content)
         children = {child: inflate(child) for child in children_ids}
         obj = inflatable_class_registry[obj_type].inflate(content, children=children)
+        freed[0] += len(content)
         del content, children  # the parent's copy of its children is all that stays
         for child in children_ids:
             parents[child] -= 1
             if parents[child] == 0:
                 memo.pop(child, None)
+        if freed[0] >= TRIM_EVERY:
+            return_freed_memory()
+            freed[0] = 0
         memo[oid] = obj
         return obj
 
     return inflate(object_id)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Give the pages of freed heap memory back to the system (glibc's ``malloc_trim(0)``).
+
+    A message's objects and arrays are a few MB each: glibc serves them from its heaps, not
+    from mappings of their own (its mmap threshold rises to the largest block freed, 5 MB
+    chunks here), and keeps the pages when they are freed. Flower pulls a message's objects
+    in worker threads, whose heaps the inflation, in the main thread, cannot reuse; and a
+    node loads each received segment into storage written for the first time. Without this
+    a process holds the freed pages and the new ones together (SmolLM2-135M, a first visit:
+    about one more copy of the 405 MiB message). A no-op where the C library has no
+    ``malloc_trim``.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
