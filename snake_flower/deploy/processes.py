@@ -39,14 +39,18 @@ class Member:
     root: str
 
 
-def _stat(pid: int) -> tuple[int, int, int] | None:
-    """``(ppid, session id, start time)`` of ``pid`` from ``/proc/<pid>/stat``, or None if gone."""
+def _stat(pid: int, zombie: bool = False) -> tuple[int, int, int] | None:
+    """``(ppid, session id, start time)`` of ``pid`` from ``/proc/<pid>/stat``, or None if gone.
+
+    A zombie has ended (only its parent's ``wait()`` is missing) and counts as gone, unless
+    ``zombie`` asks for it: a daemon that ended before it was recorded still leads its session.
+    """
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = raw[raw.rindex(")") + 2:].split()  # the command name may hold spaces and ')'
-    if fields[0] == "Z":  # a zombie has ended; only its parent's wait() is missing
+    if fields[0] == "Z" and not zombie:
         return None
     return int(fields[1]), int(fields[3]), int(fields[19])
 
@@ -94,7 +98,9 @@ class ProcessFamily:
             proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                                     env=self.env, start_new_session=True)
         self.popens[name] = proc
-        if (member := self._remember(proc.pid, name)) is not None:  # else it is gone already
+        # not reaped yet, so readable even if it has already ended (a busy machine may not run
+        # this process again before a short-lived daemon exits): its session still finds its children
+        if (member := self._remember(proc.pid, name, zombie=True)) is not None:
             self.seen_roots[name] = member
         return proc
 
@@ -175,8 +181,8 @@ class ProcessFamily:
     def _targets(self, wanted: set[str]) -> dict[int, Member]:
         return {m.pid: m for m in self.seen.values() if m.root in wanted and alive(m)}
 
-    def _remember(self, pid: int, root: str) -> Member | None:
-        stat = _stat(pid)
+    def _remember(self, pid: int, root: str, zombie: bool = False) -> Member | None:
+        stat = _stat(pid, zombie)
         if stat is None:
             return None
         self.seen[pid] = member = Member(pid, stat[2], root)

@@ -71,6 +71,22 @@ def test_an_orphan_is_found_by_its_session(tmp_path):
     assert not any(alive(m) for m in stopped)
 
 
+def test_a_daemon_that_ended_before_it_was_recorded_still_finds_its_orphan(tmp_path, monkeypatch):
+    # a busy machine may not run the starting process again until the daemon has exited
+    class LatePopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _wait_for(lambda: Path(f"/proc/{self.pid}/stat").read_text().split(") ")[1][0] == "Z")
+
+    monkeypatch.setattr("snake_flower.deploy.processes.subprocess.Popen", LatePopen)
+    family = ProcessFamily(tmp_path)
+    family.start("daemon", _spawner(SLEEP, then="pass"))
+    child = _child_pid(family, "daemon")
+    assert [m.pid for m in family.members()] == [child]
+    assert [m.pid for m in family.stop()] == [child]
+    assert not _running(child)
+
+
 def test_a_child_in_its_own_session_is_found_by_its_parent(tmp_path):
     setsid = "import os, time; os.setsid(); time.sleep(300)"
     with ProcessFamily(tmp_path) as family:
