@@ -49,9 +49,10 @@ from snake_flower.deploy.loopback import BIN, QUIET_ENV, LoopbackDeployment, run
 from snake_flower.runtime.flower_patches import STOCK_ENV
 
 ARMS = {"stock": {"launcher": False, "fast-poll": False, "env": {STOCK_ENV: "1"}},
-        "fast-poll": {"launcher": False, "fast-poll": True, "env": {}},
-        "launcher": {"launcher": True, "fast-poll": True, "env": {}}}
-"""Each arm's nodes (launcher or stock ``flower-supernode``), ServerApp polling and extra environment."""
+        "fast-poll": {"launcher": False, "fast-poll": True, "env": {STOCK_ENV: "0"}},
+        "launcher": {"launcher": True, "fast-poll": True, "env": {STOCK_ENV: "0"}}}
+"""Each arm's nodes (launcher or stock ``flower-supernode``), ServerApp polling and environment
+(``SNAKE_FLOWER_STOCK_FLOWER=0``: patches allowed, whatever the bench's own environment says)."""
 
 
 def overrides(hops: int) -> dict:
