@@ -28,9 +28,13 @@ that every run ends with the same model, and (unless ``--no-in-process``) that i
 model the same run gives in the Ray simulation (``snake-flower run``). The load average is
 recorded before and after each run. ``--json OUT`` writes ``{"arms": {"stock":
 {"median_hop_s": ..., "median_train_s": ..., "overhead_s": ..., "hops": N, ...},
-"fast-poll": {...}, "launcher": {...}}, "runs": [...], ...}``.
+"fast-poll": {...}, "launcher": {...}}, "runs": [...], ...}``. ``--timeline`` also times the
+calls that cut a hop into stages (``STAGES``: the server's push, the message at the node, the
+ClientApp's pull, the node's work before and after training, the reply's way back) in every
+process of a run, and adds each arm's median stages.
 
     python experiments/bench_deploy.py --hops 8 --repeats 2 --json experiments/bench_deploy.json
+    python experiments/bench_deploy.py --arms launcher --repeats 1 --no-in-process --timeline
 """
 
 from __future__ import annotations
