@@ -161,7 +161,8 @@ def hop_stages(log: Path) -> list[dict[str, float]]:
             continue
         configured = [c for c in calls if c[3] == "SnakeStrategy.configure_train" and c[1] <= began]
         merged = [c for c in calls if c[3] == "SnakeStrategy.merge" and c[0] >= ended]
-        inside = [c for c in calls if began <= c[0] <= ended and c[3] != HOP]
+        # a call that ends inside the hop: the SuperNode's poll may start just before the push
+        inside = [c for c in calls if c[0] <= ended and began <= c[1] and c[3] != HOP]
         marks = {"SnakeStrategy.configure_train": configured[-1] if configured else None,
                  "SnakeStrategy.merge": merged[0] if merged else None}
         for start, end, cpu, call in inside:
