@@ -7,8 +7,9 @@ SuperExec (``deploy/warm_executor.py``) that forks each ClientApp task from a fo
 which already imported torch and the app and read the node's data. Before the SuperNode
 starts, its idle poll of the SuperLink (3 s) is capped at ``--poll-interval``, its waits for a
 ClientApp's reply (0.5 s, looks at its own memory) at 5 ms, and the object-pull back-off runs
-from 0.02 to 0.05 s instead of from 1 to 10 s (``runtime/flower_patches.py``); the SuperExec
-polls for tasks at ``--poll-interval`` (Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
+from 0.02 to 0.05 s instead of from 1 to 10 s (``runtime/flower_patches.py``). The SuperExec
+asks for a task as soon as the SuperNode has stored a message (the SuperNode writes to a pipe
+the SuperExec waits on, ``task_wakeup``), and otherwise every ``--poll-interval``.
 
 The patches hold only for the flwr versions in ``runtime/flower_fingerprints.py``. With any
 other (or a changed patched function) the launcher logs one warning line and runs stock
@@ -27,8 +28,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from snake_flower.deploy.warm_executor import TASK_WAIT_ENV, WAKEUP_FD_ENV
 from snake_flower.runtime.flower_patches import (
     STOCK_ENV,
     STOCK_RUNS,
@@ -148,8 +150,29 @@ def _node_config_error(text: str | None) -> str | None:
     return None
 
 
-def _start_superexec_when_listening(command: list[str], env: dict[str, str], address: str) -> None:
-    """Start the SuperExec once the SuperNode's Runtime API accepts connections (as Flower does)."""
+def task_wakeup() -> tuple[int, Callable[[], None]]:
+    """A pipe from the SuperNode to its SuperExec: its read end, and what wakes the SuperExec.
+
+    The SuperNode calls the second once it stored a message and made its task
+    (``flower_patches.CappedTime``); the SuperExec, which inherits the read end, then asks for
+    the task at once instead of at its next poll. A full pipe or a gone SuperExec is ignored:
+    the SuperExec still polls every ``--poll-interval``.
+    """
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+
+    def wake() -> None:
+        try:
+            os.write(write, b"!")
+        except OSError:  # full (it is woken already) or closed (the SuperExec is gone)
+            pass
+    return read, wake
+
+
+def _start_superexec_when_listening(command: list[str], env: dict[str, str], address: str,
+                                    pass_fds: Sequence[int] = ()) -> None:
+    """Start the SuperExec once the SuperNode's Runtime API accepts connections (as Flower does);
+    it inherits ``pass_fds``."""
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + SUPEREXEC_START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -158,7 +181,7 @@ def _start_superexec_when_listening(command: list[str], env: dict[str, str], add
                 break
         except OSError:
             time.sleep(0.05)
-    subprocess.Popen(command, env=env)  # noqa: S603 - our own interpreter and module
+    subprocess.Popen(command, env=env, pass_fds=tuple(pass_fds))  # noqa: S603 - our own interpreter and module
 
 
 def main(argv: Sequence[str]) -> int:
@@ -189,13 +212,18 @@ def main(argv: Sequence[str]) -> int:
     if (error := _node_config_error(flower.node_config)) is not None:  # it would fail every hop
         print(f"snake-flower supernode: error: {error}", file=sys.stderr)
         return 2
-    env = {**os.environ, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(args.poll_interval)}
+    wake_read, wake = task_wakeup()
+    # Flower's own task poll at its shortest: the SuperExec waits in its executor instead, until
+    # woken (a message stored) or for at most --poll-interval (deploy/warm_executor.py)
+    env = {**os.environ, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(POLL_RANGE[0]),
+           WAKEUP_FD_ENV: str(wake_read), TASK_WAIT_ENV: str(args.poll_interval)}
     if (spec := warm_spec(flower, args.warm_config)) is not None:
         env["SNAKE_FLOWER_WARM"] = spec
     command = superexec_command(flower, os.getpid())
-    threading.Thread(target=_start_superexec_when_listening, args=(command, env, runtime_address(flower)),
+    threading.Thread(target=_start_superexec_when_listening,
+                     args=(command, env, runtime_address(flower), (wake_read,)),
                      name="start-warm-superexec", daemon=True).start()
-    patch_supernode_sleeps(args.poll_interval)
+    patch_supernode_sleeps(args.poll_interval, wake=wake)
     patch_object_pulls()
     return _run_flower_supernode([*flower_argv, "--isolation", "process"])
 

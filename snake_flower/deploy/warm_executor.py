@@ -17,16 +17,24 @@ executor.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import select
 import sys
 import time
+from collections.abc import Mapping
 from multiprocessing import forkserver
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND, TaskType
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
 PRELOAD = "snake_flower.deploy.warm_node"
+WAKEUP_FD_ENV = "SNAKE_FLOWER_TASK_WAKEUP_FD"
+"""The read end of the pipe the SuperNode writes to once it stored a message (``deploy/supernode.py``)."""
+TASK_WAIT_ENV = "SNAKE_FLOWER_TASK_WAIT"
+"""The longest the SuperExec waits for that pipe between two asks for a task (``--poll-interval``)."""
 READY = "snake_flower warm SuperExec: forkserver ready"
 """What the SuperExec prints (to the SuperNode's log) once its forkserver has preloaded everything."""
 
@@ -61,17 +69,29 @@ def run_clientapp_task(argv: list[str]) -> None:
 class ForkExecutor:
     """Flower ``Executor`` that forks ClientApp tasks from a warm forkserver.
 
+    Flower's SuperExec loop asks its SuperNode for a task, launches it, sleeps its task poll
+    interval and calls ``reconcile``; with ``wakeup_fd`` that loop runs at Flower's shortest
+    interval (10 ms) and ``reconcile`` waits instead, until the SuperNode writes to the pipe
+    (it stored a message) or for at most ``wait`` seconds: a task is asked for as soon as it
+    exists, and an idle node asks no more often than every ``wait`` seconds.
+
     Parameters
     ----------
     preload : str (default: ``snake_flower.deploy.warm_node``)
         The module the forkserver imports once, before it forks anything.
+    wakeup_fd : int | None (default: None)
+        The read end of the SuperNode's wake-up pipe (``supernode.task_wakeup``); ``None``:
+        ``reconcile`` never waits.
+    wait : float (default: 0.1)
+        The longest ``reconcile`` waits for the pipe, in seconds.
     """
 
-    def __init__(self, preload: str = PRELOAD) -> None:
+    def __init__(self, preload: str = PRELOAD, wakeup_fd: int | None = None, wait: float = 0.1) -> None:
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload([preload])
         self._stock = SubprocessExecutor()
         self._tasks: list[BaseProcess] = []
+        self._wakeup_fd, self._wait = wakeup_fd, wait
 
     def start(self) -> int:
         """Start the forkserver and wait until it has preloaded everything; its PID.
@@ -114,11 +134,26 @@ class ForkExecutor:
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
-        """Collect the exit status of finished tasks (between task polls)."""
+        """Collect the exit status of finished tasks (between task polls); then wait until the
+        SuperNode stored a message, or for at most ``wait`` seconds (with ``wakeup_fd``)."""
         self._tasks = [task for task in self._tasks if task.is_alive()]
+        if self._wakeup_fd is not None and select.select([self._wakeup_fd], [], [], self._wait)[0]:
+            try:
+                os.read(self._wakeup_fd, 4096)  # every wake-up so far: one ask serves them all
+            except BlockingIOError:
+                pass
 
     def close(self) -> None:
         """Nothing to release: running tasks watch the SuperExec's PID, as Flower's do."""
+
+
+def wakeup_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """``ForkExecutor``'s ``wakeup_fd`` and ``wait`` from the launcher's environment (none: no wait)."""
+    if not env.get(WAKEUP_FD_ENV):
+        return {}
+    fd = int(env[WAKEUP_FD_ENV])
+    os.set_blocking(fd, False)
+    return {"wakeup_fd": fd, "wait": float(env.get(TASK_WAIT_ENV, "0.1"))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,9 +166,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from snake_flower.runtime.flower_patches import patch_executor
 
-    executor = ForkExecutor()
+    executor = ForkExecutor(**wakeup_from_env(os.environ))
     if patch_executor(executor):
         executor.start()
+    elif TASK_WAIT_ENV in os.environ:  # Flower's own loop polls: at --poll-interval, not at 10 ms
+        os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = os.environ[TASK_WAIT_ENV]
     sys.argv = ["flower-superexec", *(sys.argv[1:] if argv is None else argv)]
     flower_superexec()
 

@@ -6,7 +6,9 @@ first 16 hex digits of the sha256 of its ``inspect.getsource``; for a constant: 
 (``pip download --no-deps flwr==1.42.0``); the two differ only in ``run_superexec``
 (1.41.0 passes a tracing ``traceparent`` to ``launch_task``); ``in_memory_linkstate.py``, which
 the pickup patch reads, is byte for byte the same in both wheels, and so are ``inflatable_utils.py``,
-``array.py`` and ``arraychunk.py``, which the message-inflate patch reads. To check a new version,
+``array.py`` and ``arraychunk.py``, which the message-inflate patch reads. The fab-install
+patch (``flower_patches.OPTIONAL``) was read on 1.42.0 alone, with 1.42.0 installed; 1.41.0
+runs without it. To check a new version,
 print ``flower_patches.fingerprint(ref)`` for every ref, read the changed functions, and add
 the version here only if every patch still does what its docstring says.
 """
@@ -70,7 +72,14 @@ _FLWR_1_41_0 = {
 
 CHECKED: dict[str, dict[str, str]] = {
     "1.41.0": _FLWR_1_41_0,
+    # the FAB installed once (flower_patches.OPTIONAL) was read on 1.42.0 only
     "1.42.0": {**_FLWR_1_41_0,
+               'flwr.cli.install:install_from_fab':
+                   '(fab_file: pathlib.Path | bytes, install_dir: pathlib.Path | None = None, skip_prompt: bool = False) -> pathlib.Path sha256:481bd04cde582322',
+               'flwr.cli.install:validate_and_install':
+                   '(project_dir: pathlib.Path, fab_hash: str, fab_name: str | None, install_dir: pathlib.Path | None, skip_prompt: bool = False) -> pathlib.Path sha256:628b69fb852ae858',
+               'flwr.supercore.utils:get_flwr_home': '() -> pathlib.Path sha256:976b70dd0d24ea06',
+               'flwr.common.constant:APP_DIR': "'apps'",
                'flwr.supercore.superexec.run_superexec:run_superexec':
                    "(runtime_api_address: str, insecure: bool, root_certificates_path: str | None = None, superexec_auth_secret: bytes | None = None, plugin_config: dict[str, typing.Any] | None = None, parent_pid: int | None = None, health_server_address: str | None = None, runtime_dependency_install: bool = False, executor_type: flwr.supercore.constant.ExecutorType = <ExecutorType.SUBPROCESS: 'subprocess'>, executor_config: dict[str, object] | None = None) -> None sha256:91e7a33c5b898f33"},
 }

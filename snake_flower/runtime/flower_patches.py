@@ -15,6 +15,9 @@ Flower's deployment runtime waits, and holds more than it needs, in places no fl
   (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``);
 - a ClientApp inflates a received message with ``inflate_object_from_contents``, which keeps
   every chunk of every array until the whole message is built: the message twice in memory;
+- a ClientApp extracts and checks its whole FAB again for every message
+  (``install_from_fab`` in ``flwr.supernode.runtime.run_clientapp``), though the app is
+  installed already (about 40 ms of CPU a task for this app);
 - and one fault, not a wait: a ClientApp actor that dies in the Ray simulation (killed by
   Ray's memory monitor, a crash) is put back into the actor pool
   (``BasicActorPool.fetch_result_and_return_actor_to_pool``), and every message it is given
@@ -22,7 +25,8 @@ Flower's deployment runtime waits, and holds more than it needs, in places no fl
 
 Each ``patch_*`` function below changes exactly one of these in the calling process, after
 checking that the installed flwr is a version in ``CHECKED`` whose patched functions still
-have the recorded signature and source (``flower_fingerprints``). Patches degrade, they never
+have the recorded signature and source (``flower_fingerprints``); a patch in ``OPTIONAL``,
+recorded for some checked versions only, is left out quietly on the others. Patches degrade, they never
 break: on any other flwr, or if one target changed, the process logs one warning line
 (``degraded``: the version, the reason, what is lost) and from then on every patch in it is
 a no-op and stock Flower runs, slower and with the dead-actor fault. ``SNAKE_FLOWER_STOCK_FLOWER=1``
@@ -95,11 +99,18 @@ MESSAGE_INFLATE = ("flwr.supercore.inflatable.inflatable_utils:inflate_object_fr
                    "flwr.supercore.inflatable.inflatable_object:get_object_head_values_from_object_content",
                    "flwr.app.message.array:Array.inflate",
                    "flwr.app.message.arraychunk:ArrayChunk.inflate")
+FAB_INSTALL = ("flwr.cli.install:install_from_fab", "flwr.cli.install:validate_and_install",
+               "flwr.supercore.utils:get_flwr_home", "flwr.common.constant:APP_DIR",
+               "flwr.supernode.runtime.run_clientapp:run_clientapp")
 RAY_ACTORS = ("flwr.simulation.ray_transport.ray_actor:BasicActorPool.fetch_result_and_return_actor_to_pool",
               "flwr.simulation.ray_transport.ray_actor:BasicActorPool.add_actor_back_to_pool",
               "flwr.server.superlink.fleet.vce.backend.raybackend:RayBackend.process_message")
 PATCHES = {"pickup": PICKUP, "supernode-sleeps": SUPERNODE_SLEEPS, "object-pulls": OBJECT_PULLS,
-           "message-inflate": MESSAGE_INFLATE, "executor": EXECUTOR, "ray-actors": RAY_ACTORS}
+           "message-inflate": MESSAGE_INFLATE, "executor": EXECUTOR, "ray-actors": RAY_ACTORS,
+           "fab-install": FAB_INSTALL}
+OPTIONAL = ("fab-install",)
+"""Patches recorded for some checked versions only: on the others they are left out, quietly
+(the version was checked; only these patches were not read on it), and the rest apply."""
 
 
 class UncheckedFlower(ConfigError):
@@ -179,6 +190,15 @@ def stock_reason(*patches: str) -> str | None:
     except Exception as err:  # noqa: BLE001 - UncheckedFlower, or an flwr nobody read: stock Flower runs
         return str(err) if isinstance(err, UncheckedFlower) else f"checking flwr failed ({type(err).__name__})"
     return None
+
+
+def recorded(patch: str) -> bool:
+    """Were all of ``patch``'s targets recorded for the installed flwr (``flower_fingerprints``)?
+
+    Every patch is, on every checked version, except some of ``OPTIONAL``.
+    """
+    found = CHECKED.get(flwr_version(), {})
+    return all(ref in found for ref in PATCHES[patch])
 
 
 def reset_checks() -> None:
@@ -359,28 +379,39 @@ class CappedTime:
     (the idle poll, a request to the SuperLink), and 0.5 s between looks at the node's own
     in-memory state while a ClientApp works (its reply, then its reply's objects). The
     first is capped at ``cap``; the second, which costs no request, at ``local_cap``.
+
+    The first look after an idle poll (or the node's first look ever) means that a message
+    and its objects were just stored, and a task made for it: ``wake`` (if given) is called
+    then, once, so that the SuperExec need not wait for its next task poll.
     """
 
-    def __init__(self, cap: float, local_cap: float = LOCAL_WAIT) -> None:
-        self.cap, self.local_cap = cap, min(local_cap, cap)
+    def __init__(self, cap: float, local_cap: float = LOCAL_WAIT,
+                 wake: Callable[[], None] | None = None) -> None:
+        self.cap, self.local_cap, self.wake = cap, min(local_cap, cap), wake
+        self._idle = True
 
     def sleep(self, seconds: float) -> None:
         """``time.sleep`` for at most ``cap`` (idle poll) or ``local_cap`` seconds (under 1 s)."""
-        time.sleep(min(seconds, self.cap if seconds >= 1.0 else self.local_cap))
+        local = seconds < 1.0
+        if local and self._idle and self.wake is not None:
+            self.wake()
+        self._idle = not local
+        time.sleep(min(seconds, self.local_cap if local else self.cap))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
 
-def patch_supernode_sleeps(cap: float, local_cap: float = LOCAL_WAIT) -> bool:
+def patch_supernode_sleeps(cap: float, local_cap: float = LOCAL_WAIT,
+                           wake: Callable[[], None] | None = None) -> bool:
     """Cap the SuperNode's idle poll (3 s) at ``cap`` and its waits for a ClientApp's reply
-    (0.5 s) at ``local_cap`` seconds.
+    (0.5 s) at ``local_cap`` seconds; call ``wake`` once a message is stored.
 
     ``start_client_internal`` imports ``time`` at module level; it gets its own ``time``
     whose ``sleep`` is capped (``CappedTime``), and nothing else in the process changes.
     """
     def apply() -> None:
-        importlib.import_module("flwr.supernode.start_client_internal").time = CappedTime(cap, local_cap)
+        importlib.import_module("flwr.supernode.start_client_internal").time = CappedTime(cap, local_cap, wake)
     return _apply("supernode-sleeps", apply, f"SuperNode idle poll capped at {cap:g} s, "
                   f"reply waits at {min(cap, local_cap):g} s")
 
@@ -425,19 +456,70 @@ def patch_message_inflate() -> bool:
     return _apply("message-inflate", apply, "a received message's chunks freed as its arrays are built")
 
 
+# -- the FAB, installed again by every ClientApp -------------------------------------------
+
+INSTALLED = ".snake_flower-installed"
+"""Under Flower's apps folder: one file per FAB installed (named by its whole sha256), holding the
+folder Flower installed it in."""
+
+
+def installing_once(install: Callable[..., Any]) -> Callable[..., Any]:
+    """Flower's ``install_from_fab``, skipped for a FAB this node installed before.
+
+    Flower's ClientApp process calls ``install_from_fab(fab bytes, skip_prompt=True)`` for every
+    message: it hashes the FAB, extracts every file into a temporary folder, checks each file's
+    hash, reads the project's ``pyproject.toml`` and, finding the app folder installed already,
+    returns it (about 40 ms of CPU and 60 file writes for this app). The first install of a FAB
+    writes a marker named by the FAB's whole sha256 (``INSTALLED``) after Flower's own checks
+    passed; a later task whose FAB has the same sha256, and whose app folder is still there,
+    returns that folder at once. Any other call is Flower's.
+    """
+    def install_from_fab(fab_file: Any, install_dir: Any = None, skip_prompt: bool = False) -> Any:
+        if not isinstance(fab_file, bytes) or install_dir is not None or not skip_prompt:
+            return install(fab_file, install_dir, skip_prompt)
+        from pathlib import Path
+
+        from flwr.common.constant import APP_DIR
+        from flwr.supercore.utils import get_flwr_home
+
+        marker = get_flwr_home() / APP_DIR / INSTALLED / sha256(fab_file).hexdigest()
+        if marker.is_file() and (installed := Path(marker.read_text())).is_dir():
+            return installed
+        installed = install(fab_file, install_dir, skip_prompt)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        partial = marker.with_name(f"{marker.name}.{os.getpid()}")
+        partial.write_text(str(installed))
+        partial.replace(marker)  # whole or absent, for a task reading it at the same time
+        return installed
+
+    install_from_fab.installs_once = True
+    return install_from_fab
+
+
+def patch_fab_install() -> bool:
+    """Let this process's ClientApp runtime skip installing a FAB it installed before."""
+    def apply() -> None:
+        module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+        if not getattr(module.install_from_fab, "installs_once", False):
+            module.install_from_fab = installing_once(module.install_from_fab)
+    return _apply("fab-install", apply, "a FAB installed before is not extracted and checked again")
+
+
 CLIENTAPP_PATCHES = ("object-pulls", "message-inflate")
 
 
 def patch_clientapp_process() -> bool:
-    """The patches a ClientApp process of a node runs with: object pulls and message inflation.
+    """The patches a ClientApp process of a node runs with: object pulls, message inflation and,
+    where recorded for the installed flwr, the FAB installed once.
 
     The node launcher's forkserver (``deploy/warm_node.py``) applies them before it forks a
     ClientApp, and ``snake-flower memory --measure``'s node process (``harness/measure_node.py``)
     applies the same, so that it measures what a launcher's ClientApp holds.
     """
-    if not patches_on(*CLIENTAPP_PATCHES):  # both checked before either is applied
+    optional = tuple(patch for patch in ("fab-install",) if recorded(patch))
+    if not patches_on(*CLIENTAPP_PATCHES, *optional):  # all checked before any is applied
         return False
-    return patch_object_pulls() and patch_message_inflate()
+    return patch_object_pulls() and patch_message_inflate() and all(patch_fab_install() for _ in optional)
 
 
 # -- the SuperExec's executor --------------------------------------------------------------

@@ -117,3 +117,30 @@ def test_int8_windows_of_the_fashion_mnist_cnn_are_over_3x_smaller(window, ratio
     record = ArrayRecord({k: v for name in window for k, v in model.state_dict().items() if k in keys[name]})
     fp32, int8 = (array_record_to_proto(encode(record, p)).ByteSize() for p in ("fp32", "int8"))
     assert fp32 / int8 >= ratio  # 3.18, 3.60, 3.82
+
+
+STOCK_CLIENTAPP = """
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supernode import start_client_internal
+from flwr.supernode.runtime import run_clientapp
+flower = (inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"], inflatable_utils.inflate_object_from_contents,
+          run_clientapp.install_from_fab, start_client_internal.time)
+import snake_flower.client_app  # what a stock flwr-clientapp loads, once per message
+after = (inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"], inflatable_utils.inflate_object_from_contents,
+         run_clientapp.install_from_fab, start_client_internal.time)
+print(flower == after)
+"""
+
+
+def test_loading_the_clientapp_patches_nothing_in_a_stock_flower_process():
+    """A stock node (``flower-supernode``) runs stock Flower with this app: only the launcher,
+    the ServerApp (``fast-poll``) and the simulation patch Flower (``bench_deploy.py``'s arms)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("SNAKE_FLOWER_STOCK_FLOWER", "SNAKE_FLOWER_WARM")}
+    done = subprocess.run([sys.executable, "-c", STOCK_CLIENTAPP], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]

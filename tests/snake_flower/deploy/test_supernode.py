@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from flwr.supercore.constant import TaskType
@@ -21,7 +22,7 @@ from snake_flower import cli
 from snake_flower.deploy import supernode
 from snake_flower.deploy.loopback import DeploymentError, LoopbackDeployment
 from snake_flower.deploy.processes import alive
-from snake_flower.deploy.warm_executor import READY, clientapp_argv
+from snake_flower.deploy.warm_executor import READY, TASK_WAIT_ENV, WAKEUP_FD_ENV, ForkExecutor, clientapp_argv
 from snake_flower.runtime import flower_patches
 from snake_flower.runtime.flower_patches import FAKE_VERSION_ENV, STOCK_ENV, STOCK_RUNS
 
@@ -39,7 +40,8 @@ def no_supernode(monkeypatch):
     for patch in ("supernode-sleeps", "object-pulls", "executor"):  # checked before the stand-ins go in
         flower_patches.check(patch)
     monkeypatch.setattr(flower_supernode, "flower_supernode", lambda: calls.append(list(sys.argv)))
-    monkeypatch.setattr(supernode, "patch_supernode_sleeps", lambda cap: calls.append(["sleeps", cap]))
+    monkeypatch.setattr(supernode, "patch_supernode_sleeps",
+                        lambda cap, wake: calls.append(["sleeps", cap]) or calls.append(["wake", wake]))
     monkeypatch.setattr(supernode, "patch_object_pulls", lambda: calls.append(["pulls"]))
     monkeypatch.setattr(supernode.threading, "Thread", lambda **kw: calls.append(["superexec", *kw["args"]])
                         or type("T", (), {"start": lambda self: None})())
@@ -50,14 +52,18 @@ def no_supernode(monkeypatch):
 def test_every_flower_argument_passes_through_with_process_isolation(no_supernode):
     args = [*NODE, "--insecure", "--max-retries", "3"]
     assert cli.main(["supernode", "--poll-interval", "0.05", *args]) == 0
-    superexec, sleeps, pulls, flower = no_supernode
+    superexec, sleeps, (_, wake), pulls, flower = no_supernode
     assert flower == ["flower-supernode", *args, "--isolation", "process"]
     assert sleeps == ["sleeps", 0.05] and pulls == ["pulls"]
-    command, env, address = superexec[1:]
+    command, env, address, pass_fds = superexec[1:]
     assert address == "127.0.0.1:9301"  # Flower's default host binds every address; the SuperExec dials loopback
     assert command[1:4] == ["-m", "snake_flower.deploy.warm_executor", "--insecure"]
     assert command[command.index("--runtime-api-address") + 1] == address
-    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.05"
+    # Flower's loop at its shortest; the executor waits for the SuperNode's wake-up, or --poll-interval
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.01" and env[TASK_WAIT_ENV] == "0.05"
+    assert pass_fds == (int(env[WAKEUP_FD_ENV]),)
+    wake()  # what the SuperNode does once it stored a message: the SuperExec's end can read it
+    assert os.read(pass_fds[0], 16) == b"!"
     assert json.loads(env["SNAKE_FLOWER_WARM"]) == {"run-config": "", "partition-id": 1, "num-partitions": 3}
 
 
@@ -172,3 +178,20 @@ def test_a_loopback_deployment_waits_for_a_warm_node_and_fails_on_one_that_exits
 def test_a_loopback_superlink_keeps_its_state_in_a_file_or_in_memory(tmp_path):
     assert "--database" in LoopbackDeployment(tmp_path).superlink_command()
     assert "--database" not in LoopbackDeployment(tmp_path, in_memory=True).superlink_command()  # Flower's default
+
+
+def test_the_superexec_asks_for_a_task_as_soon_as_the_supernode_wakes_it():
+    """Between two asks ``reconcile`` waits for the pipe, at most ``wait`` seconds: no poll delay
+    when the SuperNode stored a message, and an idle node asks every ``wait`` seconds."""
+    read, wake = supernode.task_wakeup()
+    executor = ForkExecutor(wakeup_fd=read, wait=2.0)
+    os.set_blocking(read, False)
+    wake()
+    wake()  # two wake-ups before one ask: one ask serves both
+    started = time.monotonic()
+    executor.reconcile()
+    assert time.monotonic() - started < 1.0
+    idle = ForkExecutor(wakeup_fd=read, wait=0.05)
+    started = time.monotonic()
+    idle.reconcile()  # nothing written since: it waits its longest, and no more
+    assert 0.04 <= time.monotonic() - started < 1.0

@@ -19,6 +19,7 @@ from flwr.simulation.ray_transport import ray_actor
 from flwr.supercore import constant
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.supernode import start_client_internal
+from flwr.supernode.runtime import run_clientapp
 
 from snake_flower.runtime import flower_patches
 from snake_flower.runtime.flower_fingerprints import CHECKED
@@ -45,6 +46,7 @@ from snake_flower.runtime.flower_patches import (
 
 PULLERS = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
 FLOWER_INFLATE = inflatable_utils.inflate_object_from_contents
+FLOWER_INSTALL = run_clientapp.install_from_fab
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +58,7 @@ def fresh_checks(monkeypatch):
         monkeypatch.setattr(function, "__kwdefaults__", dict(function.__kwdefaults__))
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
     monkeypatch.setattr(inflatable_utils, "inflate_object_from_contents", FLOWER_INFLATE)
+    monkeypatch.setattr(run_clientapp, "install_from_fab", FLOWER_INSTALL)
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
     monkeypatch.setattr(ray_actor.BasicActorPool, "fetch_result_and_return_actor_to_pool",
                         ray_actor.BasicActorPool.fetch_result_and_return_actor_to_pool)
@@ -73,6 +76,7 @@ def flower_untouched() -> bool:
     """Are the functions and modules the patches change still Flower's own?"""
     return (all(f.__kwdefaults__["initial_backoff"] == 1 for f in PULLERS) and start_client_internal.time is time
             and inflatable_utils.inflate_object_from_contents is FLOWER_INFLATE
+            and run_clientapp.install_from_fab is FLOWER_INSTALL
             and vce_api.add_messages_to_queue is not add_messages_to_queue_quickly
             and ray_actor.BasicActorPool.fetch_result_and_return_actor_to_pool
             is not flower_patches.fetch_result_replacing_dead_actors)
@@ -305,3 +309,43 @@ def test_the_supernode_looks_at_its_own_state_more_often_than_it_polls_the_super
     CappedTime(0.1).sleep(0.5)  # waiting for a ClientApp's reply: a look at the node's memory
     CappedTime(0.002).sleep(0.5)  # never longer than the poll interval
     assert slept == [0.1, LOCAL_WAIT, 0.002] and LOCAL_WAIT <= 0.01
+
+
+def test_the_supernode_wakes_its_superexec_once_per_stored_message(monkeypatch):
+    """The first look at its own state after an idle poll: a message was stored, its task made."""
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    woken = []
+    capped = CappedTime(0.1, wake=lambda: woken.append(len(woken)))
+    for seconds in (3, 3, 0.5, 0.5, 0.5, 3, 0.5, 0.5):  # idle, a message, idle, the next message
+        capped.sleep(seconds)
+    assert woken == [0, 1]
+
+
+def test_a_fab_installed_before_is_not_extracted_again(monkeypatch, tmp_path):
+    """Flower extracts and checks the whole FAB in every ClientApp task; once is enough per FAB."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    calls = []
+
+    def install(fab_file, install_dir=None, skip_prompt=False):  # Flower's: the folder it installed in
+        calls.append(fab_file)
+        folder = tmp_path / "apps" / f"app-{len(calls)}"
+        folder.mkdir(parents=True)
+        return folder
+    monkeypatch.setattr(run_clientapp, "install_from_fab", install)
+    assert patch_clientapp_process()
+    once = run_clientapp.install_from_fab
+    first = once(b"fab one", skip_prompt=True)
+    assert once(b"fab one", skip_prompt=True) == first and calls == [b"fab one"]  # the second task
+    assert once(b"fab two", skip_prompt=True) != first and calls == [b"fab one", b"fab two"]
+    first.rmdir()  # the app folder is gone: Flower installs it again
+    assert once(b"fab one", skip_prompt=True) != first and len(calls) == 3
+    once(tmp_path / "a.fab", skip_prompt=True)  # any other call is Flower's
+    assert len(calls) == 4
+
+
+def test_a_patch_recorded_for_one_checked_version_only_is_left_out_quietly_on_the_other(monkeypatch, caplog):
+    monkeypatch.setenv(FAKE_VERSION_ENV, "1.41.0")
+    assert not flower_patches.recorded("fab-install") and flower_patches.recorded("message-inflate")
+    assert patch_clientapp_process()  # the version was checked: its other patches apply, without a warning
+    assert run_clientapp.install_from_fab is FLOWER_INSTALL
+    assert PULLERS[0].__kwdefaults__["initial_backoff"] == 0.02 and not warnings_logged(caplog)

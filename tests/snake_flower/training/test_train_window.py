@@ -61,3 +61,39 @@ def test_train_window_takes_dict_batches_and_restores_requires_grad():
     assert [p.requires_grad for p in model.parameters()].count(False) == 1
     with pytest.raises(ValueError, match="a dict batch needs an input key"):
         train_window(model, [next(iter(segments))], [{"pixels": x, "label": y}], segments=segments)
+
+
+FRESH_PROCESS = """
+import sys, time
+import torch
+from torch import nn
+from snake_flower.training import loop
+
+assert "torch._dynamo" not in sys.modules, "imported before the first hop: nothing to test"
+seen = []
+
+class Clock:
+    def perf_counter(self):
+        seen.append("torch._dynamo" in sys.modules)
+        return time.perf_counter()
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+loop.time = Clock()
+model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+loop.train_window(model, ["0"], (x, y), local_steps=2, batch_size=8, kd_weight=0.0)
+print(seen[0])
+"""
+
+
+def test_train_window_clock_starts_after_torchs_lazy_import():
+    """A fresh process's first optimizer imports ``torch._dynamo`` (a stock ClientApp's every
+    hop): it happens before ``train-seconds`` starts, so the clock times the training alone."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
