@@ -26,9 +26,13 @@ It reports:
   after the same hops against an in-process grid of as many nodes, allocated by the
   ``strategies`` package (``tracemalloc``), divided by the number of nodes.
 
-With ``--repeats R`` every size runs R times, the sizes interleaved (10, 100, ..., 10, 100,
-...) so that a noisy spell of a shared machine does not fall on one size alone; each figure
-is then the median of its R runs (every run's figures are kept under ``runs``).
+With ``--repeats R`` every size runs R times, the sizes interleaved and their order reversed
+every other repeat (10, 100, ..., 10000, 10000, ..., 100, 10, ...) so that a noisy spell of a
+shared machine, or a drift, does not fall on one size alone; each figure is then the median of
+its R runs (every run's figures are kept under ``runs``, each with the machine's load average
+as it started). The ratios of the largest size to the smallest are given twice: of their
+medians (``ratios_...``), and as the median of each repeat's ratio (``paired_ratios_...``:
+both sizes of a repeat ran within a few minutes of each other).
 
     python experiments/bench_scale.py --json results/bench_scale.json
     python experiments/bench_scale.py --repeats 3 --json results/bench_scale.json
@@ -108,6 +112,7 @@ def hop_figures(rounds: list[dict[str, Any]]) -> dict[str, float]:
 def simulated(nodes: int, hops: int, discovery: str, out: Path) -> dict[str, float]:
     """One simulated run of ``hops`` hops over ``nodes`` nodes, in a fresh process."""
     overrides = OVERRIDES.format(hops=hops, discovery=discovery, nodes=nodes)
+    load = float(Path("/proc/loadavg").read_text().split()[0])
     done = subprocess.run([sys.executable, "-c", CHILD, str(nodes), overrides, str(out)],
                           check=True, capture_output=True, text=True)
     measured = json.loads(done.stdout.strip().splitlines()[-1])
@@ -123,7 +128,7 @@ def simulated(nodes: int, hops: int, discovery: str, out: Path) -> dict[str, flo
     if not figures["relistings"]:
         sys.exit(f"the {nodes}-node run listed its nodes again in none of its measured hops")
     return {"server_peak_rss_bytes": measured["peak"], "server_baseline_rss_bytes": measured["baseline"],
-            **figures}
+            **figures, "load_1m": load}
 
 
 class EchoGrid:
@@ -188,7 +193,12 @@ def strategy_bytes(nodes: int, hops: int, discovery: str) -> int:
     return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
-def describe(nodes: int, row: dict[str, Any]) -> str:
+def paired_ratios(base: list[dict[str, Any]], top: list[dict[str, Any]]) -> dict[str, float]:
+    """The median over repeats of each repeat's ``top`` figure over its ``base`` figure, per ``RATIOS`` key."""
+    return {key: round(statistics.median(t[key] / b[key] for b, t in zip(base, top)), 3) for key in RATIOS}
+
+
+def describe(row: dict[str, Any]) -> str:
     """One size's figures on one line."""
     relist = f"{row['list_s']:.4f} s" if row["list_s"] is not None else "none"
     return (f"peak RSS {row['server_peak_rss_bytes'] / 2**20:.0f} MiB "
@@ -221,11 +231,11 @@ def main() -> None:
                      f"{STEPS} steps would not all be full batches of {BATCH}")
     runs: dict[str, list[dict[str, float]]] = {str(nodes): [] for nodes in sizes}
     for repeat in range(args.repeats):
-        for nodes in sizes:
+        for nodes in sizes if repeat % 2 == 0 else sizes[::-1]:
             with tempfile.TemporaryDirectory() as tmp:
                 row = simulated(nodes, hops, args.rank_discovery, Path(tmp))
             runs[str(nodes)].append(row)
-            print(f"run {repeat + 1}/{args.repeats}, {nodes:>6} nodes: {describe(nodes, row)}", flush=True)
+            print(f"run {repeat + 1}/{args.repeats}, {nodes:>6} nodes: {describe(row)}", flush=True)
     results: dict[str, dict[str, Any]] = {}
     for nodes in sizes:
         done = runs[str(nodes)]
@@ -235,15 +245,18 @@ def main() -> None:
         row.update(examples_per_node=examples[nodes], strategy_bytes=held,
                    strategy_bytes_per_node=round(held / nodes, 1))
         results[str(nodes)] = row
-        print(f"{nodes:>6} nodes (median of {args.repeats}): {describe(nodes, row)}, "
+        print(f"{nodes:>6} nodes (median of {args.repeats}): {describe(row)}, "
               f"strategy {row['strategy_bytes_per_node']:.0f} B/node", flush=True)
     base, top = results[str(sizes[0])], results[str(sizes[-1])]
     ratios = {key: round(top[key] / base[key], 3) for key in RATIOS}
-    print(f"{sizes[-1]} against {sizes[0]} nodes: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    paired = paired_ratios(runs[str(sizes[0])], runs[str(sizes[-1])])
+    print(f"{sizes[-1]} against {sizes[0]} nodes: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+          + "; paired: " + ", ".join(f"{k} {v:.2f}x" for k, v in paired.items()))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     work = {"task": TASK, "local_steps": STEPS, "batch_size": BATCH, "rank_discovery": args.rank_discovery}
     Path(args.json).write_text(json.dumps({"hops": hops, "repeats": args.repeats, "work": work, "nodes": results,
-                                           f"ratios_{sizes[-1]}_vs_{sizes[0]}": ratios, "runs": runs},
+                                           f"ratios_{sizes[-1]}_vs_{sizes[0]}": ratios,
+                                           f"paired_ratios_{sizes[-1]}_vs_{sizes[0]}": paired, "runs": runs},
                                           indent=2) + "\n")
 
 

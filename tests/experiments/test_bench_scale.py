@@ -41,3 +41,10 @@ def test_only_sizes_whose_batches_are_all_full_are_measured(examples, full):
 
 def test_the_task_gives_full_batches_at_10000_nodes():
     assert bench.full_batches(bench.smallest_partition(10_000))
+
+
+def test_paired_ratios_compare_the_sizes_of_each_repeat():
+    keys = dict.fromkeys(bench.RATIOS[:-1], 1.0)
+    base = [{**keys, "first_hop_s": hop} for hop in (10.0, 10.0, 20.0)]
+    top = [{**keys, "first_hop_s": hop} for hop in (11.0, 20.0, 20.0)]  # the middle repeat's top ran slow
+    assert bench.paired_ratios(base, top) == {**keys, "first_hop_s": 1.1}
