@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Mapping
 from functools import partial
 from logging import INFO, WARNING
@@ -59,8 +60,9 @@ def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        started = time.time()  # the rows' wall_s count from here, the task's data loading included
         try:
-            run(grid, resolve(config if config is not None else context.run_config))
+            run(grid, resolve(config if config is not None else context.run_config), started=started)
         finally:
             if not _deployed(grid):  # simulated nodes share this machine's cache: their copies go
                 NodeStore(run_state_dir(None, context.run_id)).remove()
@@ -68,14 +70,18 @@ def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
     return server_app
 
 
-def run(grid: Grid, config: RunConfig) -> dict[str, Any]:
-    """Run ``config.strategy`` and write ``<out-dir>/<run name>.json``."""
+def run(grid: Grid, config: RunConfig, started: float | None = None) -> dict[str, Any]:
+    """Run ``config.strategy`` and write ``<out-dir>/<run name>.json``.
+
+    ``started``: the ``time.time()`` the rows' ``wall_s`` count from (the ServerApp's start);
+    by default, once the model is built and the evaluation set loaded.
+    """
     runners = {"snake": run_snake, "relay": run_relay, "fedavg": run_fedavg, "split": run_split}
-    return runners[config.strategy](grid, config)
+    return runners[config.strategy](grid, config, started=started)
 
 
 def _setup(grid: Grid, config: RunConfig, num_rounds: int, poll: float = 0.1,
-           visits_per_round: int = 1):
+           visits_per_round: int = 1, started: float | None = None):
     task = task_for(config)
     model = build_model(task, config.seed)
     if config.fast_poll and _deployed(grid):  # reply objects too: not Flower's 1-10 s back-off
@@ -97,7 +103,7 @@ def _setup(grid: Grid, config: RunConfig, num_rounds: int, poll: float = 0.1,
     if config.eval_samples:  # the first N test examples, the same for every strategy
         x_test, y_test = x_test[:config.eval_samples], y_test[:config.eval_samples]
     recorder = RunRecorder(config.name, config, model, (x_test, y_test), metered, num_rounds, visits_per_round,
-                           score=partial(_score, task, config.eval_batch_size))
+                           score=partial(_score, task, config.eval_batch_size), started=started)
     num_nodes = max(config.min_nodes, len(list(grid.get_node_ids())))
     capacities = NodeCapacities(config.capacity_profile, config.seed, num_nodes, sizer, list(segment_keys(model)))
     return model, metered, recorder, capacities
@@ -136,23 +142,26 @@ def _visit_compute(reported: Mapping[str, Any], step_flops: float) -> dict[str, 
     return {"train_cpu_s": round(compute_s(reported), 4), "train_flops": step_flops * reported.get("steps", 0.0)}
 
 
-def run_relay(grid: Grid, config: RunConfig) -> dict[str, Any]:
+def run_relay(grid: Grid, config: RunConfig, started: float | None = None) -> dict[str, Any]:
     """Sequential full-model training: Snake without windows, in Snake's chain order.
 
     One node per round trains every segment and the next node receives the whole
     model; it separates what Snake gains from training sequentially from what it
     gains from its windows.
     """
-    return run_snake(grid, config, whole_model=True)
+    return run_snake(grid, config, whole_model=True, started=started)
 
 
-def run_snake(grid: Grid, config: RunConfig, whole_model: bool = False) -> dict[str, Any]:
+def run_snake(grid: Grid, config: RunConfig, whole_model: bool = False,
+              started: float | None = None) -> dict[str, Any]:
     """One node trains one window per round (hop); only the window travels back.
 
     The server's state is checkpointed after every hop; ``resume`` continues from it.
-    ``whole_model``: every hop's window is every segment (the relay baseline).
+    ``whole_model``: every hop's window is every segment (the relay baseline). Each row's
+    ``list_s`` is the time its hop spent listing the connected nodes (and asking new ones
+    their rank), ``None`` where the hop went on with the last listing.
     """
-    model, metered, recorder, capacities = _setup(grid, config, config.num_server_rounds)
+    model, metered, recorder, capacities = _setup(grid, config, config.num_server_rounds, started=started)
     segments = swept_segment_keys(model, config)
     window = len(segments) if whole_model else config.window
     task = task_for(config)  # the gate scores merges as the run evaluates (a slice of the held-out data)
@@ -187,6 +196,7 @@ def run_snake(grid: Grid, config: RunConfig, whole_model: bool = False) -> dict[
                 "partitions": [int(reported["partition-id"])] if "partition-id" in reported else [],
                 "segments_sent": hop["segments_sent"], "status": hop["status"],
                 "hop_s": round(hop.get("seconds", 0.0), 4), "bytes_p2p": p2p,
+                "list_s": None if hop.get("list_s") is None else round(hop["list_s"], 6),
                 "train_s": round(float(reported.get("train-seconds", 0.0)), 4),  # the node's, inside hop_s
                 "capacity": capacity.as_dict(), "passed_over": hop.get("passed_over", []),
                 # a failed hop costs the bytes it moved (its compute, if any, is not reported)
@@ -237,11 +247,11 @@ def run_snake(grid: Grid, config: RunConfig, whole_model: bool = False) -> dict[
                           **attack_record(config, len(list(grid.get_node_ids()))))
 
 
-def run_fedavg(grid: Grid, config: RunConfig) -> dict[str, Any]:
+def run_fedavg(grid: Grid, config: RunConfig, started: float | None = None) -> dict[str, Any]:
     """Flower's FedAvg: every node trains every segment; rounds = hops / nodes (equal visits)."""
     nodes = len(wait_for_nodes(grid, config.min_nodes))
     num_rounds = max(1, math.ceil(config.num_server_rounds / nodes))
-    model, metered, recorder, capacities = _setup(grid, config, num_rounds, visits_per_round=nodes)
+    model, metered, recorder, capacities = _setup(grid, config, num_rounds, visits_per_round=nodes, started=started)
     segments = list(segment_keys(model))
     ledgers: list[dict[str, float]] = []
 
@@ -302,11 +312,11 @@ def fedavg_message(config: RunConfig, segments: list[str], num_rounds: int) -> d
             "lr-rounds": num_rounds, "segments-sent": segments, "segment-versions": [0] * len(segments)}
 
 
-def run_split(grid: Grid, config: RunConfig) -> dict[str, Any]:
+def run_split(grid: Grid, config: RunConfig, started: float | None = None) -> dict[str, Any]:
     """Relay split learning: per batch, activations up and gradients down; bottoms relayed."""
     # One round trip per batch: poll the Grid often, or waiting dominates the run.
     model, metered, recorder, capacities = _setup(grid, config, config.num_server_rounds,
-                                                  poll=0.005)
+                                                  poll=0.005, started=started)
     names = list(segment_keys(model))
     top = copy.deepcopy(model[config.cut:])  # the server's part, same seeded weights
     bottom_flops = bottom_step_flops(model[:config.cut], capacities.sizer.x)

@@ -3,11 +3,13 @@
 Node ids are random per run; the chain follows the ranks nodes report (``nodes.ordered_nodes``),
 or, in a large federation, the node ids while ranks are learnt from replies
 (``nodes.discovers_lazily``). Listing is O(nodes), so a large chain is listed again only every
-``nodes.relist_interval`` hops, and after a failed hop.
+``nodes.relist_interval`` hops, and after a failed hop; ``NodeChain.list_s`` says how long the
+last hop spent listing them.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from logging import INFO
 from typing import Any
@@ -51,6 +53,7 @@ class NodeChain:
         self.configrecord_key, self.on_leave = configrecord_key, on_leave
         self.membership: list[dict[str, Any]] = []  # nodes that joined or left, per round
         self._lazy: bool | None = None  # decided at the first hop
+        self.list_s: float | None = None  # seconds the last ``nodes`` call spent listing (None: none)
         self.reset()
 
     def reset(self) -> None:
@@ -69,8 +72,11 @@ class NodeChain:
         first = not self.connected  # a resumed run waits for its nodes again, too
         wait = self.min_nodes if first else 1
         listed = first or server_round - 1 >= self._relist_at
+        self.list_s = None
         if listed:
+            began = time.perf_counter()
             self._listed = self._list(grid, wait)
+            self.list_s = time.perf_counter() - began  # the rank query of new nodes included
             self._relist_at = server_round - 1 + relist_interval(len(self._listed))
         nodes = self._listed
         if self.auto:

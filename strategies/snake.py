@@ -255,6 +255,7 @@ class SnakeStrategy(SnakeCheckpoint, Strategy):
         # stale reply is checked against
         self.hops.append({"round": server_round, "node": node, "window": window,
                           "segments_sent": sent, "status": "pending", "started": time.time(),
+                          "list_s": self.chain.list_s,
                           "versions_sent": {name: versions[name] for name in self.segments
                                             if name in sent or name in window}})
         if passed:

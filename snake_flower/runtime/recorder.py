@@ -35,11 +35,14 @@ class RunPruned(Exception):
 
 
 class RunRecorder:
-    """Rows, evaluation and the final JSON of one run of one strategy."""
+    """Rows, evaluation and the final JSON of one run of one strategy.
+
+    ``started`` is the ``time.time()`` the rows' ``wall_s`` count from (default: now).
+    """
 
     def __init__(self, name: str, config: RunConfig, model: nn.Module,
                  test: tuple[torch.Tensor, torch.Tensor], meter: MeteredGrid, num_rounds: int,
-                 visits_per_round: int = 1, score: Score | None = None) -> None:
+                 visits_per_round: int = 1, score: Score | None = None, started: float | None = None) -> None:
         self.name, self.config, self.model, self.test, self.meter = name, config, model, test, meter
         self.score = score or (lambda model, x, y: evaluate(model, x, y, config.eval_batch_size))
         self.num_rounds, self.visits_per_round = num_rounds, visits_per_round
@@ -47,7 +50,7 @@ class RunRecorder:
         self.rows: list[dict[str, Any]] = []
         self.evaluated: dict[int, dict[str, float]] = {}
         self.arrays = ArrayRecord(model.state_dict())  # Result.arrays stays empty if nothing merged
-        self.started = time.time()
+        self.started = time.time() if started is None else started  # wall_s counts from here
         self.mode = "cs"  # how bytes are counted (Snake and relay: the run's mode)
         self.pruned: dict[str, Any] | None = None
 

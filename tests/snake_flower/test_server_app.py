@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
@@ -29,6 +30,15 @@ def _run(loopback, nodes, tmp_path, hops=6, tamper=None, **overrides):
     node.tamper = tamper
     run(loopback(list(node.contexts), node), config)
     return json.loads((tmp_path / f"{config['strategy']}.json").read_text())
+
+
+def test_wall_s_counts_from_the_server_apps_start_and_rows_time_the_node_listing(loopback, nodes, tmp_path):
+    config = resolve({"task": "synthetic", "num-server-rounds": 3, "out-dir": str(tmp_path), "local-epochs": 1})
+    node, before = nodes(3), time.time()
+    run(loopback(list(node.contexts), node), config, started=before - 100.0)  # as if started 100 s ago
+    rows = json.loads((tmp_path / "snake.json").read_text())["rounds"]
+    assert 100.0 <= rows[0]["wall_s"] <= 100.0 + time.time() - before
+    assert all(row["list_s"] >= 0.0 for row in rows)  # 3 nodes: listed at every hop
 
 
 def _window_arrays(window: list[str]) -> ArrayRecord:

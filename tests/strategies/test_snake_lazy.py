@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from flwr.app import MessageType
@@ -105,3 +106,21 @@ def test_a_large_federation_is_listed_every_n_over_256_hops_and_after_a_failed_h
     assert listed == [0, 0, 3, 5, 7]  # first hop twice (the size, then the chain); after the failure at once
     assert [(m["round"], m["left"]) for m in strategy.membership] == [(6, [5])]
     assert 5 not in [h["node"] for h in strategy.hops[5:]]
+
+
+def test_each_hop_records_how_long_it_spent_listing_the_nodes(loopback, monkeypatch):
+    monkeypatch.setattr(nodes, "RELIST_SHARE", 2)  # 6 nodes are listed every 3 hops
+    handler = CountingNodes({node: node for node in range(1, 7)})
+    grid = loopback(list(handler.ranks), handler)
+    listing = grid.get_node_ids
+
+    def slow_listing():  # noqa: ANN202
+        time.sleep(0.01)
+        return listing()
+
+    grid.get_node_ids = slow_listing
+    strategy = SnakeStrategy(SEGMENTS, 1, seed=0, order="fixed", rank_discovery="lazy")
+    strategy.start(grid=grid, initial_arrays=initial(), num_rounds=7, timeout=5.0, evaluate_fn=Global())
+    listed = {h["round"]: h["list_s"] for h in strategy.hops if h["list_s"] is not None}
+    assert sorted(listed) == [1, 4, 7]  # the other hops went on with the last listing (list_s None)
+    assert listed[1] >= 0.02 and listed[4] >= 0.01  # the first hop also sized the federation
