@@ -93,10 +93,13 @@ def smallest_partition(nodes: int) -> int:
 def full_batches(examples: int, batch: int = BATCH, steps: int = STEPS) -> bool:
     """Does every one of ``steps`` batches drawn from ``examples`` hold ``batch`` examples?
 
-    Batches are reshuffled passes (``training.batches.tensor_batches``): a pass ends in a
-    short batch unless ``batch`` divides ``examples``, or the first pass already has ``steps``.
+    Asks the node's own batching (``training.batches.visit_batches``: reshuffled passes, each
+    ending in a short batch unless ``batch`` divides ``examples``); the sizes do not depend on
+    the seed.
     """
-    return examples % batch == 0 or examples // batch >= steps
+    from snake_flower.training.batches import visit_batches
+
+    return all(len(idx) == batch for idx in visit_batches(examples, batch, steps, epochs=1, seed=0))
 
 
 def hop_figures(rounds: list[dict[str, Any]]) -> dict[str, float]:
