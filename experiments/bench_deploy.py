@@ -51,6 +51,7 @@ from pathlib import Path
 
 from snake_flower.deploy.loopback import BIN, QUIET_ENV, LoopbackDeployment, run_config_text
 from snake_flower.runtime.flower_patches import STOCK_ENV
+from snake_flower.runtime.results import cpu
 
 ARMS = {"stock": {"launcher": False, "fast-poll": False, "env": {STOCK_ENV: "1"}},
         "fast-poll": {"launcher": False, "fast-poll": True, "env": {STOCK_ENV: "0"}},
@@ -325,7 +326,7 @@ def main() -> None:
               "superlink_state": args.superlink_state, "same_model": same_model,
               "model_sha256": sorted(deployed), "in_process_sha256": reference,
               "same_as_in_process": None if reference is None else deployed == {reference},
-              "cpu": cpu_model(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
+              "cpu": cpu()["cpu"], "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
               "runs": runs, "wall_s": round(time.time() - started)}
     report["train_cpu_vs_launcher"] = train_cpu_ratios(report["arms"])
     if args.timeline:
@@ -346,17 +347,6 @@ def main() -> None:
     if not same_model or report["same_as_in_process"] is False:
         sys.exit(f"the runs ended with different models: {report['model_sha256']} "
                  f"(Ray simulation: {reference})")
-
-
-def cpu_model() -> str:
-    """The machine's CPU model (``/proc/cpuinfo``), or ``unknown``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":
