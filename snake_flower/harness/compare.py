@@ -46,7 +46,9 @@ def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
     raw = sum(r.get("raw_bytes_down", 0) + r.get("raw_bytes_up", 0) for r in rows)
     counted = sum(r["bytes_down"] + r["bytes_up"] for r in rows)
     node_visits = visits[-1] if visits else 0
-    return {"final_accuracy": run["final"]["accuracy"],
+    seed = run.get("config", {}).get("seed")
+    return {**({"seed": seed} if seed is not None else {}),
+            "final_accuracy": run["final"]["accuracy"],
             "best_accuracy": max((a for a in scores if a is not None), default=None),
             "reached_target": reached is not None,
             "bytes_total": run["final"]["bytes_total"],
@@ -65,7 +67,8 @@ def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
             "wall_s": run["final"]["wall_s"], "rounds": len(rows), "node_visits": node_visits,
             "failed_rounds": sum(1 for r in rows if r.get("status") == "failed"),
             # counted bytes / raw bytes of the tensors carried (framing, configs, metrics)
-            "payload_efficiency": counted / raw if raw else None, **_gate_summary(rows)}
+            "payload_efficiency": counted / raw if raw else None, **_gate_summary(rows),
+            **_attack_summary(rows, run.get("byzantine_partitions") or [])}
 
 
 def _gate_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -75,6 +78,30 @@ def _gate_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     return {"gate_rejected_rounds": sum(1 for r in rows if r.get("status") == "rejected"),
             "gate_cpu_s_per_hop": sum(scored) / len(scored)}
+
+
+def _attack_summary(rows: list[dict[str, Any]], attackers: list[int]) -> dict[str, Any]:
+    """A run with attacking partitions: the rounds an attacker took part in, those whose merge
+    took its reply in, and the rounds of honest partitions only that were not merged (rolled back
+    by the gate or failed).
+
+    A FedAvg round lists the partitions it aggregated (MultiKrum: the replies it kept). A hop
+    that failed without a reply names no partition; its node's partition is taken from the
+    run's other hops.
+    """
+    if not attackers:
+        return {}
+    partition_of = {r["nodes"][0]: r["partitions"][0] for r in rows
+                    if len(r.get("nodes", [])) == 1 and len(r.get("partitions", [])) == 1}
+
+    def partitions(row: dict[str, Any]) -> set[int]:
+        return set(row.get("partitions") or [partition_of[n] for n in row.get("nodes", []) if n in partition_of])
+
+    attacked = [bool(partitions(r) & set(attackers)) for r in rows]
+    return {"attacker_rounds": sum(attacked),
+            "attacker_rounds_merged": sum(a and r.get("status") == "merged" for a, r in zip(attacked, rows)),
+            "honest_rounds_not_merged": sum(not a and r.get("status") != "merged"
+                                            for a, r in zip(attacked, rows))}
 
 
 def write_comparison(out: str | Path, runs: dict[str, dict[str, Any]], target: float,

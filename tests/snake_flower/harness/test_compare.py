@@ -25,6 +25,35 @@ def test_bytes_and_visits_to_the_sustained_target():
     assert line["payload_efficiency"] == 1000 / 980
 
 
+def test_an_attacked_run_counts_merged_attacker_rounds_and_honest_rounds_rolled_back():
+    run = _run("snake", [0.5, 0.6, 0.7, 0.8, 0.8, 0.9, 0.9], nodes=1, moved=1000)
+    statuses = ["merged", "rejected", "rejected", "merged", "merged", "merged", "failed"]
+    for row, node, status in zip(run["rounds"], [3, 1, 3, 2, 2, 3, 3], statuses):
+        row.update(nodes=[node + 100], partitions=[node], status=status)
+    run["rounds"][-1]["partitions"] = []  # failed without a reply: its node's partition is known
+    assert "attacker_rounds_merged" not in summarize(run, target=0.85)  # nobody attacked
+    run["byzantine_partitions"] = [3]
+    line = summarize(run, target=0.85)
+    assert line["attacker_rounds"] == 4 and line["attacker_rounds_merged"] == 2
+    assert line["honest_rounds_not_merged"] == 1
+
+
+def test_a_fedavg_round_counts_the_attacker_only_if_its_reply_was_aggregated():
+    run = _run("fedavg", [0.5, 0.6], nodes=8, moved=1000)
+    run["rounds"][0].update(partitions=list(range(8)), status="merged")
+    run["rounds"][1].update(partitions=[0, 1, 2, 3, 5, 6, 7], status="merged")  # MultiKrum left 4 out
+    run["byzantine_partitions"] = [4]
+    line = summarize(run, target=0.85)
+    assert line["attacker_rounds"] == 1 and line["attacker_rounds_merged"] == 1
+    assert line["honest_rounds_not_merged"] == 0
+
+
+def test_a_summary_line_names_its_seed():
+    run = _run("snake", [0.5], nodes=1, moved=1000)
+    run["config"] = {"seed": 43}
+    assert summarize(run, target=0.85)["seed"] == 43
+
+
 def test_a_dip_after_the_first_touch_moves_the_target_to_where_it_stays():
     line = summarize(_run("snake", [0.5, 0.86, 0.80, None, 0.85, 0.9], nodes=1, moved=1000), target=0.85)
     assert line["bytes_to_first_target"] == 2000 and line["visits_to_first_target"] == 2
