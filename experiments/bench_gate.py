@@ -10,7 +10,7 @@ Prints and stores per run the median hop, the gated run's median ``gate_s`` and 
 and over the repeats the gate's share of a gated hop (median ``gate_s`` ÷ median hop) and the
 gated median hop ÷ the ungated one.
 
-    python experiments/bench_gate.py --hops 64 --repeats 2 --json experiments/results/bench-gate.json
+    python experiments/bench_gate.py --hops 64 --repeats 2 --json experiments/results/bench-gate-2026-12-07.json
 """
 
 from __future__ import annotations
