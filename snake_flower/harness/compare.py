@@ -97,7 +97,8 @@ def _attack_summary(rows: list[dict[str, Any]], attackers: list[int]) -> dict[st
     def partitions(row: dict[str, Any]) -> set[int]:
         return set(row.get("partitions") or [partition_of[n] for n in row.get("nodes", []) if n in partition_of])
 
-    attacked = [bool(partitions(r) & set(attackers)) for r in rows]
+    attacking = set(attackers)
+    attacked = [bool(partitions(r) & attacking) for r in rows]
     return {"attacker_rounds": sum(attacked),
             "attacker_rounds_merged": sum(a and r.get("status") == "merged" for a, r in zip(attacked, rows)),
             "honest_rounds_not_merged": sum(not a and r.get("status") != "merged"
