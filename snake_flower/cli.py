@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="run the ClientApp on two hops per arm (first visit, then a delta sync), each "
                              "arm in a fresh process, and measure peak RSS beside the ledger (task llm's "
                              "model and data; batch 8 x seq 96 by default)")
-    memory.add_argument("--optimizer", default="sgd", help="--measure: sgd (default, as runs train) or adam (the paper's)")
+    memory.add_argument("--optimizer", default="sgd", help="--measure: sgd (default, as runs train), adam (the paper's) or adamw (FlowerTune's)")
     memory.add_argument("--steps", default="2", help="--measure: training steps of the hop (default 2)")
     memory.add_argument("--strategies", default="snake-full,snake-lora,fedavg-full,fedavg-lora",
                         help="--measure: the arms to run (default all four; snake and fedavg name the full ones)")

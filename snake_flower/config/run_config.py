@@ -38,6 +38,11 @@ class RunConfig(Mapping[str, Any]):
     model: str = "smollm2-135m"
     finetune: str = "full"
     lora_rank: int = 8
+    # FlowerTune's adapters drop out at 0.075; 0 keeps the runs made before the key existed
+    lora_dropout: float = 0.0
+    # task llm: recompute every decoder layer in backward (transformers' gradient checkpointing),
+    # as FlowerTune trains; frozen layers above a Snake window are recomputed either way
+    gradient_checkpointing: bool = False
     seq_len: int = 128
     # auto: bf16 or fp16 where the CPU computes it natively (task llm), else fp32
     frozen_dtype: str = "auto"
@@ -87,6 +92,9 @@ class RunConfig(Mapping[str, Any]):
     lr_floor: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # sgd (with momentum), adam, or adamw (torch's AdamW: what transformers' Trainer, and so
+    # FlowerTune, trains with); one fresh optimizer per visit
+    optimizer: str = "sgd"
     clip_norm: float = 1.0
     # knowledge distillation against the model as the node received it
     kd: str = "auto"
@@ -189,16 +197,22 @@ NODE_KEYS: tuple[str, ...] = (
 not depend on a server-only key (``out-dir``). The strategies add their own per message
 (``server-round``, ``window``, ``segments-sent``, ``segment-versions``, ``lr-rounds``, ``split-*``)."""
 
+OPTIONAL_NODE_KEYS: tuple[str, ...] = ("lora-dropout", "gradient-checkpointing", "optimizer")
+"""Keys a node reads that a message carries only when they differ from their defaults (the node
+falls back to the default): a run that leaves them alone sends the bytes it sent before they existed."""
+
 ATTACK_KEYS: tuple[str, ...] = ("byzantine-nodes", "attack", "attack-scale")
 """The keys of an attack (``training.attack``), sent only when ``byzantine-nodes > 0``: a run
 without attackers sends the same bytes as before attacks existed."""
 
 
 def node_message(config: RunConfig) -> dict[str, Any]:
-    """The run-config part of a node's message: ``NODE_KEYS`` and their values, as they are, and
-    ``ATTACK_KEYS`` when the run has attacking nodes."""
+    """The run-config part of a node's message: ``NODE_KEYS`` and their values, as they are,
+    ``OPTIONAL_NODE_KEYS`` that differ from their defaults, and ``ATTACK_KEYS`` when the run has
+    attacking nodes."""
     keys = NODE_KEYS + (ATTACK_KEYS if config.byzantine_nodes else ())
-    return {key: config[key] for key in keys}
+    optional = {key: config[key] for key in OPTIONAL_NODE_KEYS if config[key] != DEFAULTS[key]}
+    return {**{key: config[key] for key in keys}, **optional}
 
 
 def kd_enabled(config: Mapping[str, Any]) -> bool:

@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "merge-gate": ("off", "loss"),
     "aggregation": ("mean", "median", "trimmed-mean", "multi-krum"),
     "attack": ("label-flip", "sign-flip", "scale", "random"),
+    "optimizer": ("sgd", "adam", "adamw"),
 }
 
 POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-batch-size",
@@ -147,6 +148,11 @@ def _check_values(config: RunConfig) -> None:
         raise ConfigError(f"target-accuracy: must be in (0, 1], got {config.target_accuracy!r}")
     if not 0.0 <= config.lr_floor <= 1.0:
         raise ConfigError(f"lr-floor: must be in [0, 1], got {config.lr_floor!r}")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise ConfigError(f"lora-dropout: must be in [0, 1), got {config.lora_dropout!r}")
+    if (config.lora_dropout > 0 or config.gradient_checkpointing) and config.task != "llm":
+        key = "lora-dropout" if config.lora_dropout > 0 else "gradient-checkpointing"
+        raise ConfigError(f"{key}: only task llm has adapters and decoder layers to apply it to")
     if not 0.0 <= config.fail_rate < 1.0:
         raise ConfigError(f"fail-rate: must be in [0, 1), got {config.fail_rate!r}")
     if config.resume and config.strategy not in ("snake", "relay"):

@@ -47,7 +47,7 @@ from typing import Any
 
 ARMS = ("snake-full", "snake-lora", "fedavg-full", "fedavg-lora")
 ALIASES = {"snake": "snake-full", "fedavg": "fedavg-full"}  # the arms' names before the LoRA arms
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 HELD = ("auto", "fp32", "fp16", "bf16", "int8")
 NODES = 8
 HOPS = ("full-sync", "delta")

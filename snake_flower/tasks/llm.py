@@ -299,16 +299,23 @@ class CausalLMSegments(nn.Sequential):
         return head.features(hidden.to(_dtype(head))), head.lm_head.weight
 
 
-def lora_config(rank: int, targets: tuple[str, ...] = LORA_TARGETS):
-    """The peft LoRA adapters of every run and of ``snake-flower memory``: alpha = 2 x rank, no dropout."""
+def lora_config(rank: int, targets: tuple[str, ...] = LORA_TARGETS, dropout: float = 0.0):
+    """The peft LoRA adapters of every run and of ``snake-flower memory``: alpha = 2 x rank (as
+    FlowerTune's template: r 32, alpha 64), dropout ``dropout`` (the template's: 0.075)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(targets),
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=list(targets),
                       task_type="CAUSAL_LM")
 
 
-def build_segments(name: str, finetune: str = "full", lora_rank: int = 8) -> CausalLMSegments:
+def build_segments(name: str, finetune: str = "full", lora_rank: int = 8, lora_dropout: float = 0.0,
+                   gradient_checkpointing: bool = False) -> CausalLMSegments:
     """Model ``name`` as segments; with ``finetune="lora"``, peft adapters on every layer.
+
+    ``gradient_checkpointing``: every decoder layer that trains keeps only its input for
+    backward and runs again in it (transformers' own, non-reentrant); layers in eval mode
+    (frozen ones) run as always, and those above a window are recomputed anyway
+    (``recompute_frozen``).
 
     Call it under a seeded RNG (``task.build_model`` does): ``tiny-opt``'s weights and
     LoRA's A matrices are random.
@@ -321,7 +328,9 @@ def build_segments(name: str, finetune: str = "full", lora_rank: int = 8) -> Cau
     if finetune == "lora":
         from peft import get_peft_model
 
-        lm = get_peft_model(lm, lora_config(lora_rank)).base_model.model  # the same model, adapters injected
+        lm = get_peft_model(lm, lora_config(lora_rank, dropout=lora_dropout)).base_model.model  # adapters injected
+    if gradient_checkpointing:
+        lm.activation_checkpointing_enable({"use_reentrant": False})
     model = CausalLMSegments(lm, lora=finetune == "lora").eval()
     if name != TINY_OPT and torch.get_default_device().type == "meta":
         model.snake_pretrained = pretrained_tensors(Path(_source(name)), loaded, model)

@@ -147,10 +147,11 @@ def align_tokens(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 @lru_cache(maxsize=4)
-def llm_task(model: str, finetune: str, lora_rank: int, seq_len: int) -> Task:
+def llm_task(model: str, finetune: str, lora_rank: int, seq_len: int, lora_dropout: float = 0.0,
+             gradient_checkpointing: bool = False) -> Task:
     """Task ``llm`` for one model and fine-tuning mode (raises ``ModelError`` in one line)."""
     return Task("llm", segment_names(load_config(model), finetune),
-                build=partial(build_segments, model, finetune, lora_rank),
+                build=partial(build_segments, model, finetune, lora_rank, lora_dropout, gradient_checkpointing),
                 load=lambda data_dir: load_chat(model, seq_len, data_dir)[0],
                 align=align_tokens,
                 partition_by=lambda data_dir: load_chat(model, seq_len, data_dir)[1],

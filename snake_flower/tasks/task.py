@@ -91,7 +91,8 @@ def task_for(config: Mapping[str, Any]) -> Task:
         from snake_flower.tasks.llm_data import llm_task  # transformers is imported for LLM runs only
 
         return llm_task(str(config["model"]), str(config["finetune"]), int(config["lora-rank"]),
-                        int(config["seq-len"]))
+                        int(config["seq-len"]), float(config.get("lora-dropout", 0.0)),
+                        bool(config.get("gradient-checkpointing", False)))
     return TASKS[config["task"]]
 
 

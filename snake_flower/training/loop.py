@@ -48,14 +48,14 @@ class LocalWork:
     kd_weight: float = 0.0  # 0 disables distillation
     kd_temperature: float = 2.0
     frozen_dtype: str = "fp32"  # what the frozen parameters are held in while the window trains
-    optimizer: str = "sgd"  # runs train with SGD; "adam" is the paper's memory setting (memory --measure)
+    optimizer: str = "sgd"  # "sgd" (with momentum), "adam" (the paper's) or "adamw" (FlowerTune's, via transformers)
 
     @classmethod
     def from_config(cls, config: dict, kd: bool) -> "LocalWork":
         """Build from a run-config (kebab-case keys); the lr is this visit's (``lr-decay``).
 
-        ``optimizer`` is no run-config key: a message may carry it (``snake-flower memory
-        --measure --optimizer adam`` does); runs train with SGD.
+        A message carries ``optimizer`` only when a run sets it (``OPTIONAL_NODE_KEYS``): SGD
+        otherwise.
         """
         lr = scheduled_lr(float(config["lr"]), int(config.get("server-round", 1)),
                           int(config.get("lr-rounds", config.get("num-server-rounds", 1))),
@@ -297,11 +297,15 @@ def _loss(model: nn.Module, xb: torch.Tensor, y: torch.Tensor, target: torch.Ten
 
 
 def _optimizer(params: list[nn.Parameter], work: LocalWork) -> torch.optim.Optimizer:
-    """A fresh optimizer for one visit: SGD with momentum, or Adam (two fp32 moments a parameter)."""
+    """A fresh optimizer for one visit: SGD with momentum, Adam or AdamW (two fp32 moments a
+    parameter; AdamW with transformers' ``TrainingArguments`` defaults: betas 0.9/0.999, eps 1e-8,
+    and the run's weight decay, 0 by default as there)."""
     if work.optimizer == "adam":
         return torch.optim.Adam(params, lr=work.lr, weight_decay=work.weight_decay)
+    if work.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=work.lr, weight_decay=work.weight_decay)
     if work.optimizer != "sgd":
-        raise ValueError(f"optimizer: {work.optimizer!r} is not one of sgd, adam")
+        raise ValueError(f"optimizer: {work.optimizer!r} is not one of sgd, adam, adamw")
     return torch.optim.SGD(params, lr=work.lr, momentum=work.momentum, weight_decay=work.weight_decay)
 
 
