@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--ray-address", default="", help="attach every run to this Ray cluster")
     compare.add_argument("--seeds", type=int, default=1,
                          help="seeds per strategy (seed, seed+1, ...), each in <out>/seed-<s>/ (default 1)")
+    compare.add_argument("--fresh", action="store_true",
+                         help="make every run again; by default a run whose finished results file in --out "
+                              "holds its settings is skipped, so that the same command resumes a comparison")
     tune = sub.add_parser("tune", help="pick one strategy's settings on a validation slice (never the test set)")
     tune.add_argument("--config", help="experiment TOML file (must set validation-size)")
     tune.add_argument("--run-config", default="", help="overrides for every point")

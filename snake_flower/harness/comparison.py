@@ -2,6 +2,8 @@
 
 Runs go one after the other in this process, or with ``--jobs N`` up to N at once as
 child processes (``harness.jobs``). Every run is evaluated at the same node visits.
+A run whose finished results file is already there with its settings is not made again
+(``harness.resume``; ``--fresh`` makes every run).
 """
 
 from __future__ import annotations
@@ -12,53 +14,65 @@ from pathlib import Path
 from typing import Any
 
 from snake_flower.config import RunConfig, resolve
+from snake_flower.harness import resume
 from snake_flower.harness.compare import whole_rounds, write_comparison
 from snake_flower.harness.seeds import write_seed_comparison
 from snake_flower.simulation import load_results, results_path, run_one
 
 
-def _run_side_by_side(args: argparse.Namespace, configs: list[RunConfig]) -> dict[str, dict[str, Any]]:
-    """``compare --jobs N``: the strategies' runs as child processes, N at a time."""
+def _run_side_by_side(args: argparse.Namespace, configs: list[RunConfig],
+                      skipped: set[str]) -> dict[str, dict[str, Any]]:
+    """``compare --jobs N``: the strategies' runs as child processes, N at a time.
+
+    Runs named in ``skipped`` are not started; their stored results are read like the others'.
+    Nothing is deleted here: each child's ``run_one`` removes its own file as it starts.
+    """
     from snake_flower.harness.jobs import child_command, run_side_by_side
 
     out = Path(configs[0].out_dir)
-    for cfg in configs:
-        results_path(cfg).unlink(missing_ok=True)
     # what the children must share with this process beyond the file and --run-config
     fixed = f"seed={configs[0].seed} eval-every={configs[0].eval_every}"
     commands = {cfg.name: child_command(args.config, f"{args.run_config} {fixed}".strip(), cfg.name,
                                              args.num_supernodes, str(out), args.ray_address)
-                for cfg in configs}
-    codes = run_side_by_side(commands, out, jobs=args.jobs)
-    runs = {cfg.name: load_results(cfg, codes[cfg.name]) for cfg in configs}
+                for cfg in configs if cfg.name not in skipped}
+    codes = run_side_by_side(commands, out, jobs=args.jobs) if commands else {}
+    runs = {cfg.name: load_results(cfg, codes.get(cfg.name, 0)) for cfg in configs}
     return {name: run for name, run in runs.items() if run is not None}
 
 
 def compare(args: argparse.Namespace, configs: list[RunConfig]) -> int:
-    """``compare``: every run, seed after seed, then the summary, report and plots."""
+    """``compare``: every run, seed after seed, then the summary, report and plots.
+
+    Every seed's results files are checked before the first run starts, so that a file
+    with other settings stops the comparison at once (exit 2) rather than hours in.
+    """
     out, target = Path(configs[0].out_dir), configs[0].target_accuracy
     seeds = [configs[0].seed + i for i in range(args.seeds)]
+    folders = {seed: out if len(seeds) == 1 else out / f"seed-{seed}" for seed in seeds}
+    plan = {seed: [resolve(cfg, {"seed": seed, "out-dir": str(folder)}) for cfg in configs]
+            for seed, folder in folders.items()}
+    try:
+        found = {} if args.fresh else resume.survey(cfg for seeded in plan.values() for cfg in seeded)
+    except resume.OtherSettings as err:
+        print(f"snake-flower: error: {err}", file=sys.stderr)
+        return 2
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
-    for seed in seeds:
-        folder = out if len(seeds) == 1 else out / f"seed-{seed}"
-        seeded = [resolve(cfg, {"seed": seed, "out-dir": str(folder)}) for cfg in configs]
+    for seed, seeded in plan.items():
+        folder = folders[seed]
         if len(seeds) > 1:
             print(f"seed {seed} ({seeds.index(seed) + 1}/{len(seeds)}) -> {folder}", flush=True)
+        for cfg in seeded:
+            resume.announce(cfg, found.get(results_path(cfg)))
+        skipped = {cfg.name for cfg in seeded if found.get(results_path(cfg)) == resume.FINISHED}
         if args.jobs > 1:
             try:
-                runs = _run_side_by_side(args, seeded)
+                runs = _run_side_by_side(args, seeded, skipped)
             except KeyboardInterrupt as why:  # Ctrl-C or SIGTERM: the children were stopped first
                 print(f"snake-flower: interrupted ({why or 'Ctrl-C'}); every run was stopped, "
                       f"logs in {folder}", file=sys.stderr)
                 return 130
         else:
-            runs = {}
-            for i, cfg in enumerate(seeded, 1):
-                print(f"[{i}/{len(seeded)}] {cfg.name} on {cfg.task}, {args.num_supernodes} nodes",
-                      flush=True)
-                result = run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
-                if result is not None:
-                    runs[cfg.name] = result
+            runs = _run_in_turn(args, seeded, skipped)
         if len(runs) < len(seeded):
             return 1
         by_seed[seed] = runs
@@ -69,6 +83,22 @@ def compare(args: argparse.Namespace, configs: list[RunConfig]) -> int:
         print(f"{name}: {_headline(line)}")
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _run_in_turn(args: argparse.Namespace, configs: list[RunConfig],
+                 skipped: set[str]) -> dict[str, dict[str, Any]]:
+    """``compare --jobs 1``: the runs one after the other in this process. A run in ``skipped``
+    (finished already) is not made again: its stored results are read as at the end of a run."""
+    runs = {}
+    for i, cfg in enumerate(configs, 1):
+        if cfg.name in skipped:
+            result = load_results(cfg)
+        else:
+            print(f"[{i}/{len(configs)}] {cfg.name} on {cfg.task}, {args.num_supernodes} nodes", flush=True)
+            result = run_one(cfg, args.num_supernodes, getattr(args, "parallel", 0), args.ray_address)
+        if result is not None:
+            runs[cfg.name] = result
+    return runs
 
 
 def _headline(line: dict[str, Any]) -> str:
