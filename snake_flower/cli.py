@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from snake_flower.config import (
     parse_overrides,
     resolve,
 )
+from snake_flower.harness.targets import Target
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild summary.json, report.md and plots from a compare folder")
     report.add_argument("out", help="a folder holding <strategy>.json files of one comparison")
     report.add_argument("--target-accuracy", type=float, help="default: the runs' own target-accuracy")
+    report.add_argument("--target-perplexity", type=float,
+                        help="task llm: count to this held-out perplexity instead (0: to --target-accuracy; "
+                             "default: the runs' own target-perplexity)")
     plot = sub.add_parser("plot", help="overlay the accuracy curves of saved runs in one PNG")
     plot.add_argument("runs", nargs="+", help="LABEL=path/to/<strategy>.json, or just the path")
     plot.add_argument("--out", required=True, help="the PNG to write")
@@ -149,6 +154,18 @@ def _saved_runs(folder: Path) -> dict[str, dict[str, Any]]:
     return dict(sorted(runs.items(), key=lambda kv: known.index(kv[0]) if kv[0] in known else len(known)))
 
 
+def _report_target(args: argparse.Namespace, run: dict[str, Any]) -> Target:
+    """``report``'s target: the run's own, each of ``--target-accuracy`` and ``--target-perplexity``
+    replacing its key; a perplexity target (> 0) wins over the accuracy one."""
+    perplexity = args.target_perplexity
+    if perplexity is not None and not (perplexity >= 0 and math.isfinite(perplexity)):
+        raise ConfigError(f"--target-perplexity: must be >= 0 (0: count to the accuracy target), got {perplexity}")
+    target = Target.of(run["config"], accuracy=args.target_accuracy, perplexity=perplexity)
+    if target.lower_is_better and run["task"] != "llm":
+        raise ConfigError(f"--target-perplexity: only task llm runs have a perplexity, not {run['task']!r}")
+    return target
+
+
 def _report(args: argparse.Namespace) -> int:
     """``snake-flower report DIR``: the comparison's outputs again, from its saved runs
     (``DIR/seed-<s>/`` of ``compare --seeds``: each seed's and the medians over them)."""
@@ -166,7 +183,11 @@ def _report(args: argparse.Namespace) -> int:
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     side_by_side = bool(previous.get("side_by_side", False))
     first = next(iter(runs.values())) if runs else next(iter(next(iter(by_seed.values())).values()))
-    target = args.target_accuracy if args.target_accuracy is not None else first["config"]["target-accuracy"]
+    try:
+        target = _report_target(args, first)
+    except ConfigError as err:
+        print(f"snake-flower: error: {err}", file=sys.stderr)
+        return 2
     for seed, seed_runs in by_seed.items():
         write_comparison(out / f"seed-{seed}", seed_runs, target, side_by_side=side_by_side)
     if by_seed:

@@ -17,9 +17,10 @@ from snake_flower.config.run_config import (
     kd_enabled,
     key_of,
     node_message,
+    perplexity_levels,
 )
 from snake_flower.config.validation import CHOICES, NON_NEGATIVE, POSITIVE, resolve, validate
 
 __all__ = ["ATTACK_KEYS", "CHOICES", "DEFAULTS", "NODE_KEYS", "NON_NEGATIVE", "POSITIVE", "ConfigError", "RunConfig",
            "experiment_layers", "field_name", "kd_enabled", "key_of", "load_toml", "node_message",
-           "parse_overrides", "resolve", "validate"]
+           "parse_overrides", "perplexity_levels", "resolve", "validate"]

@@ -12,6 +12,7 @@ the results file, checkpoints and the messages a node receives (``node_message``
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,11 @@ class RunConfig(Mapping[str, Any]):
     # set by tune only: stop a trial below the target once past this many bytes (0 = never)
     prune_above_bytes: float = 0.0
     target_accuracy: float = 0.85
+    # task llm: count "to target" down to this held-out perplexity instead (lower is better; 0 = off,
+    # target-accuracy then counts); perplexity-levels, e.g. "12.5,9.0,7.5": the bytes, visits and
+    # network seconds to each perplexity as well (the cost curve, by the same sustained rule)
+    target_perplexity: float = 0.0
+    perplexity_levels: str = ""
     eval_every: int = 2
     eval_batch_size: int = 1000
     eval_samples: int = 0
@@ -228,3 +234,23 @@ def kd_enabled(config: Mapping[str, Any]) -> bool:
     if config["kd"] == "auto":
         return config.get("partitioner") != "iid"
     return config["kd"] == "on"
+
+
+def perplexity_levels(config: Mapping[str, Any]) -> tuple[float, ...]:
+    """The perplexities of ``perplexity-levels`` (``"12.5,9.0,7.5"``), in the order given.
+
+    ``config`` is a ``RunConfig`` or a results file's ``config`` (older ones have no such key:
+    no levels). Raises ``ConfigError`` on an entry that is not a finite number > 0.
+    """
+    text = str(config.get("perplexity-levels", "")).strip()
+    if not text:
+        return ()
+    try:
+        levels = tuple(float(item) for item in text.split(","))
+    except ValueError:
+        raise ConfigError(f"perplexity-levels: expected comma-separated perplexities such as "
+                          f"\"12.5,9.0,7.5\", got {text!r}") from None
+    for level in levels:
+        if not (level > 0 and math.isfinite(level)):
+            raise ConfigError(f"perplexity-levels: each level must be a finite perplexity > 0, got {level!r}")
+    return levels

@@ -5,11 +5,12 @@ Every bad value gets a ``ConfigError`` of one line that starts with the key to f
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from snake_flower.config.run_config import DEFAULTS, ConfigError, RunConfig, field_name
+from snake_flower.config.run_config import DEFAULTS, ConfigError, RunConfig, field_name, perplexity_levels
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": ("snake", "relay", "fedavg", "split"),
@@ -38,7 +39,7 @@ POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-bat
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
                 "leave-partition", "crash-round", "lanes", "hop-deadline-s", "validation-size", "prune-above-bytes",
-                "gate-tolerance", "gate-size", "krum-malicious", "byzantine-nodes")
+                "gate-tolerance", "gate-size", "krum-malicious", "byzantine-nodes", "target-perplexity")
 
 
 def resolve(*layers: Mapping[str, Any]) -> RunConfig:
@@ -72,6 +73,8 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if key == "perplexity-levels" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # one level: --run-config perplexity-levels=9 reads as TOML's number 9
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
@@ -146,6 +149,7 @@ def _check_values(config: RunConfig) -> None:
         raise ConfigError("local-epochs: one of local-epochs and local-steps must be > 0")
     if not 0.0 < config.target_accuracy <= 1.0:
         raise ConfigError(f"target-accuracy: must be in (0, 1], got {config.target_accuracy!r}")
+    _check_perplexity(config)
     if not 0.0 <= config.lr_floor <= 1.0:
         raise ConfigError(f"lr-floor: must be in [0, 1], got {config.lr_floor!r}")
     if not 0.0 <= config.lora_dropout < 1.0:
@@ -168,6 +172,18 @@ def _check_values(config: RunConfig) -> None:
     if not 0.0 <= config.kd_weight <= 1.0:
         raise ConfigError(f"kd-weight: must be in [0, 1], got {config.kd_weight!r}")
     _check_defences(config)
+
+
+def _check_perplexity(config: RunConfig) -> None:
+    """A perplexity target and its levels: task llm's held-out perplexity, lower is better."""
+    levels = perplexity_levels(config)
+    if not math.isfinite(config.target_perplexity):
+        raise ConfigError(f"target-perplexity: must be finite (0 = off), got {config.target_perplexity!r}")
+    if config.target_perplexity > 0 and config.task != "llm":
+        raise ConfigError(f"target-perplexity: only task llm records a perplexity, not {config.task!r}")
+    if levels and not config.target_perplexity > 0:
+        raise ConfigError("perplexity-levels: the levels are counted with a perplexity target; "
+                          "set target-perplexity > 0")
 
 
 def _check_defences(config: RunConfig) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from snake_flower.harness.plots import plot_accuracy, plot_memory
+from snake_flower.harness.targets import Target, as_target, at_row, level_figures, metric_figures, score_of
 from snake_flower.runtime import results
 
 
@@ -15,50 +16,38 @@ def whole_rounds(visits: int, num_nodes: int) -> int:
     return -(-visits // num_nodes) * num_nodes
 
 
-def first_touch(scores: list[float | None], target: float) -> int | None:
-    """The first row whose evaluation reaches ``target`` (``None`` if none does)."""
-    return next((i for i, a in enumerate(scores) if a is not None and a >= target), None)
+def summarize(run: dict[str, Any], target: float | Target) -> dict[str, Any]:
+    """One run's line of ``summary.json``: to-target figures follow the sustained definition.
 
-
-def sustained(scores: list[float | None], target: float) -> int | None:
-    """The row from which every evaluation, to the run's last, is at or above ``target``.
-
-    A curve that touches the target and dips again has reached it only where it stays;
-    a run whose last evaluation is below the target has not reached it at all.
+    ``target``: a ``Target``, or a plain number for an accuracy target. A perplexity target
+    adds ``final_perplexity`` and ``best_perplexity``, counts the to-target figures on the
+    perplexity, and with levels adds ``levels`` (``targets.level_figures``).
     """
-    evaluated = [(i, a) for i, a in enumerate(scores) if a is not None]
-    reached = None
-    for i, accuracy in reversed(evaluated):
-        if accuracy < target:
-            break
-        reached = i
-    return reached
-
-
-def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
-    """One run's line of ``summary.json``: to-target figures follow the sustained definition."""
+    target = as_target(target)
     rows = run["rounds"]
     cumulative = results.cumulative_bytes(rows, run.get("mode", "cs"))
     network = results.cumulative_network_time(rows)
     visits = results.cumulative_visits(rows)
-    scores = [r["accuracy"] for r in rows]
-    reached, touched = sustained(scores, target), first_touch(scores, target)
+    accuracies = [r["accuracy"] for r in rows]
+    scores = [score_of(r, target.metric) for r in rows]
+    reached, touched = target.reached(scores)
     raw = sum(r.get("raw_bytes_down", 0) + r.get("raw_bytes_up", 0) for r in rows)
     counted = sum(r["bytes_down"] + r["bytes_up"] for r in rows)
     node_visits = visits[-1] if visits else 0
     seed = run.get("config", {}).get("seed")
     return {**({"seed": seed} if seed is not None else {}),
             "final_accuracy": run["final"]["accuracy"],
-            "best_accuracy": max((a for a in scores if a is not None), default=None),
+            "best_accuracy": max((a for a in accuracies if a is not None), default=None),
+            **metric_figures(run, target, scores),
             "reached_target": reached is not None,
             "bytes_total": run["final"]["bytes_total"],
-            "bytes_to_target": cumulative[reached] if reached is not None else None,
-            "bytes_to_first_target": cumulative[touched] if touched is not None else None,
+            "bytes_to_target": at_row(cumulative, reached),
+            "bytes_to_first_target": at_row(cumulative, touched),
             "mode": run.get("mode", "cs"),
             "network_time_s": network[-1] if network else 0.0,
-            "network_time_to_target_s": network[reached] if reached is not None else None,
-            "visits_to_target": visits[reached] if reached is not None else None,
-            "visits_to_first_target": visits[touched] if touched is not None else None,
+            "network_time_to_target_s": at_row(network, reached),
+            "visits_to_target": at_row(visits, reached),
+            "visits_to_first_target": at_row(visits, touched),
             "round_to_target": rows[reached]["round"] if reached is not None else None,
             "node_peak_memory_bytes": run["memory"]["total_bytes"],
             # the paper's computation savings: local training per node visit
@@ -68,7 +57,8 @@ def summarize(run: dict[str, Any], target: float) -> dict[str, Any]:
             "failed_rounds": sum(1 for r in rows if r.get("status") == "failed"),
             # counted bytes / raw bytes of the tensors carried (framing, configs, metrics)
             "payload_efficiency": counted / raw if raw else None, **_gate_summary(rows),
-            **_attack_summary(rows, run.get("byzantine_partitions") or [])}
+            **_attack_summary(rows, run.get("byzantine_partitions") or []),
+            **level_figures(target, scores, cumulative, visits, network)}
 
 
 def _gate_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -105,15 +95,16 @@ def _attack_summary(rows: list[dict[str, Any]], attackers: list[int]) -> dict[st
                                             for a, r in zip(attacked, rows))}
 
 
-def write_comparison(out: str | Path, runs: dict[str, dict[str, Any]], target: float,
+def write_comparison(out: str | Path, runs: dict[str, dict[str, Any]], target: float | Target,
                      side_by_side: bool = False) -> dict[str, Any]:
     """Write ``summary.json``, ``report.md`` and the PNG plots into ``out``.
 
+    ``target``: a ``Target`` (``Target.of(config)``), or a plain number for an accuracy target.
     ``side_by_side``: the runs shared the machine (``compare --jobs``), so their wall
     times include waiting for the CPU.
     """
-    out = Path(out)
-    summary = {"target_accuracy": target, "side_by_side": side_by_side,
+    out, target = Path(out), as_target(target)
+    summary = {**target.header(), "side_by_side": side_by_side,
                "runs": {name: summarize(run, target) for name, run in runs.items()}}
     results.write_json(out / "summary.json", summary)
     plot_accuracy(runs, out / "accuracy_vs_round.png", x="visits")
@@ -132,39 +123,52 @@ def _mb(value: int | None) -> str:
     return "–" if value is None else f"{value / 1e6:.2f}"
 
 
+def level_columns(target: Target) -> list[str]:
+    """The table columns of the cost curve, one per perplexity level: ``MB to ppl 9``."""
+    return [f"MB to ppl {level:g}" for level in target.levels]
+
+
 def report(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table of the comparison, with plain statements of who reached the target."""
-    target = summary["target_accuracy"]
+    """A Markdown table of the comparison, with plain statements of who reached the target.
+
+    A perplexity target shows final and best perplexity instead of accuracy, and the MB to
+    each perplexity level beside the MB to the target.
+    """
+    target = Target.of_summary(summary)
+    metric, short = target.metric, target.short
     task = next(iter(runs.values()))["task"] if runs else ""
+    columns = ["run", "mode", f"final {short}", f"best {short}", "reached target", "visits to target",
+               "MB to target", "MB to first touch", *level_columns(target), "MB total", "network s to target",
+               "network s total", "CPU s / visit", "GFLOP / visit", "node peak memory (MB)", "wall s"]
     lines = [f"# {task}: {', '.join(runs)}", "",
-             f"Target accuracy: {target}. Bytes count every message's serialized content, both ways "
+             f"Target {metric}: {target.value}. Bytes count every message's serialized content, both ways "
              "(Snake in P2P mode: each transfer once). Network s: the network-time model, compute time "
              "/ node speed + bytes / node link, summed along chains; a FedAvg round waits for its "
              "slowest node.", "",
-             "A target is reached where the accuracy gets to it **and stays at or above it at every later "
-             "evaluation**; the first touch is shown beside it.", "",
-             "| run | mode | final acc | best acc | reached target | visits to target | MB to target "
-             "| MB to first touch | MB total | network s to target | network s total | CPU s / visit "
-             "| GFLOP / visit | node peak memory (MB) | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"A target is reached where the {metric} gets to it **and stays at or {target.side} it at every "
+             "later evaluation**; the first touch is shown beside it.", "",
+             f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
     for name, s in summary["runs"].items():
-        lines.append(f"| {name} | {s.get('mode', 'cs')} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
+        levels = "".join(f"{_mb(level['bytes_to_level'])} | " for level in s.get("levels", []))
+        lines.append(f"| {name} | {s.get('mode', 'cs')} | {target.score(s[f'final_{metric}'])} | "
+                     f"{target.score(s[f'best_{metric}'])} | "
                      f"{'yes' if s['reached_target'] else 'no'} | {s['visits_to_target'] or '–'} | "
-                     f"{_mb(s['bytes_to_target'])} | {_mb(s.get('bytes_to_first_target'))} | "
+                     f"{_mb(s['bytes_to_target'])} | {_mb(s.get('bytes_to_first_target'))} | {levels}"
                      f"{_mb(s['bytes_total'])} | "
                      f"{_seconds(s.get('network_time_to_target_s'))} | {_seconds(s.get('network_time_s'))} | "
                      f"{s.get('cpu_s_per_visit', 0.0):.2f} | {s.get('flops_per_visit', 0.0) / 1e9:.1f} | "
                      f"{s['node_peak_memory_bytes'] / 1e6:.2f} | {s['wall_s']:.0f} |")
     lines.append("")
+    label = target.label
     for name, s in summary["runs"].items():
         if s["reached_target"]:
-            lines.append(f"- {name} reached {target} for good at round {s['round_to_target']} "
+            lines.append(f"- {name} reached {label} for good at round {s['round_to_target']} "
                          f"({s['visits_to_target']} node visits, {_mb(s['bytes_to_target'])} MB).")
         elif s.get("bytes_to_first_target") is not None:
-            lines.append(f"- {name} touched {target} ({_mb(s['bytes_to_first_target'])} MB) but did **not** "
-                         f"stay there (final {s['final_accuracy']:.4f}).")
+            lines.append(f"- {name} touched {label} ({_mb(s['bytes_to_first_target'])} MB) but did **not** "
+                         f"stay there (final {target.score(s[f'final_{metric}'])}).")
         else:
-            lines.append(f"- {name} did **not** reach {target} (best {s['best_accuracy']:.4f}).")
+            lines.append(f"- {name} did **not** reach {label} (best {target.score(s[f'best_{metric}'])}).")
         if s.get("failed_rounds"):
             lines.append(f"- **{name}: {s['failed_rounds']} of {s['rounds']} rounds failed** "
                          f"(reasons under `failures` in {name}.json); its figures are not those of a clean run.")
@@ -174,8 +178,8 @@ def report(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
     if summary.get("side_by_side"):
         lines.append("- The runs were made side by side (`--jobs`), so each wall time includes waiting "
                      "for the CPU; compare wall times only between runs made one at a time.")
-    lines += ["", "![accuracy vs node visits](accuracy_vs_round.png)",
-              "![accuracy vs MB](accuracy_vs_mb.png)",
-              "![accuracy vs network time](accuracy_vs_network_time.png)",
+    lines += ["", f"![{metric} vs node visits](accuracy_vs_round.png)",
+              f"![{metric} vs MB](accuracy_vs_mb.png)",
+              f"![{metric} vs network time](accuracy_vs_network_time.png)",
               "![memory per node](memory_per_node.png)", ""]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from snake_flower.config import RunConfig, resolve
 from snake_flower.harness import resume
 from snake_flower.harness.compare import whole_rounds, write_comparison
 from snake_flower.harness.seeds import write_seed_comparison
+from snake_flower.harness.targets import Target
 from snake_flower.simulation import load_results, results_path, run_one
 
 
@@ -46,7 +47,7 @@ def compare(args: argparse.Namespace, configs: list[RunConfig]) -> int:
     Every seed's results files are checked before the first run starts, so that a file
     with other settings stops the comparison at once (exit 2) rather than hours in.
     """
-    out, target = Path(configs[0].out_dir), configs[0].target_accuracy
+    out, target = Path(configs[0].out_dir), Target.of(configs[0])
     seeds = [configs[0].seed + i for i in range(args.seeds)]
     folders = {seed: out if len(seeds) == 1 else out / f"seed-{seed}" for seed in seeds}
     plan = {seed: [resolve(cfg, {"seed": seed, "out-dir": str(folder)}) for cfg in configs]
@@ -102,13 +103,15 @@ def _run_in_turn(args: argparse.Namespace, configs: list[RunConfig],
 
 
 def _headline(line: dict[str, Any]) -> str:
-    """``final 0.88, 10.2 MB to the sustained target`` (medians over seeds when there are several)."""
-    final, to_target = line["final_accuracy"], line["bytes_to_target"]
+    """``final 0.8800, 10.20 MB to the sustained target``, for a perplexity target ``final ppl 7.41,
+    12.30 MB to the sustained target`` (medians over seeds when there are several)."""
+    ppl = "final_perplexity" in line  # only a perplexity target's lines carry it
+    final, to_target = line["final_perplexity" if ppl else "final_accuracy"], line["bytes_to_target"]
     if isinstance(final, dict):
         final, to_target = final["median"], to_target["median"]
     reached = f"{to_target / 1e6:.2f} MB to the sustained target" if to_target is not None \
         else "sustained target not reached"
-    return f"final {final:.4f}, {reached}"
+    return f"final ppl {final:.2f}, {reached}" if ppl else f"final {final:.4f}, {reached}"
 
 
 def evaluated_alike(configs: list[RunConfig], num_supernodes: int) -> list[RunConfig]:

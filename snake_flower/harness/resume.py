@@ -21,7 +21,7 @@ from snake_flower.simulation import results_path
 
 FINISHED, UNFINISHED = "finished", "unfinished"
 
-IGNORED = ("out-dir", "target-accuracy")
+IGNORED = ("out-dir", "target-accuracy", "target-perplexity", "perplexity-levels")
 """Keys that may differ between a stored run and this one: the folder may have been moved, and
 the target is the report's (``summarize`` reads the rows against today's), not the run's."""
 

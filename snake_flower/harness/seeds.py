@@ -4,7 +4,8 @@ Each seed's runs live in ``<out>/seed-<s>/`` with that seed's own ``summary.json
 ``<out>/summary.json`` holds, for every figure, ``{"median", "min", "max", "seeds"}``.
 A to-target figure of a seed that never reached the target counts as +infinity: its
 entry in ``seeds`` is ``null``, and so is the median when fewer than half the seeds
-reached the target (and the max when any seed missed it).
+reached the target (and the max when any seed missed it). A perplexity target's ``levels``
+stay a list, one entry per level, each figure of which is such a spread.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from snake_flower.harness.compare import summarize
+from snake_flower.harness.compare import level_columns, summarize
 from snake_flower.harness.plots import plot_bands
+from snake_flower.harness.targets import LEVEL_FIGURES, Target, as_target
 from snake_flower.runtime import results
 
 # figures where a missing value means "never": +inf, not "unknown"
@@ -47,25 +49,36 @@ def aggregate(lines: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = {"count": sum(bool(v) for v in values), "seeds": values}
         elif key in TO_TARGET or all(isinstance(v, (int, float)) or v is None for v in values):
             out[key] = spread(values, key in TO_TARGET)
+        elif key == "levels":
+            out[key] = _aggregate_levels(values)
         else:
             out[key] = values[0]
     return out
 
 
-def write_seed_comparison(out: str | Path, by_seed: dict[int, dict[str, dict[str, Any]]], target: float,
-                          side_by_side: bool = False) -> dict[str, Any]:
-    """Write ``<out>/summary.json``, ``report.md`` and median-and-band plots over the seeds."""
-    out = Path(out)
+def _aggregate_levels(by_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The seeds' ``levels`` (the same levels, in the same order, from one target): per level,
+    each figure a spread, a seed that never got down to the level counting as +inf."""
+    return [{"level": seeds[0]["level"], **{key: spread([s[key] for s in seeds], never_is_infinite=True)
+                                             for key in LEVEL_FIGURES}}
+            for seeds in zip(*by_seed)]
+
+
+def write_seed_comparison(out: str | Path, by_seed: dict[int, dict[str, dict[str, Any]]],
+                          target: float | Target, side_by_side: bool = False) -> dict[str, Any]:
+    """Write ``<out>/summary.json``, ``report.md`` and median-and-band plots over the seeds
+    (``target``: a ``Target``, or a plain number for an accuracy target)."""
+    out, target = Path(out), as_target(target)
     seeds = sorted(by_seed)
     names = list(by_seed[seeds[0]])
     runs = {name: [by_seed[s][name] for s in seeds if name in by_seed[s]] for name in names}
-    summary = {"target_accuracy": target, "side_by_side": side_by_side, "seeds": seeds,
+    summary = {**target.header(), "side_by_side": side_by_side, "seeds": seeds,
                "runs": {name: aggregate([summarize(run, target) for run in group])
                         for name, group in runs.items()}}
     results.write_json(out / "summary.json", summary)
-    plot_bands(runs, out / "accuracy_vs_round.png", x="visits")
-    plot_bands(runs, out / "accuracy_vs_mb.png", x="megabytes")
-    plot_bands(runs, out / "accuracy_vs_network_time.png", x="network")
+    plot_bands(runs, out / "accuracy_vs_round.png", x="visits", metric=target.metric)
+    plot_bands(runs, out / "accuracy_vs_mb.png", x="megabytes", metric=target.metric)
+    plot_bands(runs, out / "accuracy_vs_network_time.png", x="network", metric=target.metric)
     (out / "report.md").write_text(report(summary, runs))
     return summary
 
@@ -80,22 +93,27 @@ def _fmt(figure: dict[str, Any], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def report(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> str:
-    """A Markdown table of medians with [min–max] over the seeds."""
-    target, seeds = summary["target_accuracy"], summary["seeds"]
+    """A Markdown table of medians with [min–max] over the seeds (a perplexity target: final
+    perplexity, and the MB to each perplexity level beside the MB to the target)."""
+    target, seeds = Target.of_summary(summary), summary["seeds"]
+    metric = target.metric
     task = next(iter(runs.values()))[0]["task"] if runs else ""
+    columns = ["run", "seeds at target", f"final {target.short}", "MB to target", "MB to first touch",
+               *level_columns(target), "visits to target", "MB total", "network s to target", "CPU s / visit",
+               "GFLOP / visit", "node peak memory (MB)"]
     lines = [f"# {task}: {', '.join(runs)}, {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
-             f"Medians over the seeds, [min–max] beside them. Target accuracy {target}, reached where the "
-             "accuracy gets to it and stays at or above it at every later evaluation; a seed that never "
+             f"Medians over the seeds, [min–max] beside them. Target {metric} {target.value}, reached where the "
+             f"{metric} gets to it and stays at or {target.side} it at every later evaluation; a seed that never "
              "reached it counts as ∞ (a median of ∞ means fewer than half the seeds reached it).", "",
-             "| run | seeds at target | final acc | MB to target | MB to first touch | visits to target "
-             "| MB total | network s to target | CPU s / visit | GFLOP / visit | node peak memory (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
     for name, s in summary["runs"].items():
-        lines.append(f"| {name} | {s['reached_target']['count']}/{len(seeds)} | {_fmt(s['final_accuracy'], 1, 4)} "
-                     f"| {_fmt(s['bytes_to_target'], 1e6)} | {_fmt(s['bytes_to_first_target'], 1e6)} "
+        levels = "".join(f" | {_fmt(level['bytes_to_level'], 1e6)}" for level in s.get("levels", []))
+        lines.append(f"| {name} | {s['reached_target']['count']}/{len(seeds)} "
+                     f"| {_fmt(s[f'final_{metric}'], 1, target.digits)} "
+                     f"| {_fmt(s['bytes_to_target'], 1e6)} | {_fmt(s['bytes_to_first_target'], 1e6)}{levels} "
                      f"| {_fmt(s['visits_to_target'], 1, 0)} | {_fmt(s['bytes_total'], 1e6)} "
-                     f"| {_fmt(s['network_time_to_target_s'], 1, 1)} | {_fmt(s['cpu_s_per_visit'])} | {_fmt(s['flops_per_visit'], 1e9, 1)} "
-                     f"| {_fmt(s['node_peak_memory_bytes'], 1e6)} |")
+                     f"| {_fmt(s['network_time_to_target_s'], 1, 1)} | {_fmt(s['cpu_s_per_visit'])} "
+                     f"| {_fmt(s['flops_per_visit'], 1e9, 1)} | {_fmt(s['node_peak_memory_bytes'], 1e6)} |")
     notes = []
     snake, fedavg = summary["runs"].get("snake"), summary["runs"].get("fedavg")
     if snake and fedavg and snake["bytes_to_target"]["median"] and fedavg["bytes_to_target"]["median"]:
@@ -104,6 +122,6 @@ def report(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> st
     if summary.get("side_by_side"):
         notes.append("- Runs were made side by side (`--jobs`): wall times include waiting for the CPU.")
     lines += ["", *notes] if notes else []
-    lines += ["", "![accuracy vs node visits](accuracy_vs_round.png)", "![accuracy vs MB](accuracy_vs_mb.png)",
-              "![accuracy vs network time](accuracy_vs_network_time.png)", ""]
+    lines += ["", f"![{metric} vs node visits](accuracy_vs_round.png)", f"![{metric} vs MB](accuracy_vs_mb.png)",
+              f"![{metric} vs network time](accuracy_vs_network_time.png)", ""]
     return "\n".join(lines)

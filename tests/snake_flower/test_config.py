@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from snake_flower.config import DEFAULTS, ConfigError, RunConfig, field_name, key_of, parse_overrides, resolve
+from snake_flower.config import (
+    DEFAULTS,
+    ConfigError,
+    RunConfig,
+    field_name,
+    key_of,
+    parse_overrides,
+    perplexity_levels,
+    resolve,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,6 +95,38 @@ def test_bad_values_name_their_key(override, key):
         resolve(override)
     message = str(err.value)
     assert message.startswith(f"{key}:") and "\n" not in message
+
+
+LEVELS_EXPECTED = 'perplexity-levels: expected comma-separated perplexities such as "12.5,9.0,7.5", got '
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"target-perplexity": -1.0}, "target-perplexity: must be >= 0, got -1.0"),
+    ({"target-perplexity": float("inf")}, "target-perplexity: must be finite (0 = off), got inf"),
+    ({"target-perplexity": 7.5}, "target-perplexity: only task llm records a perplexity, not 'fashion-mnist'"),
+    ({"perplexity-levels": "12.5,nine"}, LEVELS_EXPECTED + "'12.5,nine'"),
+    ({"perplexity-levels": "12.5,,9"}, LEVELS_EXPECTED + "'12.5,,9'"),
+    ({"perplexity-levels": "12.5,-3"}, "perplexity-levels: each level must be a finite perplexity > 0, got -3.0"),
+    ({"perplexity-levels": "12.5,0"}, "perplexity-levels: each level must be a finite perplexity > 0, got 0.0"),
+    ({"perplexity-levels": "12.5,9"},
+     "perplexity-levels: the levels are counted with a perplexity target; set target-perplexity > 0"),
+    ({"perplexity-levels": True}, "perplexity-levels: expected a string, got True"),
+])
+def test_a_bad_perplexity_target_or_level_is_one_line_naming_its_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        resolve(override)
+    assert str(err.value) == message
+
+
+def test_a_perplexity_target_and_its_levels():
+    llm = {"task": "llm", "model": "tiny-opt"}
+    config = resolve({**llm, "target-perplexity": 7.5, "perplexity-levels": " 12.5, 9,7.5"})
+    assert config.target_perplexity == 7.5 and perplexity_levels(config) == (12.5, 9.0, 7.5)
+    # --run-config perplexity-levels=9: TOML reads one level as a number
+    assert resolve({**llm, "target-perplexity": 7.5, "perplexity-levels": 9})["perplexity-levels"] == "9"
+    assert perplexity_levels(resolve({})) == () and perplexity_levels({}) == ()  # off; results files of before
+    with pytest.raises(ConfigError, match="^perplexity-levels: each level must be a finite perplexity > 0"):
+        resolve({**llm, "target-perplexity": 7.5, "perplexity-levels": "12.5,-3"})
 
 
 def test_a_frozen_head_is_fine_once_train_head_is_off():

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 from snake_flower.cli import main
+from snake_flower.harness.comparison import _headline
 from snake_flower.harness.compare import summarize, write_comparison
+from snake_flower.harness.targets import Target, first_touch, sustained
 
 
 def _run(name: str, accuracies: list[float | None], nodes: int, moved: int) -> dict:
@@ -15,6 +18,98 @@ def _run(name: str, accuracies: list[float | None], nodes: int, moved: int) -> d
     return {"strategy": name, "task": "synthetic", "rounds": rows,
             "final": {"accuracy": accuracies[-1], "bytes_total": moved * len(rows), "wall_s": 1.0},
             "memory": {"total_bytes": 100, "trainable_param_bytes": 40, "frozen_param_bytes": 60}}
+
+
+PPL_CONFIG = {"target-accuracy": 0.85, "target-perplexity": 7.5, "perplexity-levels": "12,9,7.1"}
+
+
+def _llm_run(name: str, perplexities: list[float | None], moved: int = 1000) -> dict:
+    """A task llm run: one node per hop, 0.5 network seconds per hop, its token accuracy meaningless."""
+    run = _run(name, [None if p is None else 0.3 for p in perplexities], nodes=1, moved=moved)
+    run["task"], run["config"] = "llm", dict(PPL_CONFIG)
+    for row, ppl in zip(run["rounds"], perplexities):
+        row.update(perplexity=ppl, loss=None if ppl is None else math.log(ppl), network_time_s=0.5)
+    run["final"]["perplexity"] = perplexities[-1]
+    return run
+
+
+# summarize's line for _run("snake", [0.5, 0.86, 0.80, None, 0.85, 0.9], 1, 1000) at 0.85, as written
+# before perplexity targets existed: an accuracy summary must stay as it was, key order included
+ACCURACY_LINE = {"final_accuracy": 0.9, "best_accuracy": 0.9, "reached_target": True, "bytes_total": 6000,
+                 "bytes_to_target": 5000, "bytes_to_first_target": 2000, "mode": "cs", "network_time_s": 0.0,
+                 "network_time_to_target_s": 0.0, "visits_to_target": 5, "visits_to_first_target": 2,
+                 "round_to_target": 5, "node_peak_memory_bytes": 100, "cpu_s_per_visit": 0.0,
+                 "flops_per_visit": 0.0, "wall_s": 1.0, "rounds": 6, "node_visits": 6, "failed_rounds": 0,
+                 "payload_efficiency": 1000 / 980}
+
+
+def test_an_accuracy_summary_is_as_before_perplexity_targets(tmp_path):
+    run = _run("snake", [0.5, 0.86, 0.80, None, 0.85, 0.9], nodes=1, moved=1000)
+    run["config"] = {"target-accuracy": 0.85, "target-perplexity": 0.0, "perplexity-levels": ""}
+    for target in (0.85, Target(0.85), Target.of(run["config"])):
+        line = summarize(run, target)
+        assert line == ACCURACY_LINE and list(line) == list(ACCURACY_LINE)
+    write_comparison(tmp_path, {"snake": run}, Target.of(run["config"]))
+    before = {"target_accuracy": 0.85, "side_by_side": False, "runs": {"snake": ACCURACY_LINE}}
+    assert (tmp_path / "summary.json").read_text() == json.dumps(before, indent=1) + "\n"
+    assert "| run | mode | final acc | best acc |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_perplexity_target_is_reached_where_the_curve_stays_at_or_below_it():
+    dips = [20.0, 7.0, 8.0, None, 7.5, 6.0]  # touches 7.5 at row 1, rises, then stays from row 4
+    assert sustained(dips, 7.5, lower_is_better=True) == 4 and first_touch(dips, 7.5, lower_is_better=True) == 1
+    assert sustained([20.0, 7.0, 8.0], 7.5, lower_is_better=True) is None  # touched, then rose: not reached
+    assert sustained([7.0, 7.0, 7.6], 7.5, lower_is_better=True) is None  # the last evaluation is above
+    assert first_touch([20.0, 9.0], 7.5, lower_is_better=True) is None
+    gaps = [None, 9.0, None, 7.2, None]  # rows without an evaluation are skipped, at the end too
+    assert sustained(gaps, 7.5, lower_is_better=True) == 3 and first_touch(gaps, 7.5, lower_is_better=True) == 3
+    assert sustained([0.5, 0.9, 0.8, 0.9], 0.85) == 3 and first_touch([0.5, 0.9, 0.8, 0.9], 0.85) == 1
+
+
+def test_a_perplexity_summary_counts_to_the_target_and_to_each_level():
+    # row 5 is an older LLM row with its loss only: perplexity exp(loss) = 8.0, above the target
+    run = _llm_run("snake", [20.0, None, 11.0, 7.0, 8.0, 7.2])
+    run["rounds"][4]["perplexity"] = None
+    line = summarize(run, Target.of(run["config"]))
+    assert line["final_perplexity"] == 7.2 and line["best_perplexity"] == 7.0
+    assert line["final_accuracy"] == 0.3  # still there, not what the target counts
+    assert line["reached_target"] and line["round_to_target"] == 6 and line["bytes_to_target"] == 6000
+    assert line["visits_to_target"] == 6 and line["network_time_to_target_s"] == 3.0
+    assert line["bytes_to_first_target"] == 4000 and line["visits_to_first_target"] == 4
+    assert line["levels"] == [
+        {"level": 12.0, "bytes_to_level": 3000, "visits_to_level": 3, "network_time_to_level_s": 1.5},
+        {"level": 9.0, "bytes_to_level": 4000, "visits_to_level": 4, "network_time_to_level_s": 2.0},
+        # touched at row 4 (7.0), above it after: never got down to 7.1 for good
+        {"level": 7.1, "bytes_to_level": None, "visits_to_level": None, "network_time_to_level_s": None}]
+    above = summarize(_llm_run("snake", [20.0, 7.0, 7.6]), Target(0.85, perplexity=7.5))
+    assert not above["reached_target"] and above["bytes_to_target"] is None and "levels" not in above
+    assert above["bytes_to_first_target"] == 2000
+
+
+def test_a_perplexity_comparison_names_its_target_and_reports_perplexities(tmp_path):
+    runs = {"snake": _llm_run("snake", [20.0, 11.0, 7.0], moved=10**6),
+            "fedavg": _llm_run("fedavg", [20.0, 8.0, 9.0], moved=10**6)}
+    summary = write_comparison(tmp_path, runs, Target.of(PPL_CONFIG))
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["target_accuracy"] == 0.85
+    assert summary["target"] == {"metric": "perplexity", "value": 7.5, "levels": [12.0, 9.0, 7.1]}
+    report = (tmp_path / "report.md").read_text()
+    assert ("| run | mode | final ppl | best ppl | reached target | visits to target | MB to target "
+            "| MB to first touch | MB to ppl 12 | MB to ppl 9 | MB to ppl 7.1 | MB total |") in report
+    assert "| snake | cs | 7.00 | 7.00 | yes | 3 | 3.00 | 3.00 | 2.00 | 3.00 | 3.00 | 3.00 |" in report
+    assert "| fedavg | cs | 9.00 | 8.00 | no | – | – | – | 2.00 | 2.00 | – | 3.00 |" in report
+    assert "snake reached perplexity 7.5 for good at round 3" in report
+    assert "fedavg did **not** reach perplexity 7.5 (best 8.00)" in report
+    assert "stays at or below it" in report and (tmp_path / "accuracy_vs_mb.png").exists()
+
+
+def test_the_headline_of_a_perplexity_run_gives_its_final_perplexity():
+    line = summarize(_llm_run("snake", [20.0, 7.41], moved=6_150_000), Target.of(PPL_CONFIG))
+    assert _headline(line) == "final ppl 7.41, 12.30 MB to the sustained target"
+    medians = {"final_perplexity": {"median": 8.0}, "bytes_to_target": {"median": None}}
+    assert _headline(medians) == "final ppl 8.00, sustained target not reached"
+    assert _headline(summarize(_run("snake", [0.5, 0.9], 1, 1000), 0.85)) == \
+        "final 0.9000, 0.00 MB to the sustained target"
 
 
 def test_bytes_and_visits_to_the_sustained_target():
@@ -100,6 +195,32 @@ def test_report_command_rebuilds_the_outputs_from_saved_runs(tmp_path, capsys):
     empty.mkdir()
     assert main(["report", str(empty)]) == 2
     assert capsys.readouterr().err.strip() == f"snake-flower: error: no run results (<strategy>.json) in {empty}"
+
+
+def test_report_command_counts_to_the_runs_perplexity_target_or_the_one_asked(tmp_path, capsys):
+    for name, perplexities in (("snake", [20.0, 11.0, 7.0]), ("fedavg", [20.0, 8.0, 9.0])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(_llm_run(name, perplexities)))
+    assert main(["report", str(tmp_path)]) == 0  # the runs' own target-perplexity, 7.5
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["target"]["value"] == 7.5 and summary["runs"]["fedavg"]["bytes_to_target"] is None
+    assert main(["report", str(tmp_path), "--target-perplexity", "9.5"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["target"]["value"] == 9.5 and summary["runs"]["fedavg"]["bytes_to_target"] == 2000
+    assert main(["report", str(tmp_path), "--target-perplexity", "0", "--target-accuracy", "0.25"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "target" not in summary and summary["target_accuracy"] == 0.25
+    assert "final_perplexity" not in summary["runs"]["snake"] and summary["runs"]["snake"]["bytes_to_target"] == 1000
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--target-perplexity", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("snake-flower: error: --target-perplexity: must be >= 0")
+
+
+def test_report_command_refuses_a_perplexity_target_for_runs_without_a_perplexity(tmp_path, capsys):
+    run = {**_run("snake", [0.5, 0.9], 1, 1000), "config": {"target-accuracy": 0.85}}
+    (tmp_path / "snake.json").write_text(json.dumps(run))
+    assert main(["report", str(tmp_path), "--target-perplexity", "7.5"]) == 2
+    assert capsys.readouterr().err.strip() == ("snake-flower: error: --target-perplexity: only task llm runs "
+                                               "have a perplexity, not 'synthetic'")
 
 
 def test_plot_command_overlays_runs_from_different_folders(tmp_path, capsys, monkeypatch):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
+from snake_flower.harness.comparison import _headline
 from snake_flower.harness.seeds import aggregate, spread, write_seed_comparison
+from snake_flower.harness.targets import Target
 
 
 def _run(accuracies: list[float | None], moved: int = 1000) -> dict:
@@ -13,6 +16,39 @@ def _run(accuracies: list[float | None], moved: int = 1000) -> dict:
     return {"strategy": "snake", "task": "synthetic", "rounds": rows,
             "final": {"accuracy": accuracies[-1], "bytes_total": moved * len(rows), "wall_s": 1.0},
             "memory": {"total_bytes": 100}}
+
+
+def _llm_run(perplexities: list[float], moved: int = 10**6) -> dict:
+    run = _run([0.3] * len(perplexities), moved)
+    run["task"] = "llm"
+    for row, ppl in zip(run["rounds"], perplexities):
+        row.update(perplexity=ppl, loss=math.log(ppl))
+    run["final"]["perplexity"] = perplexities[-1]
+    return run
+
+
+def test_perplexity_levels_over_seeds_count_a_seed_that_never_got_down_to_one_as_infinity(tmp_path):
+    by_seed = {42: {"snake": _llm_run([20.0, 11.0, 8.5, 7.0])},  # level 12 at 2 MB, 9 at 3 MB, 7.5 at 4 MB
+               43: {"snake": _llm_run([15.0, 10.0, 9.5, 8.0])},  # 12 at 2 MB, 9 at 4 MB, 7.5 never
+               44: {"snake": _llm_run([14.0, 13.0, 12.5, 11.0])}}  # 12 at 4 MB, 9 and 7.5 never
+    target = Target(0.85, perplexity=7.5, levels=(12.0, 9.0))
+    summary = write_seed_comparison(tmp_path, by_seed, target)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["target"] == {"metric": "perplexity", "value": 7.5, "levels": [12.0, 9.0]}
+    snake = summary["runs"]["snake"]
+    assert snake["final_perplexity"] == {"median": 8.0, "min": 7.0, "max": 11.0, "seeds": [7.0, 8.0, 11.0]}
+    twelve, nine = snake["levels"]
+    assert twelve["level"] == 12.0 and twelve["bytes_to_level"]["median"] == 2 * 10**6
+    assert nine["bytes_to_level"] == {"median": 4 * 10**6, "min": 3 * 10**6, "max": None,
+                                      "seeds": [3 * 10**6, 4 * 10**6, None]}  # the median of 3, 4 and inf
+    assert nine["visits_to_level"]["median"] == 4 and nine["network_time_to_level_s"]["max"] is None
+    assert snake["bytes_to_target"]["median"] is None and snake["reached_target"]["count"] == 1
+    report = (tmp_path / "report.md").read_text()
+    assert ("| run | seeds at target | final ppl | MB to target | MB to first touch | MB to ppl 12 | MB to ppl 9 "
+            "| visits to target |") in report
+    assert "| snake | 1/3 | 8.00 [7.00–11.00] | ∞ [4.00–∞] | ∞ [4.00–∞] | 2.00 [2.00–4.00] | 4.00 [3.00–∞] |" in report
+    assert "Target perplexity 7.5" in report and "stays at or below it" in report
+    assert _headline(snake) == "final ppl 8.00, sustained target not reached"
 
 
 def test_a_seed_that_never_reaches_the_target_counts_as_infinity():
@@ -40,6 +76,7 @@ def test_seed_comparison_writes_medians_a_report_and_band_plots(tmp_path):
                44: {"snake": _run([0.5, 0.7, 0.8]), "fedavg": _run([0.5, 0.86, 0.9], 4000)}}
     summary = write_seed_comparison(tmp_path, by_seed, target=0.85, side_by_side=True)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert list(summary) == ["target_accuracy", "side_by_side", "seeds", "runs"]  # as before perplexity targets
     snake, fedavg = summary["runs"]["snake"], summary["runs"]["fedavg"]
     assert snake["bytes_to_target"]["seeds"] == [2000, 3000, None] and snake["bytes_to_target"]["median"] == 3000
     assert fedavg["bytes_to_target"]["seeds"] == [None, 8000, 8000] and fedavg["bytes_to_target"]["median"] == 8000
