@@ -114,6 +114,9 @@ class RunConfig(Mapping[str, Any]):
     # network seconds to each perplexity as well (the cost curve, by the same sustained rule)
     target_perplexity: float = 0.0
     perplexity_levels: str = ""
+    # stop a run once it has held its target (the above) for this many consecutive evaluations;
+    # the same rule for every strategy of a comparison (0 = run the whole budget)
+    stop_after_held: int = 0
     eval_every: int = 2
     eval_batch_size: int = 1000
     eval_samples: int = 0

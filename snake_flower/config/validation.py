@@ -38,7 +38,7 @@ POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-bat
             "seq-len", "tune-visits", "concurrency", "gate-strikes", "krum-select", "attack-scale")
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
-                "leave-partition", "crash-round", "lanes", "hop-deadline-s", "validation-size", "prune-above-bytes",
+                "leave-partition", "crash-round", "lanes", "stop-after-held", "hop-deadline-s", "validation-size", "prune-above-bytes",
                 "gate-tolerance", "gate-size", "krum-malicious", "byzantine-nodes", "target-perplexity")
 
 

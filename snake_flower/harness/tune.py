@@ -23,6 +23,7 @@ from typing import Any
 
 from snake_flower.config import ConfigError, RunConfig, parse_overrides, resolve
 from snake_flower.harness.compare import summarize, whole_rounds
+from snake_flower.harness.targets import Target, as_target
 
 
 def parse_grid(text: str) -> list[dict[str, Any]]:
@@ -73,7 +74,7 @@ def _quality(run: dict[str, Any]) -> tuple[float, float]:
 BYTES_TIE = 1e-3
 
 
-def pick(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float) -> int:
+def pick(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float | Target) -> int:
     """Index of the winning ``(point, run results)`` trial (``score``'s order).
 
     Points whose bytes to target are within ``BYTES_TIE`` of the fewest tie on bytes and go on
@@ -90,11 +91,13 @@ def pick(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float) -> 
     return min(range(len(trials)), key=lambda i: tied(keys[i]))
 
 
-def table(strategy: str, trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float,
+def table(strategy: str, trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float | Target,
           winner: int) -> str:
-    """A Markdown table of every trial, the winner marked."""
-    lines = [f"| {strategy}: setting | reached {target} on validation | MB to target | visits to target "
-             "| best val acc | final val acc |", "|---|---|---|---|---|---|"]
+    """A Markdown table of every trial, the winner marked (accuracy or, for a perplexity target,
+    perplexity columns)."""
+    target = as_target(target)
+    lines = [f"| {strategy}: setting | reached {target.label} on validation | MB to target | visits to target "
+             f"| best val {target.short} | final val {target.short} |", "|---|---|---|---|---|---|"]
     for i, (point, run) in enumerate(trials):
         s = summarize(run, target)
         mb = "–" if s["bytes_to_target"] is None else f"{s['bytes_to_target'] / 1e6:.2f}"
@@ -103,7 +106,7 @@ def table(strategy: str, trials: list[tuple[dict[str, Any], dict[str, Any]]], ta
             reached = f"no (pruned at {run['pruned']['bytes'] / 1e6:.2f} MB)"
         lines.append(f"| {'**' if i == winner else ''}{label(point)}{'**' if i == winner else ''} "
                      f"| {reached} | {mb} | {s['visits_to_target'] or '–'} "
-                     f"| {s['best_accuracy']:.4f} | {s['final_accuracy']:.4f} |")
+                     f"| {target.score(s['best_' + target.metric])} | {target.score(s['final_' + target.metric])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +169,7 @@ def _finished(config: RunConfig) -> dict[str, Any] | None:
     return result if ran == wanted and "final" in result and usable else None
 
 
-def _bound(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float) -> float:
+def _bound(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float | Target) -> float:
     """The fewest bytes to the sustained target so far (0: no trial has reached it)."""
     reached = [line["bytes_to_target"] for line in (summarize(run, target) for _, run in trials)
                if line["reached_target"]]
@@ -182,7 +185,7 @@ def run_tuning(args: Any, base: RunConfig) -> int:
     from snake_flower.runtime import results
     from snake_flower.simulation import run_one
 
-    name, target, out = base.name, base.target_accuracy, Path(base.out_dir)
+    name, target, out = base.name, Target.of(base), Path(base.out_dir)
     if base.validation_size == 0:
         raise ConfigError("validation-size: tune needs a slice held out of the training data (e.g. 5000), "
                           "the same that compare holds out")
@@ -217,7 +220,7 @@ def run_tuning(args: Any, base: RunConfig) -> int:
     settings = trials[winner][0]
     (out / f"tune-{name}.md").write_text(table(name, trials, target, winner))
     results.write_json(out / f"tune-{name}.json", {
-        "run": name, "target_accuracy": target, "visits": base.tune_visits, "winner": settings,
+        "run": name, **target.header(), "visits": base.tune_visits, "winner": settings,
         "trials": [{"settings": p, **summarize(r, target), "pruned": r.get("pruned")} for p, r in trials]})
     print(f"tune {name}: winner {label(settings)} -> {out / f'tune-{name}.md'}")
     if args.write:

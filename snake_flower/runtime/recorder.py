@@ -34,6 +34,10 @@ class RunPruned(Exception):
     bytes to its sustained target, so it can no longer win (``prune-above-bytes``)."""
 
 
+class TargetHeld(Exception):
+    """A run stopped early: it has held its target for ``stop-after-held`` consecutive evaluations."""
+
+
 class RunRecorder:
     """Rows, evaluation and the final JSON of one run of one strategy.
 
@@ -53,6 +57,7 @@ class RunRecorder:
         self.started = time.time() if started is None else started  # wall_s counts from here
         self.mode = "cs"  # how bytes are counted (Snake and relay: the run's mode)
         self.pruned: dict[str, Any] | None = None
+        self.held: dict[str, Any] | None = None
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's centralized-evaluation hook; also closes the round's record."""
@@ -78,6 +83,7 @@ class RunRecorder:
             self._progress(row)
             if metrics and server_round < self.num_rounds:
                 self._prune(metrics)
+                self._stop_if_held()
         return MetricRecord(self.evaluated[server_round]) if server_round in self.evaluated else None
 
     def state(self) -> dict[str, Any]:
@@ -94,26 +100,53 @@ class RunRecorder:
 
     @contextmanager
     def prunable(self) -> Iterator[None]:
-        """Around a strategy's ``start``: a pruned trial ends there and is still written."""
+        """Around a strategy's ``start``: a run stopped early (pruned, or its target held) ends
+        there and is still written."""
         try:
             yield
         except RunPruned:
-            log(INFO, "%s: pruned at round %d (%.2f MB, accuracy %.4f below target): it can no longer "
+            log(INFO, "%s: pruned at round %d (%.2f MB, %s %.4f short of the target): it can no longer "
                 "beat the best trial", self.name, self.pruned["round"], self.pruned["bytes"] / 1e6,
-                self.pruned["accuracy"])
+                self._metric, self.pruned[self._metric])
+        except TargetHeld:
+            log(INFO, "%s: stopped at round %d: the target held for %d evaluations in a row (stop-after-held)",
+                self.name, self.held["round"], self.held["evaluations"])
+
+    @property
+    def _metric(self) -> str:
+        """What the run's target is on: the held-out perplexity (``target-perplexity``) or accuracy."""
+        return "perplexity" if self.config.target_perplexity > 0 else "accuracy"
+
+    def _meets(self, metrics: dict[str, float]) -> bool:
+        """Is an evaluation at the target or better (at or below a perplexity, at or above an accuracy)?"""
+        if self._metric == "perplexity":
+            return metrics["perplexity"] <= self.config.target_perplexity
+        return metrics["accuracy"] >= self.config.target_accuracy
 
     def _prune(self, metrics: dict[str, float]) -> None:
-        """Tuning only: stop once below the target past ``prune-above-bytes``.
+        """Tuning only: stop once short of the target past ``prune-above-bytes``.
 
         The sustained target is reached at an evaluation from which every later one is at
-        or above it; an evaluation below it after B bytes puts that point past B, so a
-        trial already past the best trial's bytes to target cannot win any more.
+        the target or better; an evaluation short of it after B bytes puts that point past B,
+        so a trial already past the best trial's bytes to target cannot win any more.
         """
         bound = self.config.prune_above_bytes
         moved = results.cumulative_bytes(self.rows, self.mode)[-1]
-        if bound and metrics["accuracy"] < self.config.target_accuracy and moved >= bound:
-            self.pruned = {"round": self.rows[-1]["round"], "bytes": moved, "accuracy": metrics["accuracy"]}
+        if bound and not self._meets(metrics) and moved >= bound:
+            self.pruned = {"round": self.rows[-1]["round"], "bytes": moved, self._metric: metrics[self._metric]}
             raise RunPruned(self.name)
+
+    def _stop_if_held(self) -> None:
+        """Stop once the last ``stop-after-held`` evaluations all held the target.
+
+        The sustained target of a run stopped here is reached at the first of them: the run
+        ends at the target or better, as one that ran on and stayed there would count it.
+        """
+        needed = self.config.stop_after_held
+        scored = [row for row in self.rows if row.get("accuracy") is not None]
+        if needed and len(scored) >= needed and all(self._meets(row) for row in scored[-needed:]):
+            self.held = {"round": self.rows[-1]["round"], "evaluations": needed}
+            raise TargetHeld(self.name)
 
     def write(self, ledgers: list[dict[str, float]], **extra: Any) -> dict[str, Any]:
         """Assemble design §6's results and write ``<out-dir>/<name>.json``."""
@@ -121,6 +154,8 @@ class RunRecorder:
         mode = extra.get("mode", self.mode)
         if self.pruned:
             extra["pruned"] = self.pruned
+        if self.held:
+            extra["stopped_held"] = self.held
         moved = results.cumulative_bytes(self.rows, mode)[-1] if self.rows else 0
         network = results.cumulative_network_time(self.rows)[-1] if self.rows else 0.0
         payload = {

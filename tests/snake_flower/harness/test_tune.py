@@ -194,3 +194,25 @@ def test_tune_prunes_a_trial_that_can_no_longer_win(loopback, nodes, tmp_path, m
     assert main(args) == 0                              # run again: both trials are reused, none re-run
     monkeypatch.setattr("snake_flower.simulation.run_one", lambda *a, **k: pytest.fail("re-ran a trial"))
     assert main(args) == 0
+
+
+def test_a_perplexity_target_picks_and_tables_on_perplexity():
+    from snake_flower.harness.targets import Target
+    from snake_flower.harness.tune import table
+
+    def ppl_run(perplexities, moved):
+        run = _run([0.1] * len(perplexities), moved)
+        for row, ppl in zip(run["rounds"], perplexities):
+            row["perplexity"] = ppl
+        run["final"]["perplexity"] = perplexities[-1]
+        return run
+
+    target = Target(0.85, perplexity=7.5)
+    trials = [({"lr": 1}, ppl_run([9.0, 7.4, 7.2], moved=100)),   # at or below 7.5 from the second: 200 B
+              ({"lr": 2}, ppl_run([7.0, 8.0, 7.5], moved=50)),    # dips back above: from the third, 150 B
+              ({"lr": 3}, ppl_run([7.0, 7.1, 7.6], moved=10))]    # ends above: never
+    assert pick(trials, target) == 1
+    text = table("snake", trials, target, 1)
+    assert "reached perplexity 7.5 on validation" in text and "best val ppl | final val ppl" in text
+    assert "| **lr=2** | yes | 0.00 | 3 | 7.00 | 7.50 |" in text and "| lr=3 | no | – | – | 7.00 | 7.60 |" in text
+    assert pick(trials, 0.05) == 2  # the same runs on an accuracy target: all reached it at once; fewest bytes
