@@ -23,6 +23,7 @@ import fcntl
 import importlib.util
 import os
 import shutil
+import warnings
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
@@ -328,7 +329,9 @@ def build_segments(name: str, finetune: str = "full", lora_rank: int = 8, lora_d
     if finetune == "lora":
         from peft import get_peft_model
 
-        lm = get_peft_model(lm, lora_config(lora_rank, dropout=lora_dropout)).base_model.model  # adapters injected
+        with warnings.catch_warnings():  # peft reads transformers' renamed is_gradient_checkpointing: noise
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            lm = get_peft_model(lm, lora_config(lora_rank, dropout=lora_dropout)).base_model.model  # adapters injected
     if gradient_checkpointing:
         lm.activation_checkpointing_enable({"use_reentrant": False})
     model = CausalLMSegments(lm, lora=finetune == "lora").eval()
