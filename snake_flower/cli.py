@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="y axis (default: perplexity for task llm, else accuracy)")
     memory = sub.add_parser("memory", help="FedAvg and Snake memory per node of an LLM, from its "
                                            "architecture alone (meta device, no weights)")
-    memory.add_argument("--model", required=True,
-                        help="opt-1.3b, llama-3-8b, smollm2-135m, tiny-opt, or a folder with a config.json")
+    memory.add_argument("--model",
+                        help="opt-1.3b, llama-3-8b, smollm2-135m, tiny-opt, or a folder with a config.json "
+                             "(required but with --measure --config)")
     memory.add_argument("--window", default="1", help="decoder layers Snake trains at once (default 1)")
     memory.add_argument("--frozen-dtype", help="fp16 (default), bf16, fp32 or int8; with --measure "
                                                "auto (default: bf16/fp16 where the CPU has it), fp16, bf16, fp32, int8")
@@ -87,15 +89,21 @@ def _parser() -> argparse.ArgumentParser:
                         help="modules that get LoRA adapters (default q_proj,v_proj)")
     memory.add_argument("--batch", default="0", help="sequences per step, to count activations (default 0: not counted)")
     memory.add_argument("--seq", default="0", help="tokens per sequence, to count activations (default 0)")
-    memory.add_argument("--json", action="store_true", help="print the report as JSON")
+    memory.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="print the report as JSON; --json FILE writes it there and prints the table")
     memory.add_argument("--measure", action="store_true",
                         help="run the ClientApp on two hops per arm (first visit, then a delta sync), each "
                              "arm in a fresh process, and measure peak RSS beside the ledger (task llm's "
                              "model and data; batch 8 x seq 96 by default)")
     memory.add_argument("--optimizer", default="sgd", help="--measure: sgd (default, as runs train), adam (the paper's) or adamw (FlowerTune's)")
     memory.add_argument("--steps", default="2", help="--measure: training steps of the hop (default 2)")
-    memory.add_argument("--strategies", default="snake-full,snake-lora,fedavg-full,fedavg-lora",
-                        help="--measure: the arms to run (default all four; snake and fedavg name the full ones)")
+    memory.add_argument("--arms", "--strategies", dest="arms",
+                        help="--measure: the arms to run (default all four of snake-full, snake-lora, fedavg-full, "
+                             "fedavg-lora; snake and fedavg name the full ones); with --config: tables or "
+                             "strategies of the experiment file, as compare --strategies names them")
+    memory.add_argument("--config", help="--measure: an experiment TOML; each of --arms is measured with its "
+                                         "own run-config (its model, batch, optimizer, ...), not the options above")
+    memory.add_argument("--run-config", default="", help="--measure --config: overrides for every arm")
     sub.add_parser("supernode", add_help=False, help="Flower's SuperNode for an edge node, with a warm "
                    "ClientApp launcher and no idle polls (snake-flower supernode --help)")
     return parser
@@ -170,6 +178,7 @@ def _report(args: argparse.Namespace) -> int:
     """``snake-flower report DIR``: the comparison's outputs again, from its saved runs
     (``DIR/seed-<s>/`` of ``compare --seeds``: each seed's and the medians over them)."""
     from snake_flower.harness.compare import write_comparison
+    from snake_flower.harness.fit_budget import stored_verdicts
     from snake_flower.harness.seeds import write_seed_comparison
 
     out = Path(args.out)
@@ -188,12 +197,13 @@ def _report(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2
+    fit = stored_verdicts(out)  # fit-budget-mb: the node growth compare measured and kept in out
     for seed, seed_runs in by_seed.items():
-        write_comparison(out / f"seed-{seed}", seed_runs, target, side_by_side=side_by_side)
+        write_comparison(out / f"seed-{seed}", seed_runs, target, side_by_side=side_by_side, fit=fit)
     if by_seed:
-        write_seed_comparison(out, by_seed, target, side_by_side=side_by_side)
+        write_seed_comparison(out, by_seed, target, side_by_side=side_by_side, fit=fit)
     else:
-        write_comparison(out, runs, target, side_by_side=side_by_side)
+        write_comparison(out, runs, target, side_by_side=side_by_side, fit=fit)
     print(f"report: {out / 'report.md'}")
     return 0
 
@@ -229,22 +239,57 @@ def _int_option(name: str, value: str) -> int:
 
 
 def _measure(args: argparse.Namespace) -> int:
-    """``snake-flower memory --measure --model M``: two hops of the ClientApp per arm, peak RSS and ledger."""
-    from snake_flower.harness.measure import MeasureError, MeasureOptions, arms_of, measure
+    """``snake-flower memory --measure``: two hops of the ClientApp per arm, peak RSS and ledger;
+    the arms are ``--model`` with the options, or with ``--config`` the experiment's runs."""
+    from snake_flower.harness.measure import ARMS, MeasureError, MeasureOptions, arms_of, measure
     from snake_flower.harness.memory_table import format_measured
+    from snake_flower.tasks.data import DataError
 
     try:
-        batch, seq = _int_option("batch", args.batch) or 8, _int_option("seq", args.seq) or 96
-        options = MeasureOptions(model=args.model, batch=batch, seq=seq, steps=_int_option("steps", args.steps),
-                                 optimizer=args.optimizer, frozen_dtype=args.frozen_dtype or "auto",
-                                 window=_int_option("window", args.window),
-                                 lora_rank=_int_option("lora-rank", args.lora_rank))
-        report = measure(options, arms_of(args.strategies))
-    except (ConfigError, MeasureError) as err:
+        if args.config:
+            report = _measure_experiment(args)
+        else:
+            if args.run_config:
+                raise ConfigError("run-config: --run-config sets the arms of an experiment file (--config)")
+            if not args.model:
+                raise ConfigError("model: --measure needs --model, or --config and --arms")
+            batch, seq = _int_option("batch", args.batch) or 8, _int_option("seq", args.seq) or 96
+            options = MeasureOptions(model=args.model, batch=batch, seq=seq, steps=_int_option("steps", args.steps),
+                                     optimizer=args.optimizer, frozen_dtype=args.frozen_dtype or "auto",
+                                     window=_int_option("window", args.window),
+                                     lora_rank=_int_option("lora-rank", args.lora_rank))
+            report = measure(options, arms_of(",".join(ARMS) if args.arms is None else args.arms))
+    except (ConfigError, DataError, MeasureError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2) if args.json else format_measured(report))
+    _print_report(args, report, format_measured)
     return 0
+
+
+def _measure_experiment(args: argparse.Namespace) -> dict[str, Any]:
+    """``memory --measure --config FILE --arms A,B``: each arm resolved as ``compare`` resolves its
+    strategies (on the measurement's 8 nodes), then measured with its own settings."""
+    from snake_flower.harness.measure import NODES
+    from snake_flower.harness.measure_runs import measure_runs
+
+    shared = {"model", "batch", "seq", "steps", "optimizer", "window", "frozen_dtype", "lora_rank"}
+    defaults = vars(_parser().parse_args(["memory"]))
+    given = [f"--{key.replace('_', '-')}" for key in sorted(shared) if getattr(args, key) != defaults[key]]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: with --config each arm's settings are the experiment's "
+                          "(set them with --run-config key=value)")
+    names = [name.strip() for name in (args.arms or "").split(",") if name.strip()]
+    if not names:
+        raise ConfigError("arms: --config needs --arms, the experiment's tables or strategies to measure")
+    runs = argparse.Namespace(config=args.config, run_config=args.run_config, num_supernodes=NODES, out=None)
+    return measure_runs(resolve_runs(runs, names))
+
+
+def _print_report(args: argparse.Namespace, report: dict[str, Any], table: Callable[[dict[str, Any]], str]) -> None:
+    """``--json``: the report as JSON; ``--json FILE``: written there, and the table printed."""
+    if args.json and args.json != "-":
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2) if args.json == "-" else table(report))
 
 
 def _memory(args: argparse.Namespace) -> int:
@@ -256,6 +301,10 @@ def _memory(args: argparse.Namespace) -> int:
     if args.measure:
         return _measure(args)
     try:
+        if args.config:
+            raise ConfigError("config: memory --config measures an experiment's runs, with --measure")
+        if not args.model:
+            raise ConfigError("model: memory needs --model (--measure --config measures an experiment's runs)")
         options = MemoryOptions(window=_int_option("window", args.window), frozen_dtype=args.frozen_dtype or "fp16",
                                 finetune=args.finetune, lora_rank=_int_option("lora-rank", args.lora_rank),
                                 lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
@@ -264,7 +313,7 @@ def _memory(args: argparse.Namespace) -> int:
     except (ConfigError, ArchitectureError, MemoryOptionsError) as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    _print_report(args, report, format_table)
     return 0
 
 

@@ -108,6 +108,10 @@ class RunConfig(Mapping[str, Any]):
     tune_visits: int = 64
     # set by tune only: stop a trial below the target once past this many bytes (0 = never)
     prune_above_bytes: float = 0.0
+    # compare: a run whose node grows by more than this many MB on the ClientApp with its own
+    # settings (snake-flower memory --measure) is not run but shown as "does not fit"; 0 = no
+    # budget. Not a node's capacity: that is memory-budget-mb, which a node states itself
+    fit_budget_mb: float = 0.0
     target_accuracy: float = 0.85
     # task llm: count "to target" down to this held-out perplexity instead (lower is better; 0 = off,
     # target-accuracy then counts); perplexity-levels, e.g. "12.5,9.0,7.5": the bytes, visits and

@@ -39,7 +39,8 @@ POSITIVE = ("num-server-rounds", "window", "batch-size", "eval-every", "eval-bat
 NON_NEGATIVE = ("local-epochs", "local-steps", "lr", "momentum", "weight-decay", "clip-norm",
                 "eval-samples", "sync-tolerance", "max-update-norm", "node-backoff", "leave-round",
                 "leave-partition", "crash-round", "lanes", "stop-after-held", "hop-deadline-s", "validation-size", "prune-above-bytes",
-                "gate-tolerance", "gate-size", "krum-malicious", "byzantine-nodes", "target-perplexity")
+                "gate-tolerance", "gate-size", "krum-malicious", "byzantine-nodes", "target-perplexity",
+                "fit-budget-mb")
 
 
 def resolve(*layers: Mapping[str, Any]) -> RunConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from snake_flower.harness.fit_budget import add_to_summary, report_notes, report_rows
 from snake_flower.harness.plots import plot_accuracy, plot_memory
 from snake_flower.harness.targets import Target, as_target, at_row, level_figures, metric_figures, score_of
 from snake_flower.runtime import results
@@ -96,16 +97,17 @@ def _attack_summary(rows: list[dict[str, Any]], attackers: list[int]) -> dict[st
 
 
 def write_comparison(out: str | Path, runs: dict[str, dict[str, Any]], target: float | Target,
-                     side_by_side: bool = False) -> dict[str, Any]:
+                     side_by_side: bool = False, fit: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write ``summary.json``, ``report.md`` and the PNG plots into ``out``.
 
     ``target``: a ``Target`` (``Target.of(config)``), or a plain number for an accuracy target.
     ``side_by_side``: the runs shared the machine (``compare --jobs``), so their wall
-    times include waiting for the CPU.
+    times include waiting for the CPU. ``fit``: the runs' ``fit-budget-mb`` verdicts
+    (``fit_budget.check``), those that do not fit shown as such.
     """
     out, target = Path(out), as_target(target)
-    summary = {**target.header(), "side_by_side": side_by_side,
-               "runs": {name: summarize(run, target) for name, run in runs.items()}}
+    summary = add_to_summary({**target.header(), "side_by_side": side_by_side,
+                              "runs": {name: summarize(run, target) for name, run in runs.items()}}, fit or {})
     results.write_json(out / "summary.json", summary)
     plot_accuracy(runs, out / "accuracy_vs_round.png", x="visits")
     plot_accuracy(runs, out / "accuracy_vs_mb.png", x="megabytes")
@@ -158,7 +160,7 @@ def report(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
                      f"{_seconds(s.get('network_time_to_target_s'))} | {_seconds(s.get('network_time_s'))} | "
                      f"{s.get('cpu_s_per_visit', 0.0):.2f} | {s.get('flops_per_visit', 0.0) / 1e9:.1f} | "
                      f"{s['node_peak_memory_bytes'] / 1e6:.2f} | {s['wall_s']:.0f} |")
-    lines.append("")
+    lines += [*report_rows(summary, len(columns)), ""]
     label = target.label
     for name, s in summary["runs"].items():
         if s["reached_target"]:
@@ -172,6 +174,7 @@ def report(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         if s.get("failed_rounds"):
             lines.append(f"- **{name}: {s['failed_rounds']} of {s['rounds']} rounds failed** "
                          f"(reasons under `failures` in {name}.json); its figures are not those of a clean run.")
+    lines += report_notes(summary)
     reached = {n: s["bytes_to_target"] for n, s in summary["runs"].items() if s["reached_target"]}
     if "snake" in reached and "fedavg" in reached:
         lines.append(f"- Snake / FedAvg bytes to the sustained target: {reached['snake'] / reached['fedavg']:.2f}.")

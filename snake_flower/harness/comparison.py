@@ -3,7 +3,8 @@
 Runs go one after the other in this process, or with ``--jobs N`` up to N at once as
 child processes (``harness.jobs``). Every run is evaluated at the same node visits.
 A run whose finished results file is already there with its settings is not made again
-(``harness.resume``; ``--fresh`` makes every run).
+(``harness.resume``; ``--fresh`` makes every run). A run whose node, measured with its
+settings, outgrows its ``fit-budget-mb`` is not made at all (``harness.fit_budget``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from snake_flower.config import RunConfig, resolve
-from snake_flower.harness import resume
+from snake_flower.harness import fit_budget, resume
 from snake_flower.harness.compare import whole_rounds, write_comparison
+from snake_flower.harness.measure import MeasureError
 from snake_flower.harness.seeds import write_seed_comparison
 from snake_flower.harness.targets import Target
 from snake_flower.simulation import load_results, results_path, run_one
@@ -45,7 +47,9 @@ def compare(args: argparse.Namespace, configs: list[RunConfig]) -> int:
     """``compare``: every run, seed after seed, then the summary, report and plots.
 
     Every seed's results files are checked before the first run starts, so that a file
-    with other settings stops the comparison at once (exit 2) rather than hours in.
+    with other settings stops the comparison at once (exit 2) rather than hours in. Then each
+    run with a ``fit-budget-mb`` has its node measured (or its measurement reused): a run that
+    does not fit is said so in one line and not made; if none fits, nothing is (exit 1).
     """
     out, target = Path(configs[0].out_dir), Target.of(configs[0])
     seeds = [configs[0].seed + i for i in range(args.seeds)]
@@ -57,6 +61,18 @@ def compare(args: argparse.Namespace, configs: list[RunConfig]) -> int:
     except resume.OtherSettings as err:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2
+    try:  # a node's memory does not depend on the seed: the first seed's configs are measured
+        fit = fit_budget.check(plan[seeds[0]], out)
+    except MeasureError as err:
+        print(f"snake-flower: error: fit-budget-mb: {err}", file=sys.stderr)
+        return 1
+    refused = [name for name, line in fit.items() if not line["fits"]]
+    for name in refused:
+        print(fit_budget.refusal(name, fit[name]), flush=True)
+    if len(refused) == len(configs):
+        print("snake-flower: error: no run fits its fit-budget-mb; nothing was run", file=sys.stderr)
+        return 1
+    plan = {seed: [cfg for cfg in seeded if cfg.name not in refused] for seed, seeded in plan.items()}
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for seed, seeded in plan.items():
         folder = folders[seed]
@@ -77,9 +93,9 @@ def compare(args: argparse.Namespace, configs: list[RunConfig]) -> int:
         if len(runs) < len(seeded):
             return 1
         by_seed[seed] = runs
-        summary = write_comparison(folder, runs, target, side_by_side=args.jobs > 1)
+        summary = write_comparison(folder, runs, target, side_by_side=args.jobs > 1, fit=fit)
     if len(seeds) > 1:
-        summary = write_seed_comparison(out, by_seed, target, side_by_side=args.jobs > 1)
+        summary = write_seed_comparison(out, by_seed, target, side_by_side=args.jobs > 1, fit=fit)
     for name, line in summary["runs"].items():
         print(f"{name}: {_headline(line)}")
     print(f"report: {out / 'report.md'}")

@@ -8,9 +8,11 @@ disk as a deployed node's ``--node-config state-dir``. Each message of the measu
 starts one ``flwr-clientapp`` per message (``FreshNode``). The server's side runs here:
 the real strategies (``SnakeStrategy``; Flower's ``FedAvg`` through ``OrderedFedAvg``)
 build every message, over a chain of 8 nodes (``MeasureGrid``) whose first node is the
-measured one and whose 7 others answer for themselves (they are not measured). The
-run-config is ``experiments/llm.toml``'s (``LLM_RUN``) with the options' model, batch,
-sequence length, steps and frozen dtype, the chain in fixed order.
+measured one and whose 7 others answer for themselves (they are not measured). An arm is
+a ``RunConfig`` (``measure_arm``): here ``experiments/llm.toml``'s (``LLM_RUN``) with the
+options' model, batch, sequence length, steps, optimizer and frozen dtype (``run_config``);
+``measure_runs`` measures an experiment file's runs with their own settings instead. Only the
+chain is the measurement's own (``CHAIN``: 8 nodes in fixed order).
 
 Two hops of the measured node are measured:
 
@@ -53,6 +55,8 @@ NODES = 8
 HOPS = ("full-sync", "delta")
 TARGETS = {"full-sync": 0.30, "delta": 0.20, "ledger": 0.20}
 """Snake-full's growth over FedAvg-full's per hop (at most), and every arm's growth off its ledger (at most)."""
+CHAIN: dict[str, Any] = {"order": "fixed", "num-server-rounds": NODES + 1, "min-nodes": NODES}
+"""The measurement's own keys: a chain of ``NODES`` nodes in fixed order (every other key is the arm's)."""
 LLM_RUN: dict[str, Any] = {
     "task": "llm", "finetune": "full", "partitioner": "topic", "window": 1, "train-head": False,
     "frozen-segments": "embed,head", "frozen-dtype": "auto", "lr": 0.02, "momentum": 0.9,
@@ -131,20 +135,25 @@ def measure(options: MeasureOptions, arms: tuple[str, ...] = ARMS, timeout: floa
             configs[arm] = run_config(arm, options)
         except (ConfigError, ValueError) as err:  # the llm task's ModelError is a ValueError
             raise MeasureError(f"{err}".splitlines()[0]) from None
-    from snake_flower.runtime.flower_patches import CLIENTAPP_PATCHES, stock_reason
-
-    stock = stock_reason(*CLIENTAPP_PATCHES)  # what the node processes, which inherit the environment, run
     report: dict[str, Any] = {"model": options.model, "options": asdict(options), "nodes": NODES,
-                              "flower": "patched" if stock is None else f"stock ({stock})", "arms": {}}
+                              "flower": flower_state(), "arms": {}}
     for arm in arms:
-        report["arms"][arm] = measure_arm(arm, configs[arm], options, timeout)
+        report["arms"][arm] = measure_arm(arm, configs[arm], timeout)
     report["ratios"] = ratios(report["arms"])
     return report
 
 
+def flower_state() -> str:
+    """``patched``, or ``stock (why)``: what the node processes, which inherit the environment, run."""
+    from snake_flower.runtime.flower_patches import CLIENTAPP_PATCHES, stock_reason
+
+    stock = stock_reason(*CLIENTAPP_PATCHES)
+    return "patched" if stock is None else f"stock ({stock})"
+
+
 def run_config(arm: str, options: MeasureOptions) -> Any:
     """The ``RunConfig`` of ``arm``: ``LLM_RUN`` (LoRA: as ``docs/llm.md`` runs it) with the options,
-    8 nodes in a fixed chain."""
+    on the measurement's chain (``CHAIN``)."""
     from snake_flower.config import resolve
 
     strategy, finetune = arm.split("-")
@@ -152,48 +161,48 @@ def run_config(arm: str, options: MeasureOptions) -> Any:
     return resolve(LLM_RUN, lora, {
         "strategy": strategy, "finetune": finetune, "model": options.model, "seq-len": options.seq,
         "batch-size": options.batch, "local-steps": options.steps, "frozen-dtype": options.frozen_dtype,
-        "window": options.window, "lora-rank": options.lora_rank, "order": "fixed",
-        "num-server-rounds": NODES + 1, "min-nodes": NODES})
+        "window": options.window, "lora-rank": options.lora_rank, "optimizer": options.optimizer}, CHAIN)
 
 
-def measure_arm(arm: str, config: Any, options: MeasureOptions, timeout: float) -> dict[str, Any]:
-    """One arm: its node's process, the strategy's two visits to it, their figures."""
+def measure_arm(name: str, config: Any, timeout: float) -> dict[str, Any]:
+    """One arm: its node's process, the strategy's two visits to it, their figures.
+
+    ``config`` (a ``RunConfig`` on ``CHAIN``) is all the arm is: its strategy, and every key its
+    node reads, which the node gets as a run's node would (``node_message``).
+    """
     from flwr.supercore.task_identity import TaskIdentity
 
+    from snake_flower.config import node_message
     from snake_flower.harness.fresh_node import FreshNode
     from snake_flower.harness.node_process import NodeProcessError
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # the server's messages
     node_ids = [1000 + 7 * i for i in range(NODES)]
-    workdir = Path(tempfile.mkdtemp(prefix=f"snake-flower-measure-{arm}-"))
-    spec = {"run_id": 1, "node_id": node_ids[0], "config": {**_node_keys(config), "optimizer": options.optimizer},
+    workdir = Path(tempfile.mkdtemp(prefix=f"snake-flower-measure-{name}-"))
+    spec = {"run_id": 1, "node_id": node_ids[0], "config": node_message(config),
             "node_config": {"partition-id": 0, "num-partitions": NODES, "state-dir": str(workdir / "state")}}
     flower = logging.getLogger("flwr")
     level = flower.level
     flower.setLevel(logging.WARNING)  # the strategies' round-by-round log is no part of the report
     try:
         node = FreshNode(spec, workdir, timeout)
-        _serve(arm, config, options, node, node_ids, timeout)
+        _serve(config, node, node_ids, timeout)
         if len(node.hops) != 2:
-            raise MeasureError(f"{arm}: the measured node was sent {len(node.hops)} train message(s), not 2")
-        return arm_figures(node.hops, arm)
+            raise MeasureError(f"{name}: the measured node was sent {len(node.hops)} train message(s), not 2")
+        return arm_figures(node.hops, name)
     except NodeProcessError as err:
-        raise MeasureError(f"{arm}: {err}") from None
+        raise MeasureError(f"{name}: {err}") from None
     finally:
         flower.setLevel(level)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _node_keys(config: Any) -> dict[str, Any]:
-    from snake_flower.config import node_message
-
-    return node_message(config)
-
-
-def _serve(arm: str, config: Any, options: MeasureOptions, node: Any, node_ids: list[int], timeout: float) -> None:
-    """The server's side of ``arm``: the real strategy over ``MeasureGrid``, until the node's second visit."""
+def _serve(config: Any, node: Any, node_ids: list[int], timeout: float) -> None:
+    """The server's side of ``config.strategy``: the real strategy over ``MeasureGrid``, until the
+    node's second visit. Relay is Snake with the whole model as its window (``server_app.run_relay``)."""
     from flwr.app import ArrayRecord, ConfigRecord
 
+    from snake_flower.config import node_message
     from snake_flower.harness.measure_grid import MeasureGrid, VisitsDone
     from snake_flower.server_app import fedavg_message
     from snake_flower.tasks.task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
@@ -201,21 +210,23 @@ def _serve(arm: str, config: Any, options: MeasureOptions, node: Any, node_ids: 
 
     model = build_model(task_for(config), config.seed)
     arrays = ArrayRecord(transport_state(model.state_dict()))
-    if arm.startswith("snake"):
+    if config.strategy in ("snake", "relay"):
         segments = swept_segment_keys(model, config)
         del model
-        strategy = SnakeStrategy(segments, config.window, sweep=config.sweep, order="fixed",
-                                 train_head=config.train_head, train_stem=config.train_stem, sync=config.sync,
-                                 payload_dtype=config.payload_dtype, seed=config.seed, min_nodes=NODES)
+        relay = config.strategy == "relay"
+        strategy = SnakeStrategy(segments, len(segments) if relay else config.window, sweep=config.sweep,
+                                 order=config.order, train_head=config.train_head and not relay,
+                                 train_stem=config.train_stem and not relay, sync=config.sync,
+                                 payload_dtype=config.payload_dtype, seed=config.seed, min_nodes=config.min_nodes)
         grid, rounds = MeasureGrid(node_ids, node, segments), 2 * NODES + 1  # its second visit comes at hop 9
-        message = {**_node_keys(config), "optimizer": options.optimizer}  # (later on a short sweep)
+        message = node_message(config)  # (later on a short sweep)
     else:
         names = list(segment_keys(model))
         del model
         strategy = OrderedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=NODES,
                                  min_available_nodes=NODES)
         grid, rounds = MeasureGrid(node_ids, node), 2
-        message = {**fedavg_message(config, names, rounds), "optimizer": options.optimizer}
+        message = fedavg_message(config, names, rounds)
     try:
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds, timeout=timeout,
                        train_config=ConfigRecord(message))
@@ -250,9 +261,12 @@ def arm_figures(hops: list[dict[str, Any]], arm: str) -> dict[str, Any]:
                          "baseline_anon_bytes": hop.get("baseline_anon_bytes"), "peak_anon_bytes": hop.get("peak_anon_bytes"),
                          "train_ledger": ledger, "segments_sent": len(sent),
                          "window": [str(name) for name in hop["config"].get("window", [])],
-                         "frozen_dtype": str(hop["config"].get("frozen-dtype")), "seconds": hop["seconds"]}
+                         "frozen_dtype": str(hop["config"].get("frozen-dtype")),
+                         # what the message told the node to train with (a node falls back to sgd)
+                         "optimizer": str(hop["config"].get("optimizer", "sgd")), "seconds": hop["seconds"]}
     top = max(HOPS, key=lambda name: figures[name]["grown_bytes"])
-    return {"peak_rss_bytes": figures[top]["peak_rss_bytes"], "baseline_rss_bytes": figures[top]["baseline_rss_bytes"],
+    return {"grown_bytes": figures[top]["grown_bytes"], "peak_rss_bytes": figures[top]["peak_rss_bytes"],
+            "baseline_rss_bytes": figures[top]["baseline_rss_bytes"],
             "ledger_bytes": figures[top]["ledger_bytes"], "message_bytes": figures[top]["message_bytes"],
             "measured_in": "clientapp", "top_hop": top, "hops": figures}
 

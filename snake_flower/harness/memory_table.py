@@ -44,11 +44,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def format_measured(report: dict[str, Any]) -> str:
-    """The report of ``harness.measure.measure`` as a short table, in MiB."""
-    opts, mib = report["options"], 2**20
-    lines = [f"{report['model']}: the ClientApp on two hops per arm ({opts['steps']} {opts['optimizer']} steps on "
-             f"{opts['batch']} x {opts['seq']} tokens; a chain of {report['nodes']} nodes), each arm in a fresh "
-             "process; grown = peak - baseline; ledger = the node's + the received message",
+    """The report of ``harness.measure.measure`` (or ``measure_runs.measure_runs``) as a short table, in MiB."""
+    mib = 2**20
+    lines = [*_measured_header(report),
              f"{'':13}{'hop':>10}{'baseline':>10}{'peak':>8}{'grown':>8}{'ledger':>8}{'message':>9}"
              f"{'x ledger':>10}   (MiB)"]
     for arm, got in report["arms"].items():
@@ -70,3 +68,23 @@ def format_measured(report: dict[str, Any]) -> str:
     lines.append(f"every hop's growth within {targets['ledger']:.0%} of its ledger: "
                  f"{'met' if met['growth_within_ledger'] else 'MISSED'}")
     return "\n".join(lines)
+
+
+def _measured_header(report: dict[str, Any]) -> list[str]:
+    """What was measured: the options shared by the arms, or each run's own settings (``--config``)."""
+    how = "grown = peak - baseline; ledger = the node's + the received message"
+    if "options" in report:
+        opts = report["options"]
+        return [f"{report['model']}: the ClientApp on two hops per arm ({opts['steps']} {opts['optimizer']} steps on "
+                f"{opts['batch']} x {opts['seq']} tokens; a chain of {report['nodes']} nodes), each arm in a fresh "
+                f"process; {how}"]
+    lines = [f"the ClientApp on two hops per run, each with its own run-config (a chain of {report['nodes']} nodes), "
+             f"each hop in a fresh process; {how}"]
+    for name, arm in report["arms"].items():
+        c = arm["run_config"]
+        mode = f"lora r{c['lora-rank']} dropout {c['lora-dropout']:g}" if c["finetune"] == "lora" else "full"
+        window = {"fedavg": "", "relay": ", the whole model"}.get(c["strategy"], f", window {c['window']}")
+        lines.append(f"  {name}: {c['strategy']}, {c['model']} {mode}{window}, {c['local-steps']} {c['optimizer']} "
+                     f"steps on {c['batch-size']} x {c['seq-len']} tokens, frozen {c['frozen-dtype']}"
+                     f"{', gradient checkpointing' if c['gradient-checkpointing'] else ''}")
+    return lines

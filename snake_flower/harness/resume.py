@@ -21,9 +21,10 @@ from snake_flower.simulation import results_path
 
 FINISHED, UNFINISHED = "finished", "unfinished"
 
-IGNORED = ("out-dir", "target-accuracy", "target-perplexity", "perplexity-levels")
-"""Keys that may differ between a stored run and this one: the folder may have been moved, and
-the target is the report's (``summarize`` reads the rows against today's), not the run's."""
+IGNORED = ("out-dir", "target-accuracy", "target-perplexity", "perplexity-levels", "fit-budget-mb")
+"""Keys that may differ between a stored run and this one: the folder may have been moved, the
+target is the report's (``summarize`` reads the rows against today's), not the run's, and
+``fit-budget-mb`` decides whether a run is made, not what it does."""
 
 SHOWN = 5
 """Differences the conflict line names before it says how many more there are."""

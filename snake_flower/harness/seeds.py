@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from snake_flower.harness.compare import level_columns, summarize
+from snake_flower.harness.fit_budget import add_to_summary, report_notes, report_rows
 from snake_flower.harness.plots import plot_bands
 from snake_flower.harness.targets import LEVEL_FIGURES, Target, as_target
 from snake_flower.runtime import results
@@ -65,16 +66,18 @@ def _aggregate_levels(by_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any
 
 
 def write_seed_comparison(out: str | Path, by_seed: dict[int, dict[str, dict[str, Any]]],
-                          target: float | Target, side_by_side: bool = False) -> dict[str, Any]:
+                          target: float | Target, side_by_side: bool = False,
+                          fit: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write ``<out>/summary.json``, ``report.md`` and median-and-band plots over the seeds
-    (``target``: a ``Target``, or a plain number for an accuracy target)."""
+    (``target``: a ``Target``, or a plain number for an accuracy target; ``fit``: the runs'
+    ``fit-budget-mb`` verdicts, one per run and not per seed, added after the medians)."""
     out, target = Path(out), as_target(target)
     seeds = sorted(by_seed)
     names = list(by_seed[seeds[0]])
     runs = {name: [by_seed[s][name] for s in seeds if name in by_seed[s]] for name in names}
-    summary = {**target.header(), "side_by_side": side_by_side, "seeds": seeds,
-               "runs": {name: aggregate([summarize(run, target) for run in group])
-                        for name, group in runs.items()}}
+    summary = add_to_summary({**target.header(), "side_by_side": side_by_side, "seeds": seeds,
+                              "runs": {name: aggregate([summarize(run, target) for run in group])
+                                       for name, group in runs.items()}}, fit or {})
     results.write_json(out / "summary.json", summary)
     plot_bands(runs, out / "accuracy_vs_round.png", x="visits", metric=target.metric)
     plot_bands(runs, out / "accuracy_vs_mb.png", x="megabytes", metric=target.metric)
@@ -114,7 +117,8 @@ def report(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> st
                      f"| {_fmt(s['visits_to_target'], 1, 0)} | {_fmt(s['bytes_total'], 1e6)} "
                      f"| {_fmt(s['network_time_to_target_s'], 1, 1)} | {_fmt(s['cpu_s_per_visit'])} "
                      f"| {_fmt(s['flops_per_visit'], 1e9, 1)} | {_fmt(s['node_peak_memory_bytes'], 1e6)} |")
-    notes = []
+    lines += report_rows(summary, len(columns))
+    notes = report_notes(summary)
     snake, fedavg = summary["runs"].get("snake"), summary["runs"].get("fedavg")
     if snake and fedavg and snake["bytes_to_target"]["median"] and fedavg["bytes_to_target"]["median"]:
         ratio = snake["bytes_to_target"]["median"] / fedavg["bytes_to_target"]["median"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from snake_flower.cli import main
 from snake_flower.harness.measure import (
     LLM_RUN,
+    NODES,
     MeasureError,
     MeasureOptions,
     arm_figures,
@@ -141,3 +143,98 @@ def test_measure_errors_are_one_line_and_exit_2(capsys, argv, match):
 def test_bad_options_raise():
     with pytest.raises(MeasureError, match="batch"):
         MeasureOptions(batch=0)
+
+
+EXPERIMENT = """
+task = "llm"
+model = "tiny-opt"
+partitioner = "topic"
+seq-len = 64
+batch-size = 2
+local-steps = 1
+frozen-dtype = "fp16"
+window = 1  # tiny-opt sweeps 1 segment besides its head
+
+[fedavg-lora]
+strategy = "fedavg"
+finetune = "lora"
+gradient-checkpointing = true
+optimizer = "adamw"
+"""
+
+
+def test_an_experiments_table_is_measured_with_its_own_settings(tmp_path, capsys):
+    (tmp_path / "exp.toml").write_text(EXPERIMENT)
+    out = tmp_path / "m.json"
+    assert main(["memory", "--measure", "--config", str(tmp_path / "exp.toml"), "--arms", "fedavg-lora",
+                 "--run-config", "lora-dropout=0.075", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "fedavg-lora: fedavg, tiny-opt lora r8 dropout 0.075, 1 adamw steps on 2 x 64 tokens, frozen fp16, " \
+           "gradient checkpointing" in table
+    arm = json.loads(out.read_text())["arms"]["fedavg-lora"]
+    assert arm["grown_bytes"] == max(hop["grown_bytes"] for hop in arm["hops"].values()) > 0
+    settings = arm["run_config"]
+    assert (settings["optimizer"], settings["gradient-checkpointing"], settings["lora-dropout"]) == (
+        "adamw", True, 0.075)
+    assert (settings["order"], settings["min-nodes"]) == ("fixed", NODES)  # the measurement's own chain
+    for hop in arm["hops"].values():
+        ledger = hop["train_ledger"]
+        assert hop["optimizer"] == "adamw"  # what the node's message said
+        # the node trained with AdamW: two moments per trainable parameter (SGD's momentum holds one)
+        assert ledger["optimizer_bytes"] >= 2 * ledger["trainable_param_bytes"] > 0
+
+
+class _Echo:
+    """Stands for the measured node: answers its rank, and a train message with the arrays it was sent."""
+
+    def __init__(self) -> None:
+        self.hops, self.configs = [], []
+
+    def handle(self, message: Message) -> RecordDict:
+        if message.metadata.message_type == MessageType.QUERY:
+            return RecordDict({"info": MetricRecord({"rank": 0.0, "num-partitions": float(NODES)})})
+        config = dict(next(iter(message.content.config_records.values())))
+        arrays = next(iter(message.content.array_records.values()))
+        metrics = MetricRecord({"total-bytes": 1.0, "num-examples": 1.0})
+        reply = Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+        self.hops.append({"reply": reply})
+        self.configs.append(config)
+        return reply.content
+
+
+def test_relay_is_served_as_snake_with_the_whole_model_as_its_window():
+    from snake_flower.config import resolve
+    from snake_flower.harness.measure import _serve
+    from snake_flower.harness.measure_runs import on_chain
+    from snake_flower.tasks.task import build_model, swept_segment_keys, task_for
+
+    config = on_chain(resolve({"task": "llm", "model": "tiny-opt", "partitioner": "topic", "strategy": "relay",
+                               "optimizer": "adam", "window": 1}))
+    segments = list(swept_segment_keys(build_model(task_for(config), config.seed), config))
+    node = _Echo()
+    _serve(config, node, [1000 + 7 * i for i in range(NODES)], timeout=60.0)
+    assert len(node.configs) == 2
+    assert all(sorted(sent["window"]) == sorted(segments) for sent in node.configs)  # every segment, every visit
+    assert all(sent["optimizer"] == "adam" for sent in node.configs)  # the run's, through node_message
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--arms", "fedavg-lora", "--optimizer", "adam"], "--optimizer: with --config"),
+    (["--arms", "fedavg-lora", "--model", "smollm2-135m"], "--model: with --config"),
+    ([], "arms: --config needs --arms"),
+    (["--arms", "nope"], "strategies: 'nope' is neither a strategy nor a table"),
+    (["--arms", "snake", "--run-config", "window=auto"], 'snake: window "auto" depends on'),
+])
+def test_an_experiments_arms_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, match):
+    (tmp_path / "exp.toml").write_text(EXPERIMENT)
+    assert main(["memory", "--measure", "--config", str(tmp_path / "exp.toml"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"snake-flower: error: {match}") and "\n" not in err
+
+
+def test_a_run_the_measurement_cannot_serve_is_refused():
+    from snake_flower.config import resolve
+    from snake_flower.harness.measure_runs import on_chain
+
+    with pytest.raises(MeasureError, match="task 'synthetic'"):
+        on_chain(resolve({"task": "synthetic"}))
