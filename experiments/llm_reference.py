@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 from snake_flower.runtime import results
 
@@ -32,8 +33,11 @@ def held_from(curve: list[tuple[int, float]], visits: int) -> float:
 
 
 def main(path: str) -> None:
-    run = json.loads(open(path).read())
-    rows = run["rounds"]
+    try:
+        run = json.loads(Path(path).read_text())
+        rows = run["rounds"]
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"llm_reference: {path} is no run's results file ({err})") from None
     visits = results.cumulative_visits(rows)
     curve = [(v, r["perplexity"]) for v, r in zip(visits, rows) if r.get("perplexity") is not None]
     total = visits[-1]

@@ -272,7 +272,8 @@ def _measure_experiment(args: argparse.Namespace) -> dict[str, Any]:
     from snake_flower.harness.measure import NODES
     from snake_flower.harness.measure_runs import measure_runs
 
-    shared = {"model", "batch", "seq", "steps", "optimizer", "window", "frozen_dtype", "lora_rank"}
+    shared = {"model", "batch", "seq", "steps", "optimizer", "window", "frozen_dtype", "lora_rank", "finetune",
+              "lora_targets"}
     defaults = vars(_parser().parse_args(["memory"]))
     given = [f"--{key.replace('_', '-')}" for key in sorted(shared) if getattr(args, key) != defaults[key]]
     if given:

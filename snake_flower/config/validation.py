@@ -185,6 +185,13 @@ def _check_perplexity(config: RunConfig) -> None:
     if levels and not config.target_perplexity > 0:
         raise ConfigError("perplexity-levels: the levels are counted with a perplexity target; "
                           "set target-perplexity > 0")
+    if config.stop_after_held and any(level < config.target_perplexity for level in levels):
+        # a run stopped at the target never had the chance to go below it: such a level would say "never"
+        raise ConfigError(f"perplexity-levels: with stop-after-held every level must be at or above "
+                          f"target-perplexity {config.target_perplexity:g}, got {min(levels):g}")
+    if config.fit_budget_mb > 0 and (config.task != "llm" or config.strategy == "split"):
+        raise ConfigError("fit-budget-mb: compare measures a node's growth for task llm and strategies snake, "
+                          f"relay and fedavg only, not {config.strategy!r} on task {config.task!r}")
 
 
 def _check_defences(config: RunConfig) -> None:

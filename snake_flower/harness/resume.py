@@ -21,10 +21,15 @@ from snake_flower.simulation import results_path
 
 FINISHED, UNFINISHED = "finished", "unfinished"
 
-IGNORED = ("out-dir", "target-accuracy", "target-perplexity", "perplexity-levels", "fit-budget-mb")
-"""Keys that may differ between a stored run and this one: the folder may have been moved, the
-target is the report's (``summarize`` reads the rows against today's), not the run's, and
+IGNORED = ("out-dir", "fit-budget-mb")
+"""Keys that may differ between a stored run and this one: the folder may have been moved, and
 ``fit-budget-mb`` decides whether a run is made, not what it does."""
+
+TARGETS = ("target-accuracy", "target-perplexity", "perplexity-levels")
+"""Keys that may differ too while nothing stops a run on them (``stop-after-held`` and
+``prune-above-bytes`` 0 in both): the report reads the rows against today's target. A run
+that stopped on its target is another run under another one."""
+STOPS = ("stop-after-held", "prune-above-bytes")
 
 SHOWN = 5
 """Differences the conflict line names before it says how many more there are."""
@@ -35,12 +40,19 @@ class OtherSettings(Exception):
 
 
 def finished_run(path: Path) -> dict[str, Any] | None:
-    """The results in ``path`` if they are a finished run's, else ``None``."""
+    """The results in ``path`` if they are a finished run's, else ``None``.
+
+    A run all of whose rounds failed is not finished: ``load_results`` would refuse it, and
+    skipping it would stop every later ``compare`` at the same place.
+    """
     try:
         run = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return run if isinstance(run, dict) and "final" in run and "rounds" in run else None
+    if not (isinstance(run, dict) and "final" in run and "rounds" in run):
+        return None
+    rows = run["rounds"]
+    return run if not rows or any(row.get("status") == "merged" for row in rows) else None
 
 
 def differences(stored: Mapping[str, Any], config: RunConfig) -> list[tuple[str, Any, Any]]:
@@ -55,8 +67,10 @@ def differences(stored: Mapping[str, Any], config: RunConfig) -> list[tuple[str,
     now = _as_json(config.as_dict())
     before = _as_json(dict(stored))
     keys = [*now, *(key for key in before if key not in now)]
+    stops = any(side.get(key) for side in (before, now) for key in STOPS)
+    ignored = IGNORED if stops else IGNORED + TARGETS
     return [(key, before.get(key), now.get(key)) for key in keys
-            if key not in IGNORED and _differs(key, before, now)]
+            if key not in ignored and _differs(key, before, now)]
 
 
 def _differs(key: str, before: dict[str, Any], now: dict[str, Any]) -> bool:

@@ -127,6 +127,18 @@ def test_a_perplexity_target_and_its_levels():
     assert perplexity_levels(resolve({})) == () and perplexity_levels({}) == ()  # off; results files of before
     with pytest.raises(ConfigError, match="^perplexity-levels: each level must be a finite perplexity > 0"):
         resolve({**llm, "target-perplexity": 7.5, "perplexity-levels": "12.5,-3"})
+    # a run stopped at its target cannot show a level below it
+    with pytest.raises(ConfigError, match="^perplexity-levels: with stop-after-held every level must be at or "
+                                          "above target-perplexity 7.5, got 7$"):
+        resolve({**llm, "target-perplexity": 7.5, "perplexity-levels": "9,7", "stop-after-held": 3})
+    assert resolve({**llm, "target-perplexity": 7.5, "perplexity-levels": "9,7"})["perplexity-levels"] == "9,7"
+
+
+@pytest.mark.parametrize("override", [{"task": "synthetic"}, {"task": "fashion-mnist", "strategy": "split"}])
+def test_a_fit_budget_is_for_the_runs_compare_can_measure(override):
+    with pytest.raises(ConfigError, match="^fit-budget-mb: compare measures a node's growth for task llm") as err:
+        resolve({**override, "fit-budget-mb": 500})
+    assert "\n" not in str(err.value)
 
 
 def test_a_frozen_head_is_fine_once_train_head_is_off():

@@ -16,7 +16,7 @@ from snake_flower.server_app import run
 
 # the cheapest comparison that trains: the synthetic task, 3 nodes, a few short hops
 ARGS = ["--num-supernodes", "3", "--strategies", "snake,fedavg"]
-RUN = "task=synthetic num-server-rounds=6 local-steps=3"
+RUN = "task=llm model=tiny-opt seq-len=48 partitioner=topic window=1 train-head=false num-server-rounds=6 local-steps=3"
 GROWTH = {"snake": 120_000_000, "fedavg": 900_000_000}  # the stand-in measurement's node growth
 REFUSAL = ("compare: fedavg does not fit fit-budget-mb 500: its node grows by 900.0 MB "
            "(snake-flower memory --measure); not run")
@@ -140,7 +140,10 @@ def test_the_measurement_is_reused_while_the_config_is_the_same_and_redone_when_
     assert "compare: fedavg: node growth 900.0 MB, measured before" in shown and REFUSAL in shown
     assert _compare(tmp_path, f"{RUN} fit-budget-mb=1000") == 0  # the budget is no part of the measurement
     assert measured == []
-    assert json.loads((tmp_path / "summary.json").read_text())["runs"]["fedavg"]["fits"] is True
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["runs"]["fedavg"]["fits"] is True
+    assert main(["report", str(tmp_path)]) == 0  # report rebuilds with the budget compare last used
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"]["fedavg"] == summary["runs"]["fedavg"]
 
     assert _compare(tmp_path, f"{RUN.replace('local-steps=3', 'local-steps=4')} fit-budget-mb=500", "--fresh") == 0
     assert measured == [("snake", 42, 4), ("fedavg", 42, 4)]  # other settings: measured again

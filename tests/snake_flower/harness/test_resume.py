@@ -165,10 +165,32 @@ def test_a_key_newer_than_the_file_counts_only_when_set_and_the_target_never(tmp
     del stored["config"]["optimizer"]  # a file written before the key existed ran with its default
     (out / "snake.json").write_text(json.dumps(stored))
     made.clear()
-    # another target is the report's business: the runs stand
+    # another target is the report's business while nothing stops a run on it: the runs stand
     assert main(["compare", *ARGS[:1], ARGS[1] + " target-accuracy=0.6", *ARGS[2:], "--out", str(out)]) == 0
     assert made == []
     assert json.loads((out / "summary.json").read_text())["target_accuracy"] == 0.6
     capsys.readouterr()
     assert main(["compare", *ARGS[:1], ARGS[1] + " optimizer=adam", *ARGS[2:], "--out", str(out)]) == 2
     assert 'optimizer: null -> "adam"' in capsys.readouterr().err
+
+
+def test_a_run_that_stops_on_its_target_is_another_run_under_another_target(tmp_path, stand_in, made, capsys):
+    out = tmp_path / "runs"
+    held = ARGS[1] + " stop-after-held=2"
+    assert main(["compare", ARGS[0], held + " target-accuracy=0.5", *ARGS[2:], "--out", str(out)]) == 0
+    made.clear()
+    capsys.readouterr()
+    assert main(["compare", ARGS[0], held + " target-accuracy=0.6", *ARGS[2:], "--out", str(out)]) == 2
+    assert "target-accuracy: 0.5 -> 0.6" in capsys.readouterr().err and made == []
+
+
+def test_a_run_whose_rounds_all_failed_is_made_again(tmp_path, stand_in, made, capsys):
+    out = tmp_path / "runs"
+    assert main(["compare", *ARGS, "--out", str(out)]) == 0
+    stored = json.loads((out / "snake.json").read_text())
+    for row in stored["rounds"]:
+        row["status"] = "failed"
+    (out / "snake.json").write_text(json.dumps(stored))
+    made.clear()
+    assert main(["compare", *ARGS, "--out", str(out)]) == 0
+    assert [name for name, _ in made] == ["snake"] and "holds no finished run" in capsys.readouterr().out

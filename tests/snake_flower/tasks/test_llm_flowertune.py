@@ -9,7 +9,7 @@ import torch
 
 from snake_flower.config import ConfigError, resolve
 from snake_flower.config.run_config import kd_enabled, node_message
-from snake_flower.server_app import run
+from snake_flower.server_app import fedavg_message, run
 from snake_flower.tasks.task import build_model, segment_keys, task_for
 from snake_flower.training.loop import LocalWork, train_window
 
@@ -40,12 +40,14 @@ def _train(config, model=None):
 
 def test_fedavg_lora_never_distils_and_trains_only_adapters():
     config = _config(**FLOWERTUNE, kd="on")
-    assert not kd_enabled(config)  # FedAvg never distils, whatever kd says
     task = task_for(config)
     model = build_model(task, config["seed"])
-    before = _every_weight(model)
-    _, work = _train(config, model)
+    # what a FedAvg node is sent, and so trains with: no distillation, whatever kd says
+    message = fedavg_message(config, list(task.segment_names), 16)
+    work = LocalWork.from_config(message, kd=kd_enabled(message))
     assert work.kd_weight == 0.0 and work.optimizer == "adamw"
+    before = _every_weight(model)
+    _train(config, model)
     changed = {k for k, v in _every_weight(model).items() if not torch.equal(v, before[k])}
     adapters = {k for k in before if ".lora_" in k}
     # every layer's adapters (B starts at zero, so A moves once B has) and nothing else
