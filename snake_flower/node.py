@@ -9,7 +9,9 @@ ClientApp serves every strategy (docs/protocol.md has the message protocol, key 
   checks that the copy is current, trains the window alone and replies with exactly the
   window's keys, encoded in the message's ``payload-dtype``; the node keeps what the
   server will merge (the reply decoded), so its copy and the server's master agree
-  exactly. A node whose copy is lost or damaged, or older than the message says, answers
+  exactly where it trained. A download in ``download-dtype`` (when the message has one) is
+  decoded, and kept, as received: a frozen segment stays the dequantized copy until it is
+  sent again. A node whose copy is lost or damaged, or older than the message says, answers
   ``full-sync-needed`` instead, and the strategy sends it the whole model;
 - a message without a ``window`` (Flower's ``FedAvg``, or any strategy that sends the
   whole model) trains every segment and replies with every key it received, keeping no copy;
@@ -170,9 +172,9 @@ class _Node:
         settings = node_settings(context.node_config)
         partition_id = -1 if settings.partition_id is None else settings.partition_id
         maybe_fail(cfg, partition_id)  # chaos runs only (fail-rate > 0, crash-round)
-        payload = str(cfg.get("payload-dtype", "fp32"))
+        payload = str(cfg.get("payload-dtype", "fp32"))  # the reply's encoding
         # the decoded arrays by key, the message's records gone: each array goes once loaded
-        received = dict(decode(_arrays(msg), payload).items())
+        received = dict(decode(_arrays(msg), _download_dtype(cfg)).items())
         for name in list(msg.content.array_records):
             del msg.content[name]
         received_keys = list(received)
@@ -249,7 +251,7 @@ class _Node:
             raise ValueError("this node has no evaluate_data_fn: pass one to make_client_app, or "
                              "evaluate on the server (FedAvg(fraction_evaluate=0), evaluate_fn=...)")
         cfg = {**self.defaults, **_config(msg)}
-        received = dict(decode(_arrays(msg), str(cfg.get("payload-dtype", "fp32"))).items())
+        received = dict(decode(_arrays(msg), _download_dtype(cfg)).items())
         model = self.build(cfg, received.keys())
         load_received(model, received, self.segments(model, cfg))
         loss = correct = count = 0.0
@@ -308,6 +310,13 @@ def _full_sync_reply(msg: Message, reason: str, partition_id: int) -> Message:
     content = RecordDict({"metrics": MetricRecord({FULL_SYNC: 1.0, "partition-id": float(partition_id)}),
                           FULL_SYNC: ConfigRecord({"reason": reason[:300]})})
     return Message(content, reply_to=msg)
+
+
+def _download_dtype(cfg: Mapping[str, Any]) -> str:
+    """The encoding of what the server sent: ``download-dtype``, else (absent or ``auto``)
+    ``payload-dtype``, both ways as before the key existed."""
+    download = str(cfg.get("download-dtype", "auto"))
+    return str(cfg.get("payload-dtype", "fp32")) if download == "auto" else download
 
 
 def _config(msg: Message) -> dict[str, Any]:

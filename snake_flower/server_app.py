@@ -171,7 +171,7 @@ def run_snake(grid: Grid, config: RunConfig, whole_model: bool = False,
                              train_stem=config.train_stem and not whole_model, sync=config.sync,
                              sync_tolerance=config.sync_tolerance,
                              max_update_norm=config.max_update_norm, gate=gate,
-                             payload_dtype=config.payload_dtype,
+                             payload_dtype=config.payload_dtype, download_dtype=snake_download(config),
                              min_nodes=config.min_nodes, backoff=config.node_backoff,
                              seed=config.seed, capacity=capacities, misfit=capacities.sizer.misfit,
                              query_timeout=min(60.0, config.hop_timeout),
@@ -269,7 +269,8 @@ def run_fedavg(grid: Grid, config: RunConfig, started: float | None = None) -> d
                                krum_select=config.krum_select, fraction_train=1.0, fraction_evaluate=0.0,
                                min_train_nodes=1,
                                # we waited for min-nodes above; later rounds go on with who is left
-                               min_available_nodes=1, train_metrics_aggr_fn=aggregate_metrics)
+                               min_available_nodes=1, train_metrics_aggr_fn=aggregate_metrics,
+                               download_dtype=fedavg_download(config))
 
     def describe(server_round: int, tally: RoundMeter) -> dict[str, Any]:
         replies, this_round[:] = list(this_round), []  # Flower drops error replies before aggregating
@@ -299,14 +300,25 @@ def run_fedavg(grid: Grid, config: RunConfig, started: float | None = None) -> d
                           **attack_record(config, nodes))
 
 
+def snake_download(config: RunConfig) -> str | None:
+    """What Snake's and relay's downloads carry: ``download-dtype``, or with its default
+    ``auto`` the ``payload-dtype`` both ways, as before the key existed (``None``)."""
+    return None if config.download_dtype == "auto" else config.download_dtype
+
+
+def fedavg_download(config: RunConfig) -> str:
+    """What FedAvg's train messages carry: ``download-dtype``, with ``auto`` Flower's fp32."""
+    return "fp32" if config.download_dtype == "auto" else config.download_dtype
+
+
 def fedavg_message(config: RunConfig, segments: list[str], num_rounds: int) -> dict[str, Any]:
     """The config of FedAvg's messages: the run's node keys, the whole model as the window.
 
     The same ClientApp as Snake's: the window is every segment and nothing is stale.
     FedAvg trains as its community does: plain cross-entropy, never Snake's distillation;
     its lr decays over its own rounds (``lr-rounds``; Snake's and split's over
-    num-server-rounds); Flower's FedAvg averages what it is sent as it is, so payloads
-    stay fp32 whatever ``payload-dtype`` says.
+    num-server-rounds); Flower's FedAvg averages what it is sent as it is, so replies
+    stay fp32 whatever ``payload-dtype`` says (``download-dtype`` may encode what it sends).
     """
     return {**node_message(config), "payload-dtype": "fp32", "kd": "off", "window": segments, "sync": "window",
             "lr-rounds": num_rounds, "segments-sent": segments, "segment-versions": [0] * len(segments)}

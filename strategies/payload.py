@@ -1,7 +1,8 @@
 """Snake's payloads on the wire: fp32, fp16 or per-channel int8 ``ArrayRecord``s (pure NumPy).
 
-``payload-dtype`` sets what both directions of a Snake hop carry; the server keeps an
-fp32 master copy and merges the decoded reply into it.
+``payload-dtype`` sets what both directions of a Snake hop carry (``download-dtype``, when
+set, what the server sends instead: Snake, relay and FedAvg); the server keeps an fp32 master
+copy, never changed by what it sends, and merges the decoded reply into it.
 
 - ``"fp32"``: the arrays as they are.
 - ``"fp16"``: every floating array as float16.

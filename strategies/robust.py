@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, MultiKrum
 
-from .fedavg import OrderedFedAvg, partition_order
+from .fedavg import EncodedDownload, OrderedFedAvg, partition_order
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "multi-krum")
 
@@ -33,15 +33,15 @@ class InPartitionOrder:
         return super().aggregate_train(server_round, sorted(replies, key=partition_order))  # type: ignore[misc]
 
 
-class OrderedFedMedian(InPartitionOrder, FedMedian):
+class OrderedFedMedian(InPartitionOrder, EncodedDownload, FedMedian):
     """Flower's ``FedMedian``, replies in partition order."""
 
 
-class OrderedFedTrimmedAvg(InPartitionOrder, FedTrimmedAvg):
+class OrderedFedTrimmedAvg(InPartitionOrder, EncodedDownload, FedTrimmedAvg):
     """Flower's ``FedTrimmedAvg``, replies in partition order."""
 
 
-class OrderedMultiKrum(InPartitionOrder, MultiKrum):
+class OrderedMultiKrum(InPartitionOrder, EncodedDownload, MultiKrum):
     """Flower's ``MultiKrum``, replies in partition order."""
 
 
@@ -59,7 +59,8 @@ def fedavg_strategy(aggregation: str = "mean", *, trim_beta: float = 0.2, krum_m
         ``MultiKrum``'s ``num_malicious_nodes`` and ``num_nodes_to_select`` (Flower's defaults:
         1 is Krum itself).
     **kwargs
-        ``FedAvg``'s own arguments, for every aggregation alike.
+        ``FedAvg``'s own arguments, and ``download_dtype`` (:class:`strategies.fedavg.EncodedDownload`),
+        for every aggregation alike.
     """
     if aggregation == "mean":
         return OrderedFedAvg(**kwargs)

@@ -71,9 +71,14 @@ class SnakeStrategy(SnakeCheckpoint, Strategy):
         a rolled-back hop's status is ``"rejected"``, its row has ``gate`` (the losses), and its
         node backs off after the gate's ``strikes`` rejections in a row.
     payload_dtype : str (default: "fp32")
-        What the messages carry, both ways: ``"fp32"``, ``"fp16"`` or ``"int8"`` (see
-        :mod:`strategies.payload`). The global model stays an fp32 master copy; a reply
-        is decoded before it is checked and merged, and one that cannot be is rejected.
+        What the messages carry, both ways unless ``download_dtype`` says otherwise: ``"fp32"``,
+        ``"fp16"`` or ``"int8"`` (see :mod:`strategies.payload`). The global model stays an
+        fp32 master copy; a reply is decoded before it is checked and merged, and one that
+        cannot be is rejected.
+    download_dtype : str | None (default: None)
+        What the segments sent in a hop (frozen and window alike) carry, if not
+        ``payload_dtype``; the reply stays in ``payload_dtype``. Sending never changes the
+        master: the node trains from the decoded segments, and only its decoded reply is merged.
     capacity : Callable[[float, Mapping[str, float]], Any] | None (default: None)
         ``capacity(rank, reported)``: a node's capacity (anything with a ``compute``
         attribute) from its rank and what it reported beside it; needed by
@@ -102,7 +107,8 @@ class SnakeStrategy(SnakeCheckpoint, Strategy):
                  sweep: str = "serpentine", order: str = "shuffle", train_head: bool = True,
                  train_stem: bool = False, sync: str = "delta", sync_tolerance: float = 0.0,
                  min_nodes: int = 1, backoff: int = 2, max_update_norm: float = 0.0, gate: MergeGate | None = None,
-                 payload_dtype: str = "fp32", query_timeout: float = 60.0, rank_discovery: str = "auto",
+                 payload_dtype: str = "fp32", download_dtype: str | None = None,
+                 query_timeout: float = 60.0, rank_discovery: str = "auto",
                  seed: int = 0, concurrency: int = 1, lanes: int | None = None,
                  capacity: Callable[[float, Mapping[str, float]], Any] | None = None,
                  misfit: Callable[[list[str], Any], str | None] | None = None,
@@ -141,6 +147,9 @@ class SnakeStrategy(SnakeCheckpoint, Strategy):
         if payload_dtype not in PAYLOAD_DTYPES:
             raise ValueError(f"payload_dtype: {payload_dtype!r} is not one of {', '.join(PAYLOAD_DTYPES)}")
         self.payload_dtype = payload_dtype
+        self.download_dtype = payload_dtype if download_dtype is None else download_dtype
+        if self.download_dtype not in PAYLOAD_DTYPES:
+            raise ValueError(f"download_dtype: {download_dtype!r} is not one of {', '.join(PAYLOAD_DTYPES)}")
         self.chain = NodeChain(min_nodes=min_nodes, query_timeout=query_timeout, rank_discovery=rank_discovery,
                                fitter=self.fitter, auto=self.auto, by_capacity=order == "capacity",
                                configrecord_key=configrecord_key, on_leave=self.copies.forget)
@@ -244,11 +253,14 @@ class SnakeStrategy(SnakeCheckpoint, Strategy):
         cfg["server-round"] = server_round
         cfg["window"] = window
         cfg["sync"] = self.sync
-        cfg["payload-dtype"] = self.payload_dtype  # the node replies in the same encoding
+        cfg["payload-dtype"] = self.payload_dtype  # the node replies in this encoding
+        if self.download_dtype != self.payload_dtype or "download-dtype" in cfg:
+            cfg["download-dtype"] = self.download_dtype  # ... and decodes its download in this one
         cfg["segments-sent"] = sent or [""]  # ConfigRecord lists may not be empty
         # the versions the node must hold once it applied this message (skipped ones stay)
         cfg["segment-versions"] = self.copies.versions_after(node, sent, versions)
-        payload = encode(select(arrays, window_keys(self.segments, sent)), self.payload_dtype)
+        # encoded for the wire only: the master (``arrays``) keeps its fp32 values
+        payload = encode(select(arrays, window_keys(self.segments, sent)), self.download_dtype)
         self.sent_arrays[hop], self.sent_versions[hop] = arrays, versions  # until the hop is merged
         self.sent_configs[hop] = cfg
         # the versions sent, and the window's: what the node holds after the hop, and what a
@@ -279,7 +291,7 @@ class SnakeStrategy(SnakeCheckpoint, Strategy):
         log(WARNING, "hop %d: node %d lost its copy of the model (%s): sent every segment again",
             hop["round"], node, why)
         content = RecordDict({self.arrayrecord_key: encode(select(arrays, window_keys(self.segments, sent)),
-                                                           self.payload_dtype),
+                                                           self.download_dtype),
                               self.configrecord_key: cfg})
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(hop["round"]))
 

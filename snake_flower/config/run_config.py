@@ -82,6 +82,9 @@ class RunConfig(Mapping[str, Any]):
     krum_select: int = 1
     # Snake's messages, both ways (the server keeps an fp32 master); FedAvg and split send fp32
     payload_dtype: str = "fp32"
+    # what the server sends a node (Snake, relay, FedAvg; the master is never changed by it);
+    # auto: as before the key existed (Snake's and relay's downloads in payload-dtype, FedAvg's fp32)
+    download_dtype: str = "auto"
     # split learning (baseline): the node keeps segments[:cut], the server the rest
     cut: int = 2
     # local work per hop (identical for every strategy)
@@ -210,7 +213,7 @@ NODE_KEYS: tuple[str, ...] = (
 not depend on a server-only key (``out-dir``). The strategies add their own per message
 (``server-round``, ``window``, ``segments-sent``, ``segment-versions``, ``lr-rounds``, ``split-*``)."""
 
-OPTIONAL_NODE_KEYS: tuple[str, ...] = ("lora-dropout", "gradient-checkpointing", "optimizer")
+OPTIONAL_NODE_KEYS: tuple[str, ...] = ("lora-dropout", "gradient-checkpointing", "optimizer", "download-dtype")
 """Keys a node reads that a message carries only when they differ from their defaults (the node
 falls back to the default): a run that leaves them alone sends the bytes it sent before they existed."""
 

@@ -18,6 +18,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "finetune": ("full", "lora"),
     "frozen-dtype": ("auto", "fp32", "fp16", "bf16", "int8"),
     "payload-dtype": ("fp32", "fp16", "int8"),
+    "download-dtype": ("auto", "fp32", "fp16", "int8"),
     "sweep": ("serpentine", "forward"),
     "order": ("fixed", "shuffle", "capacity"),
     "rank-discovery": ("auto", "all", "lazy"),
@@ -170,6 +171,8 @@ def _check_values(config: RunConfig) -> None:
         raise ConfigError(f"average-decay: must be in [0, 1), got {config.average_decay!r}")
     if config.average_decay and config.strategy not in ("snake", "relay"):
         raise ConfigError(f"average-decay: only snake and relay average over hops, not {config.strategy!r}")
+    if config.download_dtype != "auto" and config.strategy == "split":
+        raise ConfigError("download-dtype: split learning sends activations and gradients, not a model to encode")
     if not 0.0 <= config.kd_weight <= 1.0:
         raise ConfigError(f"kd-weight: must be in [0, 1], got {config.kd_weight!r}")
     _check_defences(config)

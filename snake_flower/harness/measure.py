@@ -204,7 +204,7 @@ def _serve(config: Any, node: Any, node_ids: list[int], timeout: float) -> None:
 
     from snake_flower.config import node_message
     from snake_flower.harness.measure_grid import MeasureGrid, VisitsDone
-    from snake_flower.server_app import fedavg_message
+    from snake_flower.server_app import fedavg_download, fedavg_message, snake_download
     from snake_flower.tasks.task import build_model, segment_keys, swept_segment_keys, task_for, transport_state
     from strategies import OrderedFedAvg, SnakeStrategy
 
@@ -217,14 +217,15 @@ def _serve(config: Any, node: Any, node_ids: list[int], timeout: float) -> None:
         strategy = SnakeStrategy(segments, len(segments) if relay else config.window, sweep=config.sweep,
                                  order=config.order, train_head=config.train_head and not relay,
                                  train_stem=config.train_stem and not relay, sync=config.sync,
-                                 payload_dtype=config.payload_dtype, seed=config.seed, min_nodes=config.min_nodes)
+                                 payload_dtype=config.payload_dtype, download_dtype=snake_download(config),
+                                 seed=config.seed, min_nodes=config.min_nodes)
         grid, rounds = MeasureGrid(node_ids, node, segments), 2 * NODES + 1  # its second visit comes at hop 9
         message = node_message(config)  # (later on a short sweep)
     else:
         names = list(segment_keys(model))
         del model
         strategy = OrderedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=NODES,
-                                 min_available_nodes=NODES)
+                                 min_available_nodes=NODES, download_dtype=fedavg_download(config))
         grid, rounds = MeasureGrid(node_ids, node), 2
         message = fedavg_message(config, names, rounds)
     try:

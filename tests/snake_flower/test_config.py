@@ -77,6 +77,8 @@ def test_resolve_coerces_and_keeps_defaults():
     ({"kd-weight": 1.5}, "kd-weight"),
     ({"frozen-dtype": "fp16"}, "frozen-dtype"),  # only an LLM's segments cast their inputs (int8: every task)
     ({"payload-dtype": "bf16"}, "payload-dtype"),  # NumPy has no bfloat16
+    ({"download-dtype": "bf16"}, "download-dtype"),
+    ({"download-dtype": "int8", "strategy": "split"}, "download-dtype"),  # no model goes down
     ({"frozen-segments": "head"}, "train-head"),  # its neighbour would become the head
     ({"frozen-segments": "conv1", "train-stem": True}, "train-stem"),
     ({"rank-discovery": "lazy", "order": "capacity"}, "rank-discovery"),  # needs every node's report
