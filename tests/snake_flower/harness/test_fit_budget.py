@@ -12,9 +12,8 @@ from snake_flower import simulation
 from snake_flower.cli import main
 from snake_flower.harness import comparison, fit_budget
 from snake_flower.runtime import results
-from snake_flower.server_app import run
 
-# the cheapest comparison that trains: the synthetic task, 3 nodes, a few short hops
+# the cheapest comparison a fit budget applies to (task llm): tiny-opt, 3 nodes, a few short hops
 ARGS = ["--num-supernodes", "3", "--strategies", "snake,fedavg"]
 RUN = "task=llm model=tiny-opt seq-len=48 partitioner=topic window=1 train-head=false num-server-rounds=6 local-steps=3"
 GROWTH = {"snake": 120_000_000, "fedavg": 900_000_000}  # the stand-in measurement's node growth
@@ -33,25 +32,6 @@ def measured(monkeypatch):
 
     monkeypatch.setattr(fit_budget, "measure_growth", measure)
     return calls
-
-
-@pytest.fixture
-def made(monkeypatch):
-    """The ``(run name, seed)`` of every run ``compare`` makes; ``run_one`` itself still runs."""
-    calls = []
-    real = comparison.run_one
-    monkeypatch.setattr(comparison, "run_one", lambda cfg, *a: calls.append((cfg.name, cfg.seed)) or real(cfg, *a))
-    return calls
-
-
-@pytest.fixture
-def in_process(monkeypatch, loopback, nodes):
-    """``simulate`` without Ray: the real ServerApp and ClientApp behind a LoopbackGrid."""
-    def simulate(config, num_supernodes, parallel=0, ray_address=""):  # noqa: ANN001, ANN202
-        node = nodes(num_supernodes)
-        run(loopback(list(node.contexts), node), config)
-
-    monkeypatch.setattr(simulation, "simulate", simulate)
 
 
 @pytest.fixture

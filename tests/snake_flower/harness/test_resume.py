@@ -11,32 +11,12 @@ from snake_flower import simulation
 from snake_flower.cli import main
 from snake_flower.harness import comparison, jobs
 from snake_flower.runtime import results
-from snake_flower.server_app import run
 
 # the cheapest comparison that trains: the synthetic task, 3 nodes, a few short hops
 ARGS = ["--run-config", "task=synthetic num-server-rounds=6 local-steps=3", "--num-supernodes", "3",
         "--strategies", "snake,fedavg"]
 # figures of a run made again that depend on its measured times (the network-time model counts compute)
 TIMED = ("wall_s", "cpu_s_per_visit", "network_time_s", "network_time_to_target_s")
-
-
-@pytest.fixture
-def made(monkeypatch):
-    """The ``(run name, seed)`` of every run ``compare`` makes; ``run_one`` itself still runs."""
-    calls = []
-    real = comparison.run_one
-    monkeypatch.setattr(comparison, "run_one", lambda cfg, *a: calls.append((cfg.name, cfg.seed)) or real(cfg, *a))
-    return calls
-
-
-@pytest.fixture
-def in_process(monkeypatch, loopback, nodes):
-    """``simulate`` without Ray: the real ServerApp and ClientApp behind a LoopbackGrid."""
-    def simulate(config, num_supernodes, parallel=0, ray_address=""):  # noqa: ANN001, ANN202
-        node = nodes(num_supernodes)
-        run(loopback(list(node.contexts), node), config)
-
-    monkeypatch.setattr(simulation, "simulate", simulate)
 
 
 @pytest.fixture
