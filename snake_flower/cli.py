@@ -171,6 +171,9 @@ def _report_target(args: argparse.Namespace, run: dict[str, Any]) -> Target:
     target = Target.of(run["config"], accuracy=args.target_accuracy, perplexity=perplexity)
     if target.lower_is_better and run["task"] != "llm":
         raise ConfigError(f"--target-perplexity: only task llm runs have a perplexity, not {run['task']!r}")
+    if target.lower_is_better and args.target_accuracy is not None:
+        raise ConfigError("--target-accuracy: these runs count to a perplexity target; "
+                          "add --target-perplexity 0 to count to an accuracy")
     return target
 
 

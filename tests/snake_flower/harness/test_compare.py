@@ -213,6 +213,9 @@ def test_report_command_counts_to_the_runs_perplexity_target_or_the_one_asked(tm
     capsys.readouterr()
     assert main(["report", str(tmp_path), "--target-perplexity", "-1"]) == 2
     assert capsys.readouterr().err.startswith("snake-flower: error: --target-perplexity: must be >= 0")
+    assert main(["report", str(tmp_path), "--target-accuracy", "0.3"]) == 2  # would change nothing: said
+    assert capsys.readouterr().err.startswith("snake-flower: error: --target-accuracy: these runs count to a "
+                                              "perplexity target")
 
 
 def test_report_command_refuses_a_perplexity_target_for_runs_without_a_perplexity(tmp_path, capsys):
