@@ -170,3 +170,19 @@ def test_cli_bad_config_fails_fast_with_one_line(args, key):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"snake-flower: error: {key}")
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_node_reads_an_optional_key_it_was_not_sent_as_the_key_s_default():
+    from snake_flower.config.run_config import OPTIONAL_NODE_KEYS, node_message
+    from snake_flower.node import _download_dtype
+    from snake_flower.tasks.task import task_for
+    from snake_flower.training.loop import LocalWork
+
+    config = resolve({"task": "llm", "model": "tiny-opt", "window": 1, "train-head": False, "payload-dtype": "int8"})
+    sent = node_message(config)
+    assert not set(OPTIONAL_NODE_KEYS) & set(sent)  # at their defaults, none travels
+    spelled = {**sent, **{key: DEFAULTS[key] for key in OPTIONAL_NODE_KEYS}}
+    assert LocalWork.from_config(sent, kd=False) == LocalWork.from_config(spelled, kd=False)
+    assert task_for(sent) is task_for(spelled)  # the same cached task: the same LoRA dropout and checkpointing
+    assert _download_dtype(sent) == _download_dtype(spelled)
+    assert set(OPTIONAL_NODE_KEYS) == {"optimizer", "lora-dropout", "gradient-checkpointing", "download-dtype"}
