@@ -73,7 +73,7 @@ def node_growth(config: RunConfig, out: Path, measure: Callable[[RunConfig], dic
     if stored is not None and not resume.differences(stored["config"], config):
         print(f"compare: {config.name}: node growth {stored['node_growth_bytes'] / MB:.1f} MB, "
               f"measured before ({path})", flush=True)
-        if stored["config"] != _as_json(config.as_dict()):  # a new budget: report's verdict must be this one's
+        if stored["config"] != resume.as_json(config.as_dict()):  # a new budget: report's verdict must be this one's
             results.write_json(path, {**stored, "config": config.as_dict()})
         return int(stored["node_growth_bytes"])
     print(f"compare: {config.name}: measuring its node for fit-budget-mb {config.fit_budget_mb:g} "
@@ -82,10 +82,6 @@ def node_growth(config: RunConfig, out: Path, measure: Callable[[RunConfig], dic
     growth = int(arm["grown_bytes"])
     results.write_json(path, {"config": config.as_dict(), "node_growth_bytes": growth, "measured": arm})
     return growth
-
-
-def _as_json(values: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(values))
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -64,8 +64,8 @@ def differences(stored: Mapping[str, Any], config: RunConfig) -> list[tuple[str,
     its default: a new key's default keeps what runs did before it existed. A key stored but
     unknown now differs, its value now ``None``.
     """
-    now = _as_json(config.as_dict())
-    before = _as_json(dict(stored))
+    now = as_json(config.as_dict())
+    before = as_json(dict(stored))
     keys = [*now, *(key for key in before if key not in now)]
     stops = any(side.get(key) for side in (before, now) for key in STOPS)
     ignored = IGNORED if stops else IGNORED + TARGETS
@@ -75,7 +75,7 @@ def differences(stored: Mapping[str, Any], config: RunConfig) -> list[tuple[str,
 
 def _differs(key: str, before: dict[str, Any], now: dict[str, Any]) -> bool:
     if key not in before:
-        return now[key] != _as_json({key: DEFAULTS.get(key)})[key]
+        return now[key] != as_json({key: DEFAULTS.get(key)})[key]
     return key not in now or before[key] != now[key]
 
 
@@ -113,7 +113,8 @@ def announce(config: RunConfig, state: str | None) -> None:
               f"(interrupted?), it is made again", flush=True)
 
 
-def _as_json(values: dict[str, Any]) -> dict[str, Any]:
+def as_json(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` as a results file stores them (tuples as lists, ``1.0 == 1``)."""
     return json.loads(json.dumps(values))
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from snake_flower.config import perplexity_levels
+from snake_flower.runtime.results import meets_target
 
 # a level's figures in a summary line; a level never reached has None (over seeds: +inf)
 LEVEL_FIGURES = ("bytes_to_level", "visits_to_level", "network_time_to_level_s")
@@ -30,14 +31,9 @@ def score_of(row: Mapping[str, Any], metric: str) -> float | None:
     return row.get(metric)
 
 
-def _meets(score: float, target: float, lower_is_better: bool) -> bool:
-    """Is ``score`` at the target or better (equal counts as reached, either way)?"""
-    return score <= target if lower_is_better else score >= target
-
-
 def first_touch(scores: Sequence[float | None], target: float, lower_is_better: bool = False) -> int | None:
     """The first row whose evaluation reaches ``target`` (``None`` if none does); see ``sustained``."""
-    return next((i for i, s in enumerate(scores) if s is not None and _meets(s, target, lower_is_better)), None)
+    return next((i for i, s in enumerate(scores) if s is not None and meets_target(s, target, lower_is_better)), None)
 
 
 def sustained(scores: Sequence[float | None], target: float, lower_is_better: bool = False) -> int | None:
@@ -64,7 +60,7 @@ def sustained(scores: Sequence[float | None], target: float, lower_is_better: bo
     evaluated = [(i, s) for i, s in enumerate(scores) if s is not None]
     reached = None
     for i, score in reversed(evaluated):
-        if not _meets(score, target, lower_is_better):
+        if not meets_target(score, target, lower_is_better):
             break
         reached = i
     return reached

@@ -119,9 +119,9 @@ class RunRecorder:
 
     def _meets(self, metrics: dict[str, float]) -> bool:
         """Is an evaluation at the target or better (at or below a perplexity, at or above an accuracy)?"""
-        if self._metric == "perplexity":
-            return metrics["perplexity"] <= self.config.target_perplexity
-        return metrics["accuracy"] >= self.config.target_accuracy
+        perplexity = self._metric == "perplexity"
+        target = self.config.target_perplexity if perplexity else self.config.target_accuracy
+        return results.meets_target(metrics[self._metric], target, lower_is_better=perplexity)
 
     def _prune(self, metrics: dict[str, float]) -> None:
         """Tuning only: stop once short of the target past ``prune-above-bytes``.

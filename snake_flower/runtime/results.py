@@ -75,6 +75,12 @@ def ledgers_by_node(ledgers: list[dict[str, float]]) -> dict[str, dict[str, int]
     return {node: peak_ledger(group) for node, group in sorted(by_node.items(), key=lambda kv: int(kv[0]))}
 
 
+def meets_target(score: float, target: float, lower_is_better: bool = False) -> bool:
+    """Is ``score`` at the target or better: at or above an accuracy, at or below a perplexity
+    (``lower_is_better``)? Equal counts as reached, either way."""
+    return score <= target if lower_is_better else score >= target
+
+
 def cumulative_bytes(rows: list[dict[str, Any]], mode: str = "cs") -> list[int]:
     """Bytes moved up to each row: down + up + control in client-server mode, and in
     peer-to-peer mode each transfer once (``bytes_p2p``) + control."""
