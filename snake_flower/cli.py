@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--strategy", required=True, help="a strategy or a variant table of the experiment file")
     tune.add_argument("--grid", default="", help='the shared grid, e.g. "local-steps=100,300,600 lr=0.02,0.05"')
     tune.add_argument("--extra", default="",
-                      help='own knobs, each value tried on the grid\'s winner, e.g. "kd-weight=0.3,0.9"')
+                      help='own knobs, each value tried on the grid\'s winner, e.g. "kd-weight=0.3,0.9"; '
+                           '"optimizer=adamw+lr=5e-5" is one point setting both')
     tune.add_argument("--num-supernodes", type=int, default=8, help="simulated nodes (default 8)")
     tune.add_argument("--out", required=True, help="output folder")
     tune.add_argument("--ray-address", default="", help="attach every point to this Ray cluster")
@@ -341,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         names = {"compare": lambda: args.strategies.split(","), "tune": lambda: [args.strategy]}
         configs = resolve_runs(args, names[args.command]() if args.command in names else None)
         if args.command == "tune":
-            from snake_flower.harness.tune import parse_grid, run_tuning
+            from snake_flower.harness.tune import parse_extras, parse_grid, run_tuning
 
-            parse_grid(args.grid), parse_grid(args.extra)  # a malformed grid fails before any run
+            parse_grid(args.grid), parse_extras(args.extra)  # a malformed grid fails before any run
             if args.write and not args.config:
                 raise ConfigError("write: tune --write needs --config (the file it writes the winner into)")
             return run_tuning(args, configs[0])

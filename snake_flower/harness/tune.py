@@ -37,6 +37,25 @@ def parse_grid(text: str) -> list[dict[str, Any]]:
     return [dict(point) for point in itertools.product(*axes)] if axes else [{}]
 
 
+def parse_extras(text: str) -> list[dict[str, Any]]:
+    """A strategy's own points, each tried on the grid's winner.
+
+    ``"kd-weight=0.3,0.9"`` is two points, one per value; keys joined by ``+`` are one point
+    that sets them together, e.g. ``"optimizer=adamw+lr=5e-5"`` (a recipe whose settings only
+    make sense as a whole: AdamW at SGD's learning rate would diverge).
+    """
+    points = []
+    for item in text.split():
+        parts = re.split(r"\+(?=[a-z])", item)  # 1e+3 is a number, not a join
+        if len(parts) > 1:
+            if any("," in part for part in parts):
+                raise ConfigError(f"extra: a joined point takes one value per key, got {item!r}")
+            points.append({k: v for part in parts for k, v in parse_grid(part)[0].items()})
+        else:
+            points.extend({key: value} for point in parse_grid(item) for key, value in point.items())
+    return points
+
+
 def label(point: dict[str, Any]) -> str:
     """A file-name-safe name of a grid point, e.g. ``local-steps=100_lr=0.05``."""
     return "_".join(f"{k}={v}" for k, v in point.items()) or "defaults"
@@ -210,11 +229,10 @@ def run_tuning(args: Any, base: RunConfig) -> int:
         trials.append((point, result))
 
     shared = parse_grid(args.grid)
-    extras = [point for point in parse_grid(args.extra) if point] if args.extra else []
     for point in shared:
         trial(point)
     best = pick(trials, target)
-    for extra in [{k: v} for point in extras for k, v in point.items()]:  # each value once, on the winner
+    for extra in parse_extras(args.extra):  # each on the winner
         trial({**trials[best][0], **extra})
     winner = pick(trials, target)
     settings = trials[winner][0]

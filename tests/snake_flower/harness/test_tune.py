@@ -11,7 +11,7 @@ import torch
 
 from snake_flower.cli import main
 from snake_flower.config import ConfigError, experiment_layers, load_toml, resolve
-from snake_flower.harness.tune import label, parse_grid, pick, write_table
+from snake_flower.harness.tune import label, parse_extras, parse_grid, pick, write_table
 from snake_flower.server_app import run
 from snake_flower.tasks import task as task_registry
 from snake_flower.tasks.base import Task
@@ -216,3 +216,14 @@ def test_a_perplexity_target_picks_and_tables_on_perplexity():
     assert "reached perplexity 7.5 on validation" in text and "best val ppl | final val ppl" in text
     assert "| **lr=2** | yes | 0.00 | 3 | 7.00 | 7.50 |" in text and "| lr=3 | no | – | – | 7.00 | 7.60 |" in text
     assert pick(trials, 0.05) == 2  # the same runs on an accuracy target: all reached it at once; fewest bytes
+
+
+def test_an_extra_point_is_one_per_value_or_one_per_joined_recipe():
+    assert parse_extras("kd=on window=2,3") == [{"kd": "on"}, {"window": 2}, {"window": 3}]
+    recipe = parse_extras("lora-rank=16 optimizer=adamw+lr-decay=cosine+lr=5e-5")
+    assert recipe == [{"lora-rank": 16}, {"optimizer": "adamw", "lr-decay": "cosine", "lr": 5e-5}]
+    assert parse_extras("lr=1e+3") == [{"lr": 1000.0}] and parse_extras("") == []
+    with pytest.raises(ConfigError, match="one value per key"):
+        parse_extras("optimizer=adamw+lr=0.1,0.2")
+    with pytest.raises(ConfigError, match="grid: expected key=v1,v2"):
+        parse_extras("optimizer=adamw+lr")
