@@ -18,7 +18,7 @@ from snake_flower.config import CHOICES, ConfigError
 from snake_flower.harness.targets import Target
 
 
-def _saved_runs(folder: Path) -> dict[str, dict[str, Any]]:
+def saved_runs(folder: Path) -> dict[str, dict[str, Any]]:
     """The run results (``<run>.json``) in ``folder``, in a default comparison's order."""
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))
             if p.name != "summary.json" and not p.name.startswith("tune-")}
@@ -50,10 +50,10 @@ def report_command(args: argparse.Namespace) -> int:
     from snake_flower.harness.seeds import write_seed_comparison
 
     out = Path(args.out)
-    by_seed = {int(d.name.removeprefix("seed-")): _saved_runs(d) for d in sorted(out.glob("seed-*"))
+    by_seed = {int(d.name.removeprefix("seed-")): saved_runs(d) for d in sorted(out.glob("seed-*"))
                if d.is_dir() and d.name.removeprefix("seed-").isdigit()}
     by_seed = {seed: runs for seed, runs in by_seed.items() if runs}
-    runs = _saved_runs(out)
+    runs = saved_runs(out)
     if not runs and not by_seed:
         print(f"snake-flower: error: no run results (<strategy>.json) in {out}", file=sys.stderr)
         return 2
