@@ -15,7 +15,6 @@ An interrupted tune reuses the points it finished.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 from pathlib import Path
@@ -169,23 +168,23 @@ def _toml(value: Any) -> str:
 def _finished(config: RunConfig) -> dict[str, Any] | None:
     """The results a previous run of this configuration left in its folder, if complete.
 
-    A pruned run counts only if it was below the target past this trial's bound as well.
+    The same test as ``compare``'s resume (``resume.finished_run`` and ``resume.differences``:
+    the folder may have moved, a key newer than the file counts only if set away from its
+    default), except for the pruning bound, which each trial draws from those before it: a
+    pruned run counts only if it was below the target past this trial's bound as well.
     """
+    from snake_flower.harness import resume
     from snake_flower.simulation import results_path
 
-    path = results_path(config)
-    if not path.exists():
+    result = resume.finished_run(results_path(config))
+    if result is None:
         return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    bound = config.prune_above_bytes
-    ran, wanted = (json.loads(json.dumps({k: v for k, v in c.items() if k != "prune-above-bytes"}))
-                   for c in (result.get("config", {}), config.as_dict()))  # as the recorder stored it
-    pruned = result.get("pruned")
+    stored = result.get("config")
+    changed = [key for key, _, _ in resume.differences(stored if isinstance(stored, dict) else {}, config)
+               if key != "prune-above-bytes"]
+    bound, pruned = config.prune_above_bytes, result.get("pruned")
     usable = not pruned or (bound and pruned["bytes"] >= bound)
-    return result if ran == wanted and "final" in result and usable else None
+    return result if not changed and usable else None
 
 
 def _bound(trials: list[tuple[dict[str, Any], dict[str, Any]]], target: float | Target) -> float:

@@ -152,6 +152,11 @@ def test_an_interrupted_tune_reuses_only_finished_runs_of_the_same_configuration
     path.write_text(json.dumps({"config": config.as_dict(), "rounds": [], "final": {"accuracy": 0.9}}))
     assert _finished(config)["final"]["accuracy"] == 0.9
     assert _finished(config.replace(lr=0.02)) is None                  # another point's settings
+    stored = {**config.as_dict(), "out-dir": "/elsewhere"}
+    stored.pop("stop-after-held")                                      # a key newer than the file, at its default
+    path.write_text(json.dumps({"config": stored, "rounds": [], "final": {"accuracy": 0.9}}))
+    assert _finished(config)["final"]["accuracy"] == 0.9               # a moved folder is the same trial
+    assert _finished(config.replace(stop_after_held=3)) is None        # ... unless the new key is set
     path.write_text("{not json")
     assert _finished(config) is None
 
