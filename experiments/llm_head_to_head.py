@@ -26,9 +26,12 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 
 from snake_flower.harness.plots import plot_bands  # noqa: E402
-from snake_flower.harness.saved_runs import saved_runs  # noqa: E402
+from snake_flower.harness.saved_runs import saved_runs, seed_runs  # noqa: E402
+from snake_flower.harness.seeds import aggregate  # noqa: E402
 
 MB = 1e6
+FIT_KEYS = ("node_growth_bytes", "fit_budget_bytes", "fits")
+"""A summary line's ``fit-budget-mb`` verdict (``fit_budget.verdict``): one per run, not per seed."""
 
 
 def load(folder: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
@@ -37,29 +40,18 @@ def load(folder: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]
         summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError) as err:
         raise SystemExit(f"llm_head_to_head: {folder} holds no comparison's summary.json ({err})") from None
-    seeds = sorted(d for d in folder.glob("seed-*") if d.is_dir())
-    by_seed = [saved_runs(d) for d in seeds] or [saved_runs(folder)]
+    by_seed = list(seed_runs(folder).values()) or [saved_runs(folder)]
     summary["runs"] = {name: as_spreads(line) for name, line in summary["runs"].items()}
     return summary, {name: [runs[name] for runs in by_seed if name in runs] for name in summary["runs"]}
 
 
 def as_spreads(line: dict[str, Any]) -> dict[str, Any]:
-    """A one-seed summary line (``compare`` without ``--seeds``) in the shape of a line over seeds."""
+    """A one-seed summary line (``compare`` without ``--seeds``) in the shape of a line over seeds
+    (``seeds.aggregate`` over that one seed; the fit verdict stays one per run, as over seeds)."""
     if isinstance(line.get("final_perplexity"), dict):
         return line
-
-    def one(value: Any) -> Any:
-        return {"median": value, "min": value, "max": value, "seeds": [value]} \
-            if value is None or isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-    spread = {key: one(value) for key, value in line.items()}
-    spread["reached_target"] = {"count": int(bool(line.get("reached_target")))}
-    spread["levels"] = [{key: one(value) if key != "level" else value for key, value in level.items()}
-                        for level in line.get("levels", [])]
-    for key in ("node_growth_bytes", "fit_budget_bytes", "fits"):  # one per run, not per seed
-        if key in line:
-            spread[key] = line[key]
-    return spread
+    per_seed = {key: value for key, value in line.items() if key not in FIT_KEYS}
+    return {**aggregate([per_seed]), **{key: line[key] for key in FIT_KEYS if key in line}}
 
 
 def measured_growth(paths: list[str]) -> dict[str, int]:

@@ -27,6 +27,13 @@ def saved_runs(folder: Path) -> dict[str, dict[str, Any]]:
     return dict(sorted(runs.items(), key=lambda kv: known.index(kv[0]) if kv[0] in known else len(known)))
 
 
+def seed_runs(folder: Path) -> dict[int, dict[str, dict[str, Any]]]:
+    """The saved runs of each ``seed-<s>/`` folder of ``compare --seeds``, by seed (none if empty)."""
+    by_seed = {int(d.name.removeprefix("seed-")): saved_runs(d) for d in sorted(folder.glob("seed-*"))
+               if d.is_dir() and d.name.removeprefix("seed-").isdigit()}
+    return {seed: runs for seed, runs in by_seed.items() if runs}
+
+
 def _report_target(args: argparse.Namespace, run: dict[str, Any]) -> Target:
     """``report``'s target: the run's own, each of ``--target-accuracy`` and ``--target-perplexity``
     replacing its key; a perplexity target (> 0) wins over the accuracy one."""
@@ -50,9 +57,7 @@ def report_command(args: argparse.Namespace) -> int:
     from snake_flower.harness.seeds import write_seed_comparison
 
     out = Path(args.out)
-    by_seed = {int(d.name.removeprefix("seed-")): saved_runs(d) for d in sorted(out.glob("seed-*"))
-               if d.is_dir() and d.name.removeprefix("seed-").isdigit()}
-    by_seed = {seed: runs for seed, runs in by_seed.items() if runs}
+    by_seed = seed_runs(out)
     runs = saved_runs(out)
     if not runs and not by_seed:
         print(f"snake-flower: error: no run results (<strategy>.json) in {out}", file=sys.stderr)
@@ -66,8 +71,8 @@ def report_command(args: argparse.Namespace) -> int:
         print(f"snake-flower: error: {err}", file=sys.stderr)
         return 2
     fit = stored_verdicts(out)  # fit-budget-mb: the node growth compare measured and kept in out
-    for seed, seed_runs in by_seed.items():
-        write_comparison(out / f"seed-{seed}", seed_runs, target, side_by_side=side_by_side, fit=fit)
+    for seed, of_seed in by_seed.items():
+        write_comparison(out / f"seed-{seed}", of_seed, target, side_by_side=side_by_side, fit=fit)
     if by_seed:
         write_seed_comparison(out, by_seed, target, side_by_side=side_by_side, fit=fit)
     else:
